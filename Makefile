@@ -1,0 +1,33 @@
+# lmstack: `make quickstart` and `make test` each set everything up on a fresh machine, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lmstack-installed
+
+# Tests and benchmarks never reach a model hub; one thread each (two busy threads on two cores crawl).
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup quickstart test bench clean
+
+# torch is pinned exactly and installed first: the CPU wheel on this machine's disk. A loose range
+# would let pip pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/lmstack quickstart
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) benchmarks/attention.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,249 @@
+"""Hugging Face format: load and save ``config.json`` + ``model.safetensors`` (or sharded) directories.
+
+Generic over the family registry: read config.json -> pick the Family -> map the config -> build the
+model on the meta device -> plan HF tensor names from the model's own state dict -> check names and
+shapes against the safetensors headers (no data read yet) -> stream tensors through the map ->
+``load_state_dict(assign=True, strict=True)``. Saving is the same map in reverse.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmstack.checkpoints.io import (INDEX_FILE, SINGLE_FILE, TensorInfo, index_checkpoint, load_tensors,
+                                    parse_size, read_json, write_json, write_safetensors)
+from lmstack.errors import CheckpointError, ConfigError
+from lmstack.models import hf_configs
+from lmstack.models.registry import Family, TensorRule, family_for_config, family_for_hf_config
+
+CONFIG_FILE = "config.json"
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class CheckpointPlan:
+    """A checkpoint directory matched against a model built on the meta device (no weights read yet)."""
+
+    directory: Path
+    family: Family
+    model: nn.Module  # on the meta device
+    tensors: dict[str, TensorInfo]  # HF name (with base prefix) -> where and how it is stored
+    plan: dict[str, tuple[TensorRule, tuple[str, ...]]]  # HF name -> (rule, our names)
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The floating dtype most stored weights use."""
+        counts: dict[torch.dtype, int] = {}
+        for info in self.tensors.values():
+            if info.torch_dtype is not None and info.torch_dtype.is_floating_point:
+                counts[info.torch_dtype] = counts.get(info.torch_dtype, 0) + 1
+        return max(counts, key=counts.get) if counts else torch.float32
+
+
+def inspect_hf(path: str | os.PathLike) -> CheckpointPlan:
+    """Validate an HF directory against the model its config.json describes, reading headers only.
+
+    Raises:
+        CheckpointError: missing path or files, corrupted files, missing/unexpected tensors, shape mismatches.
+        ConfigError: config.json names an unsupported family or holds invalid values.
+    """
+    directory = _checkpoint_dir(Path(path))
+    config_path = directory / CONFIG_FILE
+    hf_config = read_json(config_path)
+    try:
+        family = family_for_hf_config(hf_config)
+        config = family.config_from_hf(hf_config)
+    except (ConfigError, TypeError) as error:
+        raise ConfigError(f"{config_path}: {error}") from None
+    with torch.device("meta"):
+        model = family.build(config)
+    tensors = _add_base_prefix(index_checkpoint(directory), family)
+    plan = family.hf_plan(our_tensor_names(model), config.n_layers)
+    _check_names(directory, family, tensors, plan, tied=config.tie_embeddings)
+    _check_shapes(model, tensors, plan)
+    return CheckpointPlan(directory, family, model, tensors, plan)
+
+
+def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+            dtype: str | torch.dtype = "auto") -> nn.Module:
+    """Load a Hugging Face-format checkpoint directory into an lmstack model, in eval mode.
+
+    Args:
+        path: directory with config.json and model.safetensors (or model.safetensors.index.json + shards).
+        device: where the weights go.
+        dtype: "auto" (float32 on CPU, the stored dtype elsewhere), "stored", or a dtype or its name.
+    Returns:
+        The model: ``model.config`` is its DecoderConfig; ``model(input_ids)`` gives (B, T, vocab) logits.
+    Raises:
+        CheckpointError, ConfigError: see ``inspect_hf``.
+    """
+    checkpoint = inspect_hf(path)
+    device = torch.device(device)
+    target = resolve_dtype(dtype, device, checkpoint.stored_dtype)
+    by_file: dict[Path, list[TensorInfo]] = {}
+    for hf_name in checkpoint.plan:
+        info = checkpoint.tensors[hf_name]
+        by_file.setdefault(info.file, []).append(info)
+    stored_to_hf = {info.name: hf for hf, info in checkpoint.tensors.items()}
+    state: dict[str, torch.Tensor] = {}
+    for file, infos in by_file.items():
+        for stored_name, tensor in load_tensors(file, [info.name for info in infos]):
+            rule, ours = checkpoint.plan[stored_to_hf[stored_name]]
+            for name, value in zip(ours, rule.to_ours(tensor)):
+                state[name] = value.to(device=device, dtype=target)
+    model = checkpoint.model
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The compute dtype: "auto" means float32 on CPU (no fast half-precision there), else as stored."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else stored
+    if dtype == "stored":
+        return stored
+    if dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
+    raise ConfigError(f"unknown dtype {dtype!r}; expected 'auto', 'stored' or one of {sorted(_DTYPE_NAMES)}")
+
+
+def our_tensor_names(model: nn.Module) -> list[str]:
+    """State-dict names that a checkpoint must provide (a tied lm_head is the embedding, not a tensor)."""
+    tied = getattr(model.config, "tie_embeddings", False)
+    return [name for name in model.state_dict() if not (tied and name == "lm_head.weight")]
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file() and path.name in (CONFIG_FILE, SINGLE_FILE, INDEX_FILE):
+        path = path.parent
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint directory (config.json + model.safetensors)")
+    return path
+
+
+def _add_base_prefix(tensors: dict[str, TensorInfo], family: Family) -> dict[str, TensorInfo]:
+    """Checkpoints saved from the bare base model (e.g. the original "gpt2") lack the base prefix."""
+    prefix = family.base_prefix
+    if not prefix or any(name.startswith(prefix) for name in tensors):
+        return tensors
+    return {(name if name.startswith("lm_head.") else prefix + name): info for name, info in tensors.items()}
+
+
+def _check_names(directory: Path, family: Family, tensors: dict[str, TensorInfo],
+                 plan: dict[str, tuple[TensorRule, tuple[str, ...]]], tied: bool) -> None:
+    missing = sorted(name for name in plan if name not in tensors)
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensors {_few(missing)} that config.json's "
+                              f"{family.model_type} model needs")
+    unexpected = sorted(name for name in tensors if name not in plan and not family.is_ignored(name)
+                        and not (tied and name == "lm_head.weight"))
+    if unexpected:
+        files = sorted({tensors[n].file.name for n in unexpected})
+        raise CheckpointError(f"{directory}: unexpected tensors {_few(unexpected)} in {files}; config.json's "
+                              f"{family.model_type} model has no such parameters")
+
+
+def _check_shapes(model: nn.Module, tensors: dict[str, TensorInfo],
+                  plan: dict[str, tuple[TensorRule, tuple[str, ...]]]) -> None:
+    """Compare stored shapes with the shapes the meta model implies, before any data is read."""
+    ours = model.state_dict()
+    for hf_name, (rule, names) in plan.items():
+        info = tensors[hf_name]
+        expected = tuple(rule.to_hf(tuple(ours[n] for n in names)).shape)
+        if info.shape != expected:
+            raise CheckpointError(f"{info.file}: tensor {info.name!r} has shape {list(info.shape)}, but config.json "
+                                  f"implies {list(expected)}")
+        if info.torch_dtype is None or not info.torch_dtype.is_floating_point:
+            raise CheckpointError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}; expected floating point")
+
+
+def _few(names: list[str], n: int = 6) -> str:
+    return str(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+            dtype: str | torch.dtype | None = None) -> Path:
+    """Save ``model`` as a Hugging Face-format directory that ``transformers`` loads with the same logits.
+
+    Writes config.json and model.safetensors, or numbered shards plus model.safetensors.index.json when
+    the weights exceed ``max_shard_size``. Each file is written to a temporary name and renamed into
+    place; shards of an earlier save in the same directory are removed only after the new ones exist.
+    Other files in the directory (a tokenizer, say) are left alone.
+
+    Args:
+        model: an lmstack model with ``.config``.
+        path: output directory (created if needed).
+        max_shard_size: e.g. "5GB", "200MB" or bytes.
+        dtype: cast floating weights to this dtype; None keeps the model's.
+    Returns:
+        The directory.
+    Raises:
+        ConfigError: the config cannot be expressed exactly in its family's config.json.
+    """
+    config = model.config
+    family = family_for_config(config)
+    reason = hf_configs.expressible(family.config_from_hf, family.config_to_hf, config)
+    if reason is not None:
+        raise ConfigError(f"cannot save as a {family.model_type} checkpoint: {reason}")
+    target = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"), torch.float32)
+    state = model.state_dict()
+    tensors = {}
+    for hf_name, (rule, ours) in family.hf_plan(our_tensor_names(model), config.n_layers).items():
+        tensor = rule.to_hf(tuple(state[name].detach().cpu() for name in ours))
+        tensors[hf_name] = tensor.to(target) if target is not None else tensor
+    hf_config = family.config_to_hf(config)
+    stored = target or next(iter(tensors.values())).dtype
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(stored).removeprefix("torch.")
+    return _write_checkpoint(Path(path), hf_config, _split_shards(tensors, parse_size(max_shard_size)))
+
+
+def _split_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy split in name order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def _write_checkpoint(directory: Path, hf_config: dict, shards: list[dict[str, torch.Tensor]]) -> Path:
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory}: exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        write_safetensors(directory / name, shard, metadata)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
+        write_json(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(directory / CONFIG_FILE, hf_config)
+    _remove_stale_weights(directory, keep=set(names) | ({INDEX_FILE} if len(shards) > 1 else set()))
+    return directory
+
+
+def _remove_stale_weights(directory: Path, keep: set[str]) -> None:
+    """Drop weight files of an earlier save (e.g. shards after saving as one file), never other files."""
+    for file in directory.glob("model*.safetensors*"):
+        if file.name not in keep and (file.name == INDEX_FILE or file.name.endswith(".safetensors")):
+            file.unlink()

@@ -1,0 +1,13 @@
+"""Error types raised by lmstack. Every message names the offending field, tensor or file."""
+
+
+class LmstackError(Exception):
+    """Base class of every error lmstack raises on bad input."""
+
+
+class ConfigError(LmstackError, ValueError):
+    """A configuration value is missing, malformed, unknown or out of range."""
+
+
+class CheckpointError(LmstackError):
+    """A checkpoint directory or file is missing, malformed, or does not match the model."""

@@ -1,0 +1,34 @@
+"""Models: configs, presets, the decoder, the family registry, and Hugging Face-format load/save.
+
+    from lmstack.models import load_hf, save_hf, build_model
+    model = load_hf("dir")              # nn.Module with .config; logits = model(input_ids)
+    model = build_model("gpt2")         # random init from a preset
+"""
+
+import torch
+
+from lmstack.models.config import DecoderConfig
+from lmstack.models.decoder import Block, Decoder
+from lmstack.models.presets import PUBLISHED_PARAMETERS, get_preset, preset_names
+from lmstack.models.registry import FAMILIES, Family, family_for_config, family_for_hf_config
+
+
+def build_model(config: str | DecoderConfig, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, seed: int | None = None) -> Decoder:
+    """A randomly initialised model from a preset name or a DecoderConfig."""
+    if isinstance(config, str):
+        config = get_preset(config)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = Decoder(config)
+    return model.to(dtype)
+
+
+# The public entry points of the architecture (``from lmstack.models import load_hf``); the code lives
+# in lmstack.checkpoints, which depends on this package, so it is imported last.
+from lmstack.checkpoints.hf import inspect_hf, load_hf, save_hf  # noqa: E402
+
+__all__ = ["Block", "Decoder", "DecoderConfig", "FAMILIES", "Family", "PUBLISHED_PARAMETERS", "build_model",
+           "family_for_config", "family_for_hf_config", "get_preset", "inspect_hf", "load_hf", "preset_names",
+           "save_hf"]

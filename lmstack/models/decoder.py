@@ -1,0 +1,154 @@
+"""The decoder-only transformer: GPT-2, Llama, Mistral and Qwen2 are all this class with another config.
+
+    input_ids (B, T)
+      -> embed_tokens (+ embed_positions when learned/sinusoidal)          (B, T, C)
+      -> n_layers x Block:  x = x + attn(attn_norm(x));  x = x + mlp(mlp_norm(x))
+      -> norm -> lm_head                                                   (B, T, vocab)
+
+Module names follow Hugging Face's (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj,
+embed_tokens, layers.{i}, norm, lm_head), so LoRA targets, weight maps and parallel plans line up.
+Shapes: B batch, T time, C width.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from lmstack.models.config import DecoderConfig
+from lmstack.nn.attention import Attention
+from lmstack.nn.masks import AttentionMask
+from lmstack.nn.mlp import make_mlp
+from lmstack.nn.norms import make_norm
+from lmstack.nn.positions import LearnedPositions, RotaryEmbedding, SinusoidalPositions, alibi_slopes
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer: attention then feed-forward, each wrapped in a residual."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.sliding_window = config.window_for_layer(layer_idx)
+        self.attn_norm = make_norm(config.norm, config.dim, config.norm_eps, config.norm_bias)
+        self.attn = Attention(config.dim, config.n_heads, config.n_kv_heads, config.head_dim,
+                              qkv_bias=config.qkv_bias, out_bias=config.out_bias, dropout=config.dropout)
+        self.mlp_norm = make_norm(config.norm, config.dim, config.norm_eps, config.norm_bias)
+        # The feed-forward slot: a mixture-of-experts block can replace make_mlp here.
+        self.mlp = make_mlp(config.mlp, config.dim, config.ffn_dim, config.activation, config.mlp_bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: AttentionMask,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, kv_cache=None) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C)."""
+        mask = mask.with_window(self.sliding_window)
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), mask, rotary, kv_cache, self.layer_idx))
+        return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Decoder(nn.Module):
+    """Decoder-only language model driven by a DecoderConfig.
+
+    Attributes:
+        config: the DecoderConfig it was built from.
+    """
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.embed_positions = self._make_absolute_positions(config)
+        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, config.max_seq_len)
+                       if config.position == "rope" else None)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config.norm, config.dim, config.norm_eps, config.norm_bias)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.tie_weights()
+        if self.embed_tokens.weight.device.type != "meta":
+            self.reset_parameters()
+
+    @staticmethod
+    def _make_absolute_positions(config: DecoderConfig) -> nn.Module | None:
+        if config.position == "learned":
+            return LearnedPositions(config.max_seq_len, config.dim)
+        if config.position == "sinusoidal":
+            return SinusoidalPositions(config.dim)
+        return None
+
+    def tie_weights(self) -> None:
+        """Make lm_head share the embedding matrix when the config ties them (call again after loading)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, init_std) weights, zero biases, unit norms, and residual output
+        projections scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual_out = name.endswith(("o_proj", "down_proj", "fc_out"))
+                nn.init.normal_(module.weight, std=std / math.sqrt(2 * self.config.n_layers) if is_residual_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm,)) or type(module).__name__ == "RMSNorm":
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, LearnedPositions):
+                nn.init.normal_(module.weight, std=std)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+        """Final normalised hidden states (B, T, C); see ``forward`` for the arguments."""
+        start = kv_cache.length if kv_cache is not None else 0
+        self._check_inputs(input_ids, attention_mask, start)
+        B, T = input_ids.shape
+        if positions is None:
+            # Same default as Hugging Face: cache slots, whatever the padding (generation passes positions).
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(positions).to(x.dtype)
+        x = self.embed_dropout(x)
+        mask = AttentionMask(causal=True, key_padding=attention_mask, q_start=start,
+                             alibi_slopes=self._alibi_slopes(x.device))
+        rotary = self.rotary(positions) if self.rotary is not None else None
+        for layer in self.layers:
+            x = layer(x, mask, rotary, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+        """Next-token logits.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, cached + T), 1 for real tokens and 0 for padding; None means no padding.
+            positions: (B, T) position ids; default: cache slots ``cached .. cached + T - 1``.
+            kv_cache: a KVCache holding the earlier tokens; it is advanced by T.
+        Returns:
+            logits: (B, T, vocab_size).
+        """
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, positions, kv_cache))
+
+    def _alibi_slopes(self, device: torch.device) -> torch.Tensor | None:
+        return alibi_slopes(self.config.n_heads).to(device) if self.config.position == "alibi" else None
+
+    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, start: int) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        total = start + input_ids.shape[1]
+        limit = self.config.context_limit
+        if limit is not None and total > limit:
+            raise ValueError(f"sequence of {total} tokens exceeds the context length max_seq_len={limit}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (input_ids.shape[0], total):
+            raise ValueError(f"attention_mask must be (batch, cached + seq) = {(input_ids.shape[0], total)}, "
+                             f"got {tuple(attention_mask.shape)}")
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (tied matrices counted once)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,193 @@
+"""Hugging Face ``config.json`` <-> DecoderConfig, one pair of functions per family.
+
+Absent keys take the default that ``transformers`` itself uses for that family, so a config.json written
+with only the non-default fields reads the same here as there. Writing emits both the current
+(``rope_parameters``) and the legacy (``rope_theta`` / ``rope_scaling``) RoPE keys so old and new
+``transformers`` read the file alike.
+"""
+
+from dataclasses import fields
+from typing import Any, Callable
+
+from lmstack.errors import ConfigError
+from lmstack.models.config import DecoderConfig
+from lmstack.nn.positions import RopeScaling
+
+_REQUIRED = object()
+
+# HF activation names -> ours. "gelu_new"/"gelu_fast"/"gelu_pytorch_tanh" are all the tanh approximation.
+_ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                "gelu": "gelu", "gelu_python": "gelu", "silu": "silu", "swish": "silu", "relu": "relu"}
+
+
+def _get(c: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """c[key], the family default when absent, or a ConfigError naming the missing key."""
+    if key in c and c[key] is not None:
+        return c[key]
+    if default is _REQUIRED:
+        raise ConfigError(f"config.json has no {key!r}")
+    return default
+
+
+def _activation(name: str) -> str:
+    if name not in _ACT_FROM_HF:
+        raise ConfigError(f"unsupported activation {name!r}; supported: {sorted(_ACT_FROM_HF)}")
+    return _ACT_FROM_HF[name]
+
+
+def _special_tokens(c: dict[str, Any]) -> dict[str, Any]:
+    return {k: c.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
+def _rope_from_hf(c: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """Read RoPE base and scaling from either the v5 ``rope_parameters`` or the legacy keys."""
+    params = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"rope_scaling/rope_parameters must be an object, got {params!r}")
+    theta = float(c.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ("linear", "dynamic", "llama3"):
+        raise ConfigError(f"unsupported rope_type {kind!r}; supported: default, linear, dynamic, llama3")
+    return theta, RopeScaling(
+        kind=kind, factor=float(_get(params, "factor")),
+        original_max_positions=params.get("original_max_position_embeddings") or c.get("max_position_embeddings"),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)))
+
+
+def _rope_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
+    s = cfg.rope_scaling
+    scaling = None
+    if s is not None:
+        scaling = {"rope_type": s.kind, "factor": s.factor}
+        if s.kind == "llama3":
+            scaling.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                           original_max_position_embeddings=s.original_max_positions)
+    params = {"rope_type": "default"} if scaling is None else dict(scaling)
+    params["rope_theta"] = cfg.rope_theta
+    return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rope_parameters": params}
+
+
+# --- GPT-2 ---------------------------------------------------------------------------------------------
+
+def gpt2_from_hf(c: dict[str, Any]) -> DecoderConfig:
+    if c.get("scale_attn_by_inverse_layer_idx"):
+        raise ConfigError("scale_attn_by_inverse_layer_idx=true is not supported")
+    if c.get("scale_attn_weights", True) is False:
+        raise ConfigError("scale_attn_weights=false is not supported")
+    dim = _get(c, "n_embd", 768)
+    return DecoderConfig(
+        vocab_size=_get(c, "vocab_size", 50257), dim=dim, n_layers=_get(c, "n_layer", 12),
+        n_heads=_get(c, "n_head", 12), ffn_dim=_get(c, "n_inner", None) or 4 * dim,
+        max_seq_len=_get(c, "n_positions", 1024), norm="layernorm",
+        norm_eps=float(_get(c, "layer_norm_epsilon", 1e-5)), mlp="plain",
+        activation=_activation(_get(c, "activation_function", "gelu_new")), mlp_bias=True, qkv_bias=True,
+        out_bias=True, position="learned", tie_embeddings=bool(_get(c, "tie_word_embeddings", True)),
+        dropout=float(_get(c, "resid_pdrop", 0.1)), init_std=float(_get(c, "initializer_range", 0.02)),
+        model_type="gpt2", **_special_tokens(c))
+
+
+def gpt2_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
+    act = "gelu_new" if cfg.activation == "gelu_tanh" else cfg.activation
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.max_seq_len, "n_embd": cfg.dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
+            "n_inner": cfg.ffn_dim, "activation_function": act, "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+            "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
+            **_special_tokens(cfg.to_dict())}
+
+
+# --- Llama, Mistral, Qwen2 -------------------------------------------------------------------------------
+
+def _llama_like(c: dict[str, Any], model_type: str, *, eps: float, max_pos: int, qkv_bias: bool,
+                out_bias: bool, window: int | None, window_layers: tuple[int, ...] | None) -> DecoderConfig:
+    dim, n_heads = _get(c, "hidden_size"), _get(c, "num_attention_heads")
+    theta, scaling = _rope_from_hf(c)
+    return DecoderConfig(
+        vocab_size=_get(c, "vocab_size"), dim=dim, n_layers=_get(c, "num_hidden_layers"), n_heads=n_heads,
+        ffn_dim=_get(c, "intermediate_size"), n_kv_heads=_get(c, "num_key_value_heads", n_heads),
+        head_dim=_get(c, "head_dim", None) or (dim // n_heads if isinstance(dim, int) and n_heads else None),
+        max_seq_len=_get(c, "max_position_embeddings", max_pos), norm="rmsnorm",
+        norm_eps=float(_get(c, "rms_norm_eps", eps)), mlp="gated", activation=_activation(_get(c, "hidden_act", "silu")),
+        mlp_bias=bool(c.get("mlp_bias", False)), qkv_bias=qkv_bias, out_bias=out_bias, position="rope",
+        rope_theta=theta, rope_scaling=scaling, sliding_window=window, sliding_window_layers=window_layers,
+        tie_embeddings=bool(_get(c, "tie_word_embeddings", False)),
+        dropout=float(_get(c, "attention_dropout", 0.0)), init_std=float(_get(c, "initializer_range", 0.02)),
+        model_type=model_type, **_special_tokens(c))
+
+
+def _llama_like_to_hf(cfg: DecoderConfig, model_type: str, architecture: str) -> dict[str, Any]:
+    act = "gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else cfg.activation
+    return {"model_type": model_type, "architectures": [architecture], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "hidden_act": act, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.dropout,
+            "initializer_range": cfg.init_std, **_rope_to_hf(cfg), **_special_tokens(cfg.to_dict())}
+
+
+def llama_from_hf(c: dict[str, Any]) -> DecoderConfig:
+    bias = bool(c.get("attention_bias", False))
+    return _llama_like(c, "llama", eps=1e-6, max_pos=2048, qkv_bias=bias, out_bias=bias,
+                       window=None, window_layers=None)
+
+
+def llama_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
+    out = _llama_like_to_hf(cfg, "llama", "LlamaForCausalLM")
+    out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    return out
+
+
+def mistral_from_hf(c: dict[str, Any]) -> DecoderConfig:
+    window = c["sliding_window"] if "sliding_window" in c else 4096  # Mistral's default when absent
+    return _llama_like(c, "mistral", eps=1e-6, max_pos=4096 * 32, qkv_bias=False, out_bias=False,
+                       window=window, window_layers=None)
+
+
+def mistral_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
+    out = _llama_like_to_hf(cfg, "mistral", "MistralForCausalLM")
+    out["sliding_window"] = cfg.sliding_window
+    return out
+
+
+def _qwen2_window(c: dict[str, Any], n_layers: int) -> tuple[int | None, tuple[int, ...] | None]:
+    """Qwen2 slides only on some layers: from ``layer_types`` if present, else layers >= max_window_layers."""
+    window = c.get("sliding_window", 4096) if "layer_types" in c or c.get("use_sliding_window") else None
+    if "layer_types" in c and c["layer_types"] is not None:
+        if len(c["layer_types"]) != n_layers:
+            raise ConfigError(f"layer_types has {len(c['layer_types'])} entries for {n_layers} layers")
+        layers = tuple(i for i, t in enumerate(c["layer_types"]) if t == "sliding_attention")
+    else:
+        layers = tuple(range(c.get("max_window_layers", 28), n_layers))
+    if window is None or not layers:
+        return None, None
+    return window, (None if len(layers) == n_layers else layers)
+
+
+def qwen2_from_hf(c: dict[str, Any]) -> DecoderConfig:
+    window, layers = _qwen2_window(c, _get(c, "num_hidden_layers"))
+    return _llama_like(c, "qwen2", eps=1e-6, max_pos=32768, qkv_bias=True, out_bias=False,
+                       window=window, window_layers=layers)
+
+
+def qwen2_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
+    out = _llama_like_to_hf(cfg, "qwen2", "Qwen2ForCausalLM")
+    layers = [i for i in range(cfg.n_layers) if cfg.window_for_layer(i) is not None]
+    first = layers[0] if layers else cfg.n_layers
+    out.update(use_sliding_window=bool(layers), sliding_window=cfg.sliding_window, max_window_layers=first,
+               layer_types=["sliding_attention" if i in layers else "full_attention" for i in range(cfg.n_layers)])
+    return out
+
+
+def expressible(from_hf: Callable[[dict], DecoderConfig], to_hf: Callable[[DecoderConfig], dict],
+                cfg: DecoderConfig) -> str | None:
+    """None if ``to_hf`` then ``from_hf`` gives back ``cfg`` exactly; otherwise the reason it does not."""
+    try:
+        back = from_hf(to_hf(cfg))
+    except ConfigError as error:
+        return str(error)
+    differing = [f.name for f in fields(DecoderConfig)
+                 if f.name != "model_type" and getattr(back, f.name) != getattr(cfg, f.name)]
+    return f"fields {differing} cannot be expressed" if differing else None

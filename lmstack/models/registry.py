@@ -1,0 +1,207 @@
+"""Family registry: one record per Hugging Face ``model_type``, so loading, PEFT and parallelism never
+branch on family names.
+
+A Family holds (a) how an HF ``config.json`` maps to our config and back, and (b) the tensor-name map as
+data: a list of TensorRule (HF name pattern -> our names, with named fix-up functions where HF stores a
+tensor differently, e.g. GPT-2's fused, transposed Conv1D ``c_attn``). ``{}`` in a pattern is a layer index.
+"""
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from lmstack.errors import ConfigError
+from lmstack.models.config import DecoderConfig
+from lmstack.models import hf_configs
+
+
+# --- tensor fix-ups (named, so the map stays data) -----------------------------------------------------
+
+def transpose(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """HF Conv1D stores (in, out); nn.Linear stores (out, in)."""
+    return (t.t().contiguous(),)
+
+
+def untranspose(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return ts[0].t().contiguous()
+
+
+def split_qkv_conv1d(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """GPT-2 c_attn weight (C, 3C) -> q, k, v weights, each (C, C) in nn.Linear layout."""
+    return tuple(w.contiguous() for w in t.t().chunk(3, dim=0))
+
+
+def fuse_qkv_conv1d(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.cat(ts, dim=0).t().contiguous()
+
+
+def split_qkv_bias(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """GPT-2 c_attn bias (3C,) -> q, k, v biases, each (C,)."""
+    return tuple(b.contiguous() for b in t.chunk(3))
+
+
+def fuse_qkv_bias(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.cat(ts)
+
+
+def _identity_in(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (t,)
+
+
+def _identity_out(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return ts[0]
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One HF tensor <-> one or more of our tensors.
+
+    Attributes:
+        hf: HF name pattern, e.g. "model.layers.{}.self_attn.q_proj.weight".
+        ours: our name patterns; several when HF fuses them into one tensor.
+        to_ours: HF tensor -> our tensors (same order as ``ours``).
+        to_hf: our tensors -> HF tensor.
+    """
+
+    hf: str
+    ours: tuple[str, ...]
+    to_ours: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = _identity_in
+    to_hf: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] = _identity_out
+
+
+def rename(hf: str, ours: str) -> TensorRule:
+    return TensorRule(hf, (ours,))
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one Hugging Face model type maps onto an lmstack model class.
+
+    Attributes:
+        model_type: HF ``model_type`` ("gpt2", "llama", ...).
+        architecture: HF class written to ``architectures`` ("LlamaForCausalLM").
+        config_from_hf: HF config dict -> our config (raises ConfigError on bad values).
+        config_to_hf: our config -> HF config dict.
+        rules: tensor-name map.
+        base_prefix: prefix of the base-model tensors; checkpoints saved from the bare base model
+            (e.g. the original "gpt2" upload) omit it, and loading adds it back.
+        ignored_hf: regexes of HF tensors with no counterpart here (buffers some versions saved).
+        lora_targets: default LoRA target module names.
+    """
+
+    model_type: str
+    architecture: str
+    config_from_hf: Callable[[dict[str, Any]], DecoderConfig]
+    config_to_hf: Callable[[DecoderConfig], dict[str, Any]]
+    rules: tuple[TensorRule, ...]
+    base_prefix: str = ""
+    ignored_hf: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    extra_architectures: tuple[str, ...] = field(default=())
+
+    def build(self, config: DecoderConfig) -> torch.nn.Module:
+        from lmstack.models.decoder import Decoder
+
+        return Decoder(config)
+
+    def is_ignored(self, hf_name: str) -> bool:
+        return any(re.fullmatch(pattern, hf_name) for pattern in self.ignored_hf)
+
+    def hf_plan(self, our_names: list[str], n_layers: int) -> dict[str, tuple[TensorRule, tuple[str, ...]]]:
+        """Map each HF tensor name to (rule, our names) for a model whose state dict holds ``our_names``.
+
+        Rules whose tensors the model lacks (e.g. biases of a bias-free config) are skipped; a tensor of
+        ours that no rule covers is a bug in the registry and raises.
+        """
+        present, plan, covered = set(our_names), {}, set()
+        for rule in self.rules:
+            indices = range(n_layers) if "{}" in rule.hf else [None]
+            for i in indices:
+                ours = tuple(o.format(i) if i is not None else o for o in rule.ours)
+                if all(o in present for o in ours):
+                    plan[rule.hf.format(i) if i is not None else rule.hf] = (rule, ours)
+                    covered.update(ours)
+        missing = present - covered
+        if missing:
+            raise ConfigError(f"family {self.model_type!r} has no tensor rule for {sorted(missing)[:5]}")
+        return plan
+
+
+def _gpt2_rules() -> tuple[TensorRule, ...]:
+    h, L = "transformer.h.{}.", "layers.{}."
+    qkv = tuple(f"{L}attn.{p}_proj" for p in "qkv")
+    return (
+        rename("transformer.wte.weight", "embed_tokens.weight"),
+        rename("transformer.wpe.weight", "embed_positions.weight"),
+        rename(h + "ln_1.weight", L + "attn_norm.weight"),
+        rename(h + "ln_1.bias", L + "attn_norm.bias"),
+        TensorRule(h + "attn.c_attn.weight", tuple(q + ".weight" for q in qkv), split_qkv_conv1d, fuse_qkv_conv1d),
+        TensorRule(h + "attn.c_attn.bias", tuple(q + ".bias" for q in qkv), split_qkv_bias, fuse_qkv_bias),
+        TensorRule(h + "attn.c_proj.weight", (L + "attn.o_proj.weight",), transpose, untranspose),
+        rename(h + "attn.c_proj.bias", L + "attn.o_proj.bias"),
+        rename(h + "ln_2.weight", L + "mlp_norm.weight"),
+        rename(h + "ln_2.bias", L + "mlp_norm.bias"),
+        TensorRule(h + "mlp.c_fc.weight", (L + "mlp.fc_in.weight",), transpose, untranspose),
+        rename(h + "mlp.c_fc.bias", L + "mlp.fc_in.bias"),
+        TensorRule(h + "mlp.c_proj.weight", (L + "mlp.fc_out.weight",), transpose, untranspose),
+        rename(h + "mlp.c_proj.bias", L + "mlp.fc_out.bias"),
+        rename("transformer.ln_f.weight", "norm.weight"),
+        rename("transformer.ln_f.bias", "norm.bias"),
+        rename("lm_head.weight", "lm_head.weight"),
+    )
+
+
+def _llama_rules() -> tuple[TensorRule, ...]:
+    """Llama/Mistral/Qwen2 names: identical up to a few renames (our names mirror HF's)."""
+    h, L = "model.layers.{}.", "layers.{}."
+    rules = [rename("model.embed_tokens.weight", "embed_tokens.weight"),
+             rename(h + "input_layernorm.weight", L + "attn_norm.weight"),
+             rename(h + "post_attention_layernorm.weight", L + "mlp_norm.weight")]
+    for kind in ("weight", "bias"):
+        rules += [rename(f"{h}self_attn.{p}_proj.{kind}", f"{L}attn.{p}_proj.{kind}") for p in "qkvo"]
+        rules += [rename(f"{h}mlp.{p}_proj.{kind}", f"{L}mlp.{p}_proj.{kind}") for p in ("gate", "up", "down")]
+    rules += [rename("model.norm.weight", "norm.weight"), rename("lm_head.weight", "lm_head.weight")]
+    return tuple(rules)
+
+
+_LLAMA_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family("gpt2", "GPT2LMHeadModel", hf_configs.gpt2_from_hf, hf_configs.gpt2_to_hf, _gpt2_rules(),
+                   base_prefix="transformer.", ignored_hf=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",),
+                   lora_targets=("q_proj", "v_proj")),
+    "llama": Family("llama", "LlamaForCausalLM", hf_configs.llama_from_hf, hf_configs.llama_to_hf,
+                    _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
+    "mistral": Family("mistral", "MistralForCausalLM", hf_configs.mistral_from_hf, hf_configs.mistral_to_hf,
+                      _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", hf_configs.qwen2_from_hf, hf_configs.qwen2_to_hf,
+                    _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
+}
+
+
+def family_for_hf_config(hf_config: dict[str, Any]) -> Family:
+    """Pick the family from ``model_type`` (or, failing that, ``architectures``)."""
+    model_type = hf_config.get("model_type")
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    for arch in hf_config.get("architectures") or []:
+        for family in FAMILIES.values():
+            if arch == family.architecture or arch in family.extra_architectures:
+                return family
+    shown = model_type if model_type is not None else hf_config.get("architectures")
+    raise ConfigError(f"unsupported model_type {shown!r}; lmstack supports {sorted(FAMILIES)}")
+
+
+def family_for_config(config: DecoderConfig) -> Family:
+    """The family to save ``config`` as: its ``model_type`` if set, else the first family that can
+    express every field of it exactly."""
+    if config.model_type is not None:
+        if config.model_type not in FAMILIES:
+            raise ConfigError(f"unsupported model_type {config.model_type!r}; lmstack supports {sorted(FAMILIES)}")
+        return FAMILIES[config.model_type]
+    for family in FAMILIES.values():
+        if hf_configs.expressible(family.config_from_hf, family.config_to_hf, config) is None:
+            return family
+    raise ConfigError("no Hugging Face family can express this config exactly; set model_type to see why")

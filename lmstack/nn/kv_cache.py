@@ -1,0 +1,69 @@
+"""Key/value caches for incremental decoding.
+
+The model's forward pass is stateless; a cache is passed in explicitly. ``StaticKVCache`` preallocates
+(layers, B, Hkv, max_len, D) once (gpt-fast style: index writes, no reallocation per step), so each decode
+step does work proportional to the current length. Slots are positions in the cache, not token positions:
+with left padding, slot j of every row holds that row's j-th token or a pad.
+"""
+
+from typing import Protocol
+
+import torch
+
+
+class KVCache(Protocol):
+    """What a model needs from a cache: write a layer's new keys/values, then advance once per call."""
+
+    length: int
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) at slots [length, length + T); return all keys/values so far."""
+        ...
+
+    def advance(self, n_tokens: int) -> None:
+        """Mark n_tokens more slots as filled (called by the model after all layers ran)."""
+        ...
+
+
+class StaticKVCache:
+    """Preallocated cache for ``n_layers`` layers, ``batch_size`` rows and up to ``max_len`` slots.
+
+    Args:
+        n_layers, batch_size, max_len, n_kv_heads, head_dim: buffer shape.
+        dtype, device: of the buffers (match the model's).
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int) -> "StaticKVCache":
+        """A cache shaped for ``model`` (anything with ``.config`` holding n_layers/n_kv_heads/head_dim)."""
+        cfg = model.config
+        p = next(model.parameters())
+        return cls(cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, p.dtype, p.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, Hkv, T, D) -> cached keys and values (B, Hkv, length + T, D), views into the buffers."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} slots needed, {self.max_len} allocated")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n_tokens: int) -> None:
+        self.length += n_tokens
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` (B,) in this order, e.g. the surviving beams of beam search."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+
+    def reset(self) -> None:
+        self.length = 0

@@ -1,0 +1,84 @@
+"""Attention masks described by structure (causal, sliding window, key padding, ALiBi), not by a T x T tensor.
+
+Query i of a call sits at cache slot ``q_start + i``; key j sits at slot j. A key is visible when
+    causal:   j <= q_start + i
+    window:   (q_start + i) - j < sliding_window   (the window counts the query's own token)
+    padding:  key_padding[b, j] is True
+Describing the mask this way lets the tiled flash kernel build each tile's mask on the fly, so no
+backend is forced to materialise the full (T, T) matrix. Shapes: B batch, H heads, Tq queries, Tk keys.
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may attend to.
+
+    Attributes:
+        causal: queries see only keys at or before their own slot.
+        sliding_window: if set, queries see only the last ``sliding_window`` slots (their own included).
+        key_padding: (B, Tk) bool, True where the key is a real token, False where it is padding.
+        q_start: cache slot of the first query (the number of tokens already in the KV cache).
+        alibi_slopes: (H,) float; adds ``-slope * (q_slot - k_slot)`` to the scores when set.
+    """
+
+    causal: bool = True
+    sliding_window: int | None = None
+    key_padding: torch.Tensor | None = None
+    q_start: int = 0
+    alibi_slopes: torch.Tensor | None = None
+
+    def with_window(self, sliding_window: int | None) -> "AttentionMask":
+        """The same mask with a (layer-specific) sliding window."""
+        return self if sliding_window == self.sliding_window else replace(self, sliding_window=sliding_window)
+
+    def visible(self, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor | None:
+        """Boolean visibility (B or 1, 1, Tq, Tk) for the given slots, or None when every key is visible."""
+        q, k = q_slots[:, None], k_slots[None, :]  # (Tq, 1), (1, Tk)
+        allowed = None
+        if self.causal:
+            allowed = k <= q
+        if self.sliding_window is not None:
+            in_window = (q - k) < self.sliding_window
+            allowed = in_window if allowed is None else allowed & in_window
+        if allowed is not None:
+            allowed = allowed[None, None]  # (1, 1, Tq, Tk)
+        if self.key_padding is not None:
+            pad = self.key_padding[:, k_slots].bool()[:, None, None, :]  # (B, 1, 1, Tk)
+            allowed = pad if allowed is None else allowed & pad
+        return allowed
+
+    def bias(self, q_slots: torch.Tensor, k_slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive score bias (B or 1, H or 1, Tq, Tk): -inf where hidden, ALiBi where set; None if zero."""
+        allowed = self.visible(q_slots, k_slots)
+        bias = None
+        if self.alibi_slopes is not None:
+            distance = (q_slots[:, None] - k_slots[None, :]).to(dtype)  # (Tq, Tk)
+            bias = -self.alibi_slopes.to(dtype)[None, :, None, None] * distance  # (1, H, Tq, Tk)
+        if allowed is None:
+            return bias
+        hidden = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+        return hidden if bias is None else bias + hidden
+
+    def slots(self, n_queries: int, n_keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache slots of this call's queries (Tq,) and of all keys (Tk,)."""
+        q_slots = torch.arange(self.q_start, self.q_start + n_queries, device=device)
+        return q_slots, torch.arange(n_keys, device=device)
+
+    def is_plain_causal(self, n_queries: int, n_keys: int) -> bool:
+        """True when the mask is exactly lower-triangular from slot 0 (SDPA's ``is_causal`` fast path)."""
+        no_extras = self.sliding_window is None and self.key_padding is None and self.alibi_slopes is None
+        return self.causal and no_extras and self.q_start == 0 and n_queries == n_keys
+
+    def sees_everything(self, n_queries: int, n_keys: int) -> bool:
+        """True when every query sees every key (e.g. one decode step with no padding or window)."""
+        if self.key_padding is not None or self.alibi_slopes is not None:
+            return False
+        last_query_slot = self.q_start + n_queries - 1
+        if self.sliding_window is not None and last_query_slot >= self.sliding_window:
+            return False  # the last query no longer sees key 0
+        # Causal: the first query must already see the last key.
+        return not self.causal or self.q_start >= n_keys - 1

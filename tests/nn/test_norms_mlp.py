@@ -1,0 +1,54 @@
+"""Norms and feed-forward blocks against their formulas."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmstack.errors import ConfigError
+from lmstack.nn import GatedMLP, MLP, RMSNorm, make_mlp, make_norm
+
+
+def test_rmsnorm_formula():
+    norm = RMSNorm(6, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 3, 6)
+    want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    torch.testing.assert_close(norm(x), want)
+
+
+def test_rmsnorm_unit_offset_starts_as_identity_scale():
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(RMSNorm(6, unit_offset=True)(x), RMSNorm(6)(x))
+
+
+def test_layernorm_without_bias():
+    norm = make_norm("layernorm", 6, 1e-5, bias=False)
+    assert norm.bias is None
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(norm(x), F.layer_norm(x, (6,), eps=1e-5))
+
+
+def test_gated_mlp_is_swiglu():
+    mlp = GatedMLP(8, 16, "silu")
+    x = torch.randn(2, 8)
+    want = mlp.down_proj.weight @ (F.silu(mlp.gate_proj.weight @ x.T) * (mlp.up_proj.weight @ x.T))
+    torch.testing.assert_close(mlp(x), want.T)
+
+
+def test_plain_mlp_uses_tanh_gelu():
+    mlp = MLP(8, 16, "gelu_tanh")
+    x = torch.randn(2, 8)
+    h = F.linear(x, mlp.fc_in.weight, mlp.fc_in.bias)
+    want = F.linear(0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h**3))), mlp.fc_out.weight,
+                    mlp.fc_out.bias)
+    torch.testing.assert_close(mlp(x), want)
+
+
+def test_unknown_choices_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown norm 'batchnorm'"):
+        make_norm("batchnorm", 4, 1e-5)
+    with pytest.raises(ConfigError, match="unknown mlp"):
+        make_mlp("moe?", 4, 8, "silu", False)
+    with pytest.raises(ConfigError, match="unknown activation 'tanhh'"):
+        MLP(4, 8, "tanhh")

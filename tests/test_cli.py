@@ -1,0 +1,76 @@
+"""The `lmstack` command: help for every job, info, convert, quickstart, and errors with exit code 2."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmstack.cli import JOBS, main
+from lmstack.models import build_model, load_hf, save_hf
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_hf(build_model("tiny-llama", seed=0), tmp_path_factory.mktemp("cli") / "ckpt")
+
+
+def test_console_script_help():
+    # The script sits beside the interpreter running the tests (the Makefile's virtualenv).
+    exe = Path(sys.executable).with_name("lmstack")
+    exe = str(exe) if exe.exists() else shutil.which("lmstack")
+    assert exe, "the lmstack console script is not installed"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(job in out for job in JOBS)
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+def test_every_job_has_help(job, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([job, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: lmstack {job}" in capsys.readouterr().out
+
+
+def test_info_reports_family_size_dtype_context_and_table(checkpoint, capsys):
+    assert main(["info", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    params = sum(p.numel() for p in load_hf(checkpoint).parameters())
+    for expected in ("llama (LlamaForCausalLM)", f"{params:,}", "float32", "context length  256 tokens",
+                     "layers.*.attn.q_proj.weight", "2 key/value heads", "total"):
+        assert expected in out
+
+
+def test_convert_casts_and_shards(checkpoint, tmp_path, capsys):
+    out_dir = tmp_path / "bf16"
+    assert main(["convert", str(checkpoint), str(out_dir), "--dtype", "bfloat16", "--max-shard-size", "60KB"]) == 0
+    assert json.loads((out_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (out_dir / "model.safetensors.index.json").is_file()
+    assert load_hf(out_dir, dtype="stored").norm.weight.dtype.is_floating_point
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_errors_are_reported_with_exit_code_2(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "lmstack info: error:" in capsys.readouterr().err
+
+
+def test_unknown_flag_is_rejected(checkpoint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(checkpoint), "out", "--dtyp", "bf16"])
+    assert exit_info.value.code == 2
+    assert "--dtyp" in capsys.readouterr().err
+
+
+def test_quickstart_runs_on_a_tiny_preset(tmp_path, capsys):
+    assert main(["quickstart", "--preset", "tiny-llama", "--out", str(tmp_path), "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "max |logits difference| = 0.0e+00 (identical)" in out
+    assert (tmp_path / "tiny-llama" / "config.json").is_file()
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "lmstack.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "lmstack" in out.stdout

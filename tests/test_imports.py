@@ -1,0 +1,47 @@
+"""Layering: each package imports only the layers below it; no reference library is imported at run time."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "lmstack"
+REFERENCE_LIBRARIES = {"transformers", "peft", "trl", "sentence_transformers", "tokenizers"}
+# package -> lmstack packages it may import (besides itself and lmstack.errors)
+ALLOWED = {
+    "nn": set(),
+    "models": {"nn"},
+    "checkpoints": {"models", "nn"},
+    "recipes": {"nn", "models", "checkpoints", "config"},
+    "cli": {"recipes", "config"},
+    "config": set(),
+}
+# models/__init__.py re-exports load_hf/save_hf (the public entry point named in ARCHITECTURE.md).
+EXCEPTIONS = {("models/__init__.py", "checkpoints")}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+FILES = sorted(ROOT.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_layering(path):
+    rel = path.relative_to(ROOT)
+    package = rel.parts[0].removesuffix(".py") if len(rel.parts) > 1 or rel.stem in ALLOWED else None
+    for name in _imports(path):
+        top = name.split(".")[0]
+        assert top not in REFERENCE_LIBRARIES, f"{rel} imports the test-only reference library {name}"
+        if top != "lmstack" or package is None or name in ("lmstack", "lmstack.errors"):
+            continue
+        target = name.split(".")[1]
+        allowed = ALLOWED[package] | {package} | {t for f, t in EXCEPTIONS if f == str(rel)}
+        assert target in allowed, f"{rel} ({package}) must not import lmstack.{target}"
