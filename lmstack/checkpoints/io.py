@@ -121,8 +121,6 @@ def load_tensors(file: Path, names: list[str]) -> Iterator[tuple[str, torch.Tens
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in names:
                 yield name, f.get_tensor(name)
-    except CheckpointError:
-        raise
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{file}: cannot read tensors ({error})") from None
 

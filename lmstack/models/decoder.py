@@ -19,7 +19,7 @@ from lmstack.models.config import DecoderConfig
 from lmstack.nn.attention import Attention
 from lmstack.nn.masks import AttentionMask
 from lmstack.nn.mlp import make_mlp
-from lmstack.nn.norms import make_norm
+from lmstack.nn.norms import RMSNorm, make_norm
 from lmstack.nn.positions import LearnedPositions, RotaryEmbedding, SinusoidalPositions, alibi_slopes
 
 
@@ -92,7 +92,7 @@ class Decoder(nn.Module):
                 nn.init.normal_(module.weight, std=std / math.sqrt(2 * self.config.n_layers) if is_residual_out else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm,)) or type(module).__name__ == "RMSNorm":
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
@@ -100,21 +100,21 @@ class Decoder(nn.Module):
                 nn.init.normal_(module.weight, std=std)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+                      position_ids: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
         """Final normalised hidden states (B, T, C); see ``forward`` for the arguments."""
         start = kv_cache.length if kv_cache is not None else 0
         self._check_inputs(input_ids, attention_mask, start)
         B, T = input_ids.shape
-        if positions is None:
+        if position_ids is None:
             # Same default as Hugging Face: cache slots, whatever the padding (generation passes positions).
-            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         if self.embed_positions is not None:
-            x = x + self.embed_positions(positions).to(x.dtype)
+            x = x + self.embed_positions(position_ids).to(x.dtype)
         x = self.embed_dropout(x)
         mask = AttentionMask(causal=True, key_padding=attention_mask, q_start=start,
                              alibi_slopes=self._alibi_slopes(x.device))
-        rotary = self.rotary(positions) if self.rotary is not None else None
+        rotary = self.rotary(position_ids) if self.rotary is not None else None
         for layer in self.layers:
             x = layer(x, mask, rotary, kv_cache)
         if kv_cache is not None:
@@ -122,18 +122,18 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
         """Next-token logits.
 
         Args:
             input_ids: (B, T) token ids.
             attention_mask: (B, cached + T), 1 for real tokens and 0 for padding; None means no padding.
-            positions: (B, T) position ids; default: cache slots ``cached .. cached + T - 1``.
+            position_ids: (B, T) positions; default: cache slots ``cached .. cached + T - 1``.
             kv_cache: a KVCache holding the earlier tokens; it is advanced by T.
         Returns:
             logits: (B, T, vocab_size).
         """
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, positions, kv_cache))
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache))
 
     def _alibi_slopes(self, device: torch.device) -> torch.Tensor | None:
         return alibi_slopes(self.config.n_heads).to(device) if self.config.position == "alibi" else None

@@ -7,13 +7,14 @@ tensor differently, e.g. GPT-2's fused, transposed Conv1D ``c_attn``). ``{}`` in
 """
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from lmstack.errors import ConfigError
 from lmstack.models.config import DecoderConfig
+from lmstack.models.decoder import Decoder
 from lmstack.models import hf_configs
 
 
@@ -88,7 +89,6 @@ class Family:
         base_prefix: prefix of the base-model tensors; checkpoints saved from the bare base model
             (e.g. the original "gpt2" upload) omit it, and loading adds it back.
         ignored_hf: regexes of HF tensors with no counterpart here (buffers some versions saved).
-        lora_targets: default LoRA target module names.
     """
 
     model_type: str
@@ -98,12 +98,10 @@ class Family:
     rules: tuple[TensorRule, ...]
     base_prefix: str = ""
     ignored_hf: tuple[str, ...] = ()
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    extra_architectures: tuple[str, ...] = field(default=())
+    extra_architectures: tuple[str, ...] = ()  # other HF class names that mean this family
 
     def build(self, config: DecoderConfig) -> torch.nn.Module:
-        from lmstack.models.decoder import Decoder
-
+        """The model this family's checkpoints load into (built on whatever device is current)."""
         return Decoder(config)
 
     def is_ignored(self, hf_name: str) -> bool:
@@ -170,8 +168,7 @@ _LLAMA_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", "GPT2LMHeadModel", hf_configs.gpt2_from_hf, hf_configs.gpt2_to_hf, _gpt2_rules(),
-                   base_prefix="transformer.", ignored_hf=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",),
-                   lora_targets=("q_proj", "v_proj")),
+                   base_prefix="transformer.", ignored_hf=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",)),
     "llama": Family("llama", "LlamaForCausalLM", hf_configs.llama_from_hf, hf_configs.llama_to_hf,
                     _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
     "mistral": Family("mistral", "MistralForCausalLM", hf_configs.mistral_from_hf, hf_configs.mistral_to_hf,

@@ -71,9 +71,9 @@ def _decode_with_cache(model, ids, mask, backend):
     B, T = ids.shape
     cache = StaticKVCache.for_model(model, B, T)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    steps = [model(ids[:, :5], attention_mask=mask[:, :5], positions=positions[:, :5], kv_cache=cache)]
+    steps = [model(ids[:, :5], attention_mask=mask[:, :5], position_ids=positions[:, :5], kv_cache=cache)]
     for t in range(5, T):
-        steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], positions=positions[:, t:t + 1],
+        steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=positions[:, t:t + 1],
                            kv_cache=cache))
     assert cache.length == T
     return torch.cat(steps, dim=1), positions
@@ -88,7 +88,7 @@ def test_cached_decoding_equals_full_forward(kind, backend):
     mask[1, :4] = 0  # a left-padded row
     with torch.no_grad():
         cached, positions = _decode_with_cache(model, ids, mask, backend)
-        full = model(ids, attention_mask=mask, positions=positions)
+        full = model(ids, attention_mask=mask, position_ids=positions)
     real = mask.bool()
     torch.testing.assert_close(cached[real], full[real], atol=1e-5, rtol=0)
 

@@ -41,6 +41,8 @@ CASES = {
     "left-padding": dict(causal=True, key_padding=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9])),
     "right-padding-window": dict(causal=True, window=4, key_padding=torch.tensor([[1] * 9, [1] * 5 + [0] * 4])),
     "alibi": dict(causal=True, slopes=alibi_slopes(6)),
+    "alibi-left-padding": dict(causal=True, slopes=alibi_slopes(6),
+                               key_padding=torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])),
 }
 
 
