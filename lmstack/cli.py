@@ -6,13 +6,14 @@ import sys
 from lmstack import __version__
 from lmstack.config import add_arguments, from_namespace
 from lmstack.errors import LmstackError
-from lmstack.recipes import convert, info, quickstart
+from lmstack.recipes import convert, generate, info, quickstart
 
 # job name -> (run function, config dataclass)
 JOBS = {
     "quickstart": (quickstart.run, quickstart.QuickstartConfig),
     "info": (info.run, info.InfoConfig),
     "convert": (convert.run, convert.ConvertConfig),
+    "generate": (generate.run, generate.GenerateJobConfig),
 }
 
 

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         if f.default is not dataclasses.MISSING:
             kwargs["default"] = f.default
-            kwargs["help"] += f" (default: {f.default})"
+            if f.default is not None:
+                kwargs["help"] += f" (default: {f.default})"
         else:
             kwargs["required"] = not optional
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)

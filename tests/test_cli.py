@@ -74,3 +74,36 @@ def test_quickstart_runs_on_a_tiny_preset(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "lmstack.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "lmstack" in out.stdout
+
+
+def test_generate_from_prompt_ids(checkpoint, capsys):
+    assert main(["generate", "--model", str(checkpoint), "--prompt-ids", "1 2 3", "--max-new-tokens", "5"]) == 0
+    greedy = capsys.readouterr().out.split()
+    assert len(greedy) == 5 and all(t.isdigit() for t in greedy)
+    assert main(["generate", "--model", str(checkpoint), "--prompt-ids", "1 2 3", "--max-new-tokens", "5",
+                 "--stream", "--no-fast-kernels"]) == 0
+    assert capsys.readouterr().out.split() == greedy  # streaming and the plain path give the same tokens
+    assert main(["generate", "--model", str(checkpoint), "--prompt-ids", "1 2 3", "--max-new-tokens", "5",
+                 "--num-beams", "3"]) == 0
+    assert len(capsys.readouterr().out.split()) <= 5
+
+
+def test_generate_sampling_is_seeded(checkpoint, capsys):
+    args = ["generate", "--model", str(checkpoint), "--prompt-ids", "4 5", "--max-new-tokens", "8", "--top-p", "0.9",
+            "--temperature", "1.5", "--seed", "3"]
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    assert capsys.readouterr().out == first
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "hello"], "--prompt needs a tokenizer"),
+    (["--prompt-ids", "1 x"], "--prompt-ids must be integers"),
+    (["--prompt-ids", "999999"], "--prompt-ids must lie in"),
+    (["--prompt-ids", "1", "--top-p", "1.5"], "top_p=1.5"),
+    (["--prompt-ids", "1", "--max-new-tokens", "1000"], "exceeds the model's context window"),
+])
+def test_generate_errors(checkpoint, capsys, args, message):
+    assert main(["generate", "--model", str(checkpoint), *args]) == 2
+    assert message in capsys.readouterr().err

@@ -12,7 +12,8 @@ ALLOWED = {
     "nn": set(),
     "models": {"nn"},
     "checkpoints": {"models", "nn"},
-    "recipes": {"nn", "models", "checkpoints", "config"},
+    "generate": {"models", "nn"},
+    "recipes": {"nn", "models", "checkpoints", "generate", "config"},
     "cli": {"recipes", "config"},
     "config": set(),
 }

@@ -13,6 +13,7 @@ Shapes: B batch, T time, C width.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmstack.models.config import DecoderConfig
@@ -36,14 +37,18 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config.norm, config.dim, config.norm_eps, config.norm_bias)
         # The feed-forward slot: a mixture-of-experts block can replace make_mlp here.
         self.mlp = make_mlp(config.mlp, config.dim, config.ffn_dim, config.activation, config.mlp_bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, mask: AttentionMask,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None, kv_cache=None) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C)."""
         mask = mask.with_window(self.sliding_window)
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), mask, rotary, kv_cache, self.layer_idx))
-        return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+        x = x + self._dropout(self.attn(self.attn_norm(x), mask, rotary, kv_cache, self.layer_idx))
+        return x + self._dropout(self.mlp(self.mlp_norm(x)))
+
+    def _dropout(self, y: torch.Tensor) -> torch.Tensor:
+        # Checked here rather than through an nn.Dropout so inference pays nothing for it (decode hot path).
+        return F.dropout(y, self.dropout, training=True) if self.training and self.dropout > 0 else y
 
 
 class Decoder(nn.Module):
@@ -60,7 +65,6 @@ class Decoder(nn.Module):
         self.embed_positions = self._make_absolute_positions(config)
         self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, config.max_seq_len)
                        if config.position == "rope" else None)
-        self.embed_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config.norm, config.dim, config.norm_eps, config.norm_bias)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -111,7 +115,8 @@ class Decoder(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.embed_positions is not None:
             x = x + self.embed_positions(position_ids).to(x.dtype)
-        x = self.embed_dropout(x)
+        if self.training and self.config.dropout > 0:
+            x = F.dropout(x, self.config.dropout, training=True)
         mask = AttentionMask(causal=True, key_padding=attention_mask, q_start=start,
                              alibi_slopes=self._alibi_slopes(x.device))
         rotary = self.rotary(position_ids) if self.rotary is not None else None

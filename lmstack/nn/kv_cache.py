@@ -38,6 +38,10 @@ class StaticKVCache:
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Per-layer views, made once: indexing the 5-D buffers on every decode step costs more than the copy.
+        # (select, not unbind: autograd forbids in-place writes into unbind's multi-output views)
+        self._k_layers = [self.k[i] for i in range(n_layers)]
+        self._v_layers = [self.v[i] for i in range(n_layers)]
         self.max_len = max_len
         self.length = 0
 
@@ -50,20 +54,24 @@ class StaticKVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, Hkv, T, D) -> cached keys and values (B, Hkv, length + T, D), views into the buffers."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} slots needed, {self.max_len} allocated")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        start, n_new = self.length, k.shape[2]
+        if start + n_new > self.max_len:
+            raise ValueError(f"KV cache is full: {start + n_new} slots needed, {self.max_len} allocated")
+        k_layer, v_layer = self._k_layers[layer], self._v_layers[layer]
+        k_layer.narrow(2, start, n_new).copy_(k)
+        v_layer.narrow(2, start, n_new).copy_(v)
+        return k_layer.narrow(2, 0, start + n_new), v_layer.narrow(2, 0, start + n_new)
 
     def advance(self, n_tokens: int) -> None:
         self.length += n_tokens
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep batch rows ``rows`` (B,) in this order, e.g. the surviving beams of beam search."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+        """Keep batch rows ``rows`` (B,) in this order, e.g. the surviving beams of beam search.
+
+        Only the filled slots are copied, so the cost follows the current length, not max_len."""
+        n = self.length
+        self.k[:, :, :, :n] = self.k[:, rows, :, :n]
+        self.v[:, :, :, :n] = self.v[:, rows, :, :n]
 
     def reset(self) -> None:
         self.length = 0

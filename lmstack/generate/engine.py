@@ -1,0 +1,69 @@
+"""The decoding engine: prefill a prompt, then advance one token at a time on a static KV cache.
+
+The engine knows nothing about decoding strategies or tokenizers; search.py drives it. A model kind
+plugs in by providing an engine with ``prefill``, ``step`` and ``reorder`` (an encoder-decoder engine
+will encode once and step its decoder). Shapes: B rows, T prompt length, V vocabulary.
+"""
+
+import torch
+from torch import nn
+
+from lmstack.nn.kv_cache import StaticKVCache
+
+
+class CausalLMEngine:
+    """Runs a decoder-only model (``hidden_states`` + ``lm_head``) over left-padded rows.
+
+    Position ids follow transformers' generation: ``cumsum(mask) - 1`` (pads get 1), so a left-padded
+    row is numbered from its first real token. Only the last position goes through the LM head.
+
+    Args:
+        model: a Decoder (anything with ``config``, ``hidden_states`` and ``lm_head``).
+        input_ids: (B, T) prompt ids, left-padded where rows differ in length.
+        attention_mask: (B, T) 1 for real tokens, 0 for padding; None means no padding.
+        max_new_tokens: the cache is sized T + max_new_tokens once, never reallocated.
+    """
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 max_new_tokens: int) -> None:
+        B, T = input_ids.shape
+        self.model = model
+        self.cache = StaticKVCache.for_model(model, B, T + max_new_tokens)
+        self.input_ids = input_ids
+        # Without padding no mask is passed at all, so attention takes its mask-free fast path.
+        self.mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            self.mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=input_ids.device)
+            self.mask[:, :T] = attention_mask
+        if attention_mask is None:
+            self.prompt_positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        else:
+            self.prompt_positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        self.next_position = self.prompt_positions[:, -1:] + 1  # (B, 1)
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        """Run the prompt; return next-token logits (B, V) in float32."""
+        T = self.input_ids.shape[1]
+        mask = self.mask[:, :T] if self.mask is not None else None
+        hidden = self.model.hidden_states(self.input_ids, attention_mask=mask, position_ids=self.prompt_positions,
+                                          kv_cache=self.cache)
+        return self.model.lm_head(hidden[:, -1]).float()
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row, tokens: (B,); return the next logits (B, V) in float32."""
+        length = self.cache.length + 1
+        mask = self.mask[:, :length] if self.mask is not None else None
+        hidden = self.model.hidden_states(tokens[:, None], attention_mask=mask, position_ids=self.next_position,
+                                          kv_cache=self.cache)
+        self.next_position = self.next_position + 1
+        return self.model.lm_head(hidden[:, -1]).float()
+
+    @torch.inference_mode()
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Continue from rows ``rows`` (B,) of the current batch (beam search's surviving beams)."""
+        self.cache.reorder(rows)
+        self.next_position = self.next_position[rows]
+        if self.mask is not None:
+            self.mask = self.mask[rows]

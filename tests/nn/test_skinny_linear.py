@@ -1,0 +1,80 @@
+"""SkinnyLinear (the decoding kernel) equals F.linear; the transform keeps names, ties and tokens."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmstack.generate import GenerationConfig, generate
+from lmstack.models import build_model
+from lmstack.nn.skinny_linear import SkinnyLinear, load_kernel, use_skinny_linears_
+
+
+def test_kernel_builds_where_a_compiler_exists():
+    if shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: SkinnyLinear falls back to F.linear")
+    assert load_kernel() is not None
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_f_linear(rows, bias):
+    linear = torch.nn.Linear(77, 45, bias=bias)  # odd sizes exercise the remainder loops
+    x = torch.randn(rows, 77)
+    with torch.no_grad():
+        torch.testing.assert_close(SkinnyLinear(linear)(x), F.linear(x, linear.weight, linear.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_three_dimensional_input_and_training_fallback():
+    linear = torch.nn.Linear(32, 16)
+    skinny = SkinnyLinear(linear)
+    x = torch.randn(2, 1, 32, requires_grad=True)
+    out = skinny(x)  # grad needed: F.linear path
+    out.sum().backward()
+    assert x.grad is not None and linear.weight.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(skinny(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+def test_transform_keeps_state_dict_ties_and_uses_huge_pages():
+    model = build_model("tiny-gpt2", seed=0).eval()
+    names = list(model.state_dict())
+    ids = torch.randint(0, 512, (2, 6))
+    with torch.no_grad():
+        before = model(ids)
+        use_skinny_linears_(model)
+        torch.testing.assert_close(model(ids), before, atol=1e-5, rtol=1e-5)
+    assert list(model.state_dict()) == names
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert isinstance(model.layers[0].attn.q_proj, SkinnyLinear)
+    pointer = model.layers[0].mlp.fc_in.weight.data_ptr()
+    assert pointer % (2 * 2**20) == 0  # the arena is 2 MiB aligned
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and re.search(r"\[(madvise|always)\]", thp.read_text()):
+        assert _huge_page_kib(pointer) > 0, "the weight arena should be backed by transparent huge pages"
+
+
+def _huge_page_kib(pointer: int) -> int:
+    """AnonHugePages (KiB) of the mapping holding ``pointer``, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        span = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+        if span:
+            inside = int(span[1], 16) <= pointer < int(span[2], 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_generation_is_unchanged_by_the_kernel():
+    model = build_model("tiny-llama", seed=0).eval()
+    ids = torch.randint(0, 512, (3, 5))
+    config = GenerationConfig(max_new_tokens=12, eos_token_id=[])
+    plain = generate(model, ids, config)
+    beams = generate(model, ids, GenerationConfig(max_new_tokens=8, num_beams=3, eos_token_id=[]))
+    use_skinny_linears_(model)
+    assert torch.equal(generate(model, ids, config), plain)
+    assert torch.equal(generate(model, ids, GenerationConfig(max_new_tokens=8, num_beams=3, eos_token_id=[])), beams)
