@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -68,6 +68,7 @@ def test_quickstart_runs_on_a_tiny_preset(tmp_path, capsys):
     assert main(["quickstart", "--preset", "tiny-llama", "--out", str(tmp_path), "--seq-len", "16"]) == 0
     out = capsys.readouterr().out
     assert "max |logits difference| = 0.0e+00 (identical)" in out
+    assert "beam x4" in out and "tokens/s with the kernel" in out
     assert (tmp_path / "tiny-llama" / "config.json").is_file()
 
 
