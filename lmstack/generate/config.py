@@ -1,6 +1,6 @@
 """GenerationConfig: the decoding options, with the field names and defaults users know from transformers."""
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 from lmstack.errors import ConfigError
@@ -70,7 +70,3 @@ class GenerationConfig:
         if not self.stop_strings:
             return []
         return [self.stop_strings] if isinstance(self.stop_strings, str) else list(self.stop_strings)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
