@@ -48,13 +48,18 @@ def _rope_from_hf(c: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
-    if kind not in ("linear", "dynamic", "llama3"):
-        raise ConfigError(f"unsupported rope_type {kind!r}; supported: default, linear, dynamic, llama3")
+    if kind not in ("linear", "dynamic", "llama3", "yarn"):
+        raise ConfigError(f"unsupported rope_type {kind!r}; supported: default, linear, dynamic, llama3, yarn")
+    yarn = {}
+    if kind == "yarn":
+        yarn = dict(attention_factor=params.get("attention_factor"), beta_fast=float(params.get("beta_fast") or 32),
+                    beta_slow=float(params.get("beta_slow") or 1), mscale=params.get("mscale"),
+                    mscale_all_dim=params.get("mscale_all_dim"), truncate=bool(params.get("truncate", True)))
     return theta, RopeScaling(
         kind=kind, factor=float(_get(params, "factor")),
         original_max_positions=params.get("original_max_position_embeddings") or c.get("max_position_embeddings"),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)))
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)), **yarn)
 
 
 def _rope_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
@@ -65,6 +70,11 @@ def _rope_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
         if s.kind == "llama3":
             scaling.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
                            original_max_position_embeddings=s.original_max_positions)
+        if s.kind == "yarn":
+            scaling.update(original_max_position_embeddings=s.original_max_positions, beta_fast=s.beta_fast,
+                           beta_slow=s.beta_slow, truncate=s.truncate)
+            scaling.update({k: v for k, v in (("attention_factor", s.attention_factor), ("mscale", s.mscale),
+                                              ("mscale_all_dim", s.mscale_all_dim)) if v is not None})
     params = {"rope_type": "default"} if scaling is None else dict(scaling)
     params["rope_theta"] = cfg.rope_theta
     return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rope_parameters": params}

@@ -1,7 +1,8 @@
 """Positional encodings: sinusoidal, learned absolute, rotary (RoPE) with scaling, and ALiBi.
 
 RoPE: Su et al. 2021, https://arxiv.org/abs/2104.09864 (rotate-half layout, as Hugging Face/Llama use).
-RoPE scaling: linear (Chen et al. 2023), dynamic NTK (bloc97/emozilla 2023), Llama 3.1 frequency bands.
+RoPE scaling: linear (Chen et al. 2023), dynamic NTK (bloc97/emozilla 2023), Llama 3.1 frequency bands,
+YaRN (Peng et al. 2023, https://arxiv.org/abs/2309.00071).
 ALiBi: Press et al. 2021, https://arxiv.org/abs/2108.12409.
 Shapes: B batch, T time, H heads, D head dim.
 """
@@ -55,25 +56,49 @@ class RopeScaling:
 
     kind: "linear" divides every frequency by ``factor``; "dynamic" raises the base once a sequence
     is longer than ``max_positions`` (NTK-aware); "llama3" divides low frequencies by ``factor``,
-    keeps high ones and interpolates between (Llama 3.1).
+    keeps high ones and interpolates between (Llama 3.1); "yarn" blends interpolated and original
+    frequencies over a ramp between ``beta_fast`` and ``beta_slow`` rotations and scales cos/sin by
+    an attention factor.
     """
 
-    kind: Literal["linear", "dynamic", "llama3"]
+    kind: Literal["linear", "dynamic", "llama3", "yarn"]
     factor: float
-    original_max_positions: int | None = None  # llama3: the context the model was pretrained with
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
+    original_max_positions: int | None = None  # llama3, yarn: the context the model was pretrained with
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    attention_factor: float | None = None  # yarn: cos/sin scale; default from factor (and mscale)
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float | None = None  # yarn (DeepSeek style attention factor)
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn: round the ramp bounds to whole dimensions
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "dynamic", "llama3"):
-            raise ConfigError(f"rope_scaling.kind={self.kind!r} is not supported; expected linear, dynamic or llama3")
+        if self.kind not in ("linear", "dynamic", "llama3", "yarn"):
+            raise ConfigError(f"rope_scaling.kind={self.kind!r} is not supported; expected linear, dynamic, llama3 "
+                              "or yarn")
         if not self.factor > 0:
             raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if self.kind in ("llama3", "yarn") and not self.original_max_positions:
+            raise ConfigError(f"rope_scaling kind {self.kind!r} needs original_max_positions")
         if self.kind == "llama3":
-            if not self.original_max_positions:
-                raise ConfigError("rope_scaling kind 'llama3' needs original_max_positions")
             if self.high_freq_factor <= self.low_freq_factor:
                 raise ConfigError("rope_scaling.high_freq_factor must exceed low_freq_factor")
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """Factor applied to cos and sin: 1 except for YaRN's attention temperature."""
+        if self.kind != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim)
+        return _yarn_mscale(self.factor)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
@@ -93,6 +118,26 @@ def llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def yarn_inv_freq(head_dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
+    """YaRN: original frequencies for dimensions that rotate fast (more than beta_fast turns over the
+    trained context), interpolated ones (divided by factor) for slow ones, a linear ramp between."""
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns ``rotations`` times
+        return head_dim * math.log(s.original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    interpolation = extrapolation / s.factor
+    keep_original = 1 - ramp
+    return interpolation * (1 - keep_original) + extrapolation * keep_original
 
 
 class RotaryEmbedding(nn.Module):
@@ -126,6 +171,8 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / s.factor
         elif s is not None and s.kind == "llama3":
             inv_freq = llama3_inv_freq(inv_freq, s)
+        elif s is not None and s.kind == "yarn":
+            inv_freq = yarn_inv_freq(d, theta, s).to(inv_freq.device)
         return inv_freq
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +181,8 @@ class RotaryEmbedding(nn.Module):
         inv_freq = self.inv_freq(seq_len, positions.device)
         angles = positions.float().unsqueeze(-1) * inv_freq  # (B, T, D/2)
         emb = torch.cat((angles, angles), dim=-1)  # rotate-half layout: first and second halves pair up
-        return emb.cos(), emb.sin()
+        scale = self.scaling.cos_sin_scale if self.scaling is not None else 1.0
+        return emb.cos() * scale, emb.sin() * scale
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.theta}, scaling={self.scaling}"

@@ -71,8 +71,8 @@ def test_missing_required_config_key(ckpt):
 
 
 def test_unsupported_rope_type(ckpt):
-    _edit_config(ckpt, rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)
-    with pytest.raises(ConfigError, match="unsupported rope_type 'yarn'"):
+    _edit_config(ckpt, rope_scaling={"rope_type": "longrope", "factor": 4.0}, rope_parameters=None)
+    with pytest.raises(ConfigError, match="unsupported rope_type 'longrope'"):
         load_hf(ckpt)
 
 

@@ -38,6 +38,12 @@ SCALINGS = {
     "llama3": (RopeScaling("llama3", 8.0, original_max_positions=64, low_freq_factor=1.0, high_freq_factor=4.0),
                {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 64}),
+    "yarn": (RopeScaling("yarn", 4.0, original_max_positions=32),
+             {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    "yarn-beta-attn": (RopeScaling("yarn", 8.0, original_max_positions=16, beta_fast=16.0, beta_slow=2.0,
+                                   attention_factor=0.9, truncate=False),
+                       {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 16.0,
+                        "beta_slow": 2.0, "attention_factor": 0.9, "truncate": False}),
 }
 
 
@@ -50,9 +56,10 @@ def test_rope_scaling_frequencies_match_transformers(kind):
     config = transformers.LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=32,
                                       rope_theta=50000.0, rope_scaling=theirs)
     seq_len = 80  # beyond max_position_embeddings, where dynamic scaling starts
-    want, _ = ROPE_INIT_FUNCTIONS[kind](config, "cpu", seq_len=seq_len)
+    want, want_scale = ROPE_INIT_FUNCTIONS[theirs["rope_type"]](config, "cpu", seq_len=seq_len)
     got = RotaryEmbedding(32, 50000.0, ours, max_positions=32).inv_freq(seq_len)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert ours.cos_sin_scale == pytest.approx(want_scale, rel=1e-7)
 
 
 def test_dynamic_scaling_is_inactive_within_the_trained_context():
@@ -97,4 +104,6 @@ def test_rope_scaling_validation():
     with pytest.raises(ValueError, match="original_max_positions"):
         RopeScaling("llama3", 8.0)
     with pytest.raises(ValueError, match="not supported"):
+        RopeScaling("longrope", 2.0)
+    with pytest.raises(ValueError, match="'yarn' needs original_max_positions"):
         RopeScaling("yarn", 2.0)

@@ -47,6 +47,8 @@ CASES = {
     "llama-rope-llama3": lambda: _llama(head_dim=32, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}),
+    "qwen2-rope-yarn": lambda: _qwen2(rope_theta=20000.0, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
     "mistral-window": lambda: _mistral(),
     "mistral-no-window": lambda: _mistral(sliding_window=None),
     "qwen2-bias-tied": lambda: _qwen2(),

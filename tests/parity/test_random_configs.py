@@ -11,12 +11,14 @@ from tests.parity.hf_reference import hf_logits, load_reference, make_hf_model, 
 
 
 def _rope(rng: random.Random, max_pos: int) -> dict:
-    kind = rng.choice(["default", "linear", "dynamic", "llama3"])
+    kind = rng.choice(["default", "linear", "dynamic", "llama3", "yarn"])
     if kind == "default":
         return {"rope_theta": rng.choice([10000.0, 1e6, 500.0])}
     scaling = {"rope_type": kind, "factor": rng.choice([2.0, 4.0, 8.0])}
     if kind == "llama3":
         scaling.update(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=max_pos // 2)
+    if kind == "yarn":
+        scaling.update(original_max_position_embeddings=max_pos // 2)
     return {"rope_theta": rng.choice([10000.0, 500.0]), "rope_scaling": scaling}
 
 
