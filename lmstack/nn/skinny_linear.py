@@ -4,7 +4,8 @@ One decoding step multiplies every weight matrix by a handful of rows, so its sp
 weights stream from memory. ``csrc/skinny_linear.cpp`` (AVX2 + OpenMP) reads each weight row once for
 all rows of the input and reaches the machine's streaming bandwidth where BLAS GEMM reaches about half.
 It is compiled on first use with torch's extension builder (needs a C++ compiler and ninja; cached);
-where it cannot be built, or for other shapes, dtypes and devices, SkinnyLinear is plain F.linear.
+where it cannot be built, with autograd on, or for other shapes, dtypes and devices, SkinnyLinear is plain
+F.linear.
 Results equal F.linear up to float summation order (~1e-6 relative).
 """
 
@@ -52,24 +53,28 @@ class SkinnyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""
         rows = x.numel() // self.in_features
-        if not self._kernel_applies(x, rows):
+        if rows > _ROW_BUCKETS[-1] or not self._kernel_applies(x):
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features)
+        if rows not in _ROW_BUCKETS:
+            return self._padded(x, rows)
         bias = self._no_bias if self.bias is None else self.bias
-        if rows in _ROW_BUCKETS:
-            out = self.kernel.skinny_linear(flat.contiguous(), self.weight, bias)
-        else:  # the kernel is specialised for 1, 2, 4 and 8 rows: pad with zeros
-            bucket = next(b for b in _ROW_BUCKETS if b >= rows)
-            padded = torch.cat([flat, flat.new_zeros(bucket - rows, self.in_features)])
-            out = self.kernel.skinny_linear(padded, self.weight, bias)[:rows]
+        out = self.kernel.skinny_linear(x.reshape(rows, self.in_features).contiguous(), self.weight, bias)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def _kernel_applies(self, x: torch.Tensor, rows: int) -> bool:
-        if self.kernel is None or rows > _ROW_BUCKETS[-1] or x.dtype != torch.float32 or x.device.type != "cpu":
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return False  # training: autograd needs F.linear
-        return self.weight.dtype == torch.float32 and self.weight.is_contiguous()
+    def _kernel_applies(self, x: torch.Tensor) -> bool:
+        """No autograd (inference), fp32 on CPU, a contiguous weight, and a built kernel."""
+        weight = self.weight
+        return (self.kernel is not None and not torch.is_grad_enabled() and x.dtype is torch.float32
+                and x.device.type == "cpu" and weight.dtype is torch.float32 and weight.device.type == "cpu"
+                and weight.is_contiguous())
+
+    def _padded(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """3, 5, 6 or 7 rows: pad with zero rows up to the next specialised count."""
+        bucket = next(b for b in _ROW_BUCKETS if b >= rows)
+        flat = x.reshape(rows, self.in_features)
+        padded = torch.cat([flat, flat.new_zeros(bucket - rows, self.in_features)])
+        bias = self._no_bias if self.bias is None else self.bias
+        return self.kernel.skinny_linear(padded, self.weight, bias)[:rows].view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
