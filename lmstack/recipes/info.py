@@ -23,9 +23,7 @@ def describe(path: Path) -> str:
     attention = f"{cfg.n_heads} heads, {cfg.n_kv_heads} key/value heads, head_dim {cfg.head_dim}"
     if cfg.sliding_window is not None:
         attention += f", sliding window {cfg.sliding_window}"
-    position = cfg.position + (f" (theta {cfg.rope_theta:g}" + (f", {cfg.rope_scaling.kind} scaling x{cfg.rope_scaling.factor:g}"
-                                                                  if cfg.rope_scaling else "") + ")"
-                               if cfg.position == "rope" else "")
+    position = _describe_positions(cfg)
     files = sorted({info.file.name for info in checkpoint.tensors.values()})
     lines = [
         f"checkpoint      {checkpoint.directory}",
@@ -43,6 +41,14 @@ def describe(path: Path) -> str:
         format_parameter_table(model),
     ]
     return "\n".join(lines)
+
+
+def _describe_positions(cfg) -> str:
+    """e.g. "rope (theta 500000, llama3 scaling x32)" or "learned"."""
+    if cfg.position != "rope":
+        return cfg.position
+    scaling = f", {cfg.rope_scaling.kind} scaling x{cfg.rope_scaling.factor:g}" if cfg.rope_scaling else ""
+    return f"rope (theta {cfg.rope_theta:g}{scaling})"
 
 
 def run(cfg: InfoConfig) -> None:
