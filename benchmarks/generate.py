@@ -69,18 +69,24 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--n-layer", type=int, default=12, help="smaller values make a quick smoke run")
+    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("--n-head", type=int, default=12)
+    parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe")
     args = parser.parse_args()
     import transformers  # the reference, benchmark-only
 
     torch.manual_seed(0)
-    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    shape = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head)
+    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape)).eval()
     with tempfile.TemporaryDirectory() as directory:
         reference.save_pretrained(directory)
         plain = load_hf(directory)
         fast = use_skinny_linears_(load_hf(directory))
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(args.bandwidth_gib)
     bytes_per_token = decode_bytes_per_token(plain)
-    print(f"GPT-2 124M, fp32, prompt {args.prompt}, {args.new_tokens} new tokens, torch {torch.__version__}, "
+    size = sum(p.numel() for p in plain.parameters()) / 1e6
+    print(f"GPT-2 shape ({size:.0f}M parameters), fp32, prompt {args.prompt}, {args.new_tokens} new tokens, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, {torch.get_num_threads()} threads; skinny kernel "
           f"{'built' if load_kernel() else 'UNAVAILABLE (falls back to F.linear)'}")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {bytes_per_token / 1e6:.1f} MB of weights per decode step")
