@@ -101,10 +101,36 @@ def test_generate_sampling_is_seeded(checkpoint, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--prompt", "hello"], "--prompt needs a tokenizer"),
     (["--prompt-ids", "1 x"], "--prompt-ids must be integers"),
-    (["--prompt-ids", "999999"], "--prompt-ids must lie in"),
+    (["--prompt-ids", "999999"], "prompt token ids must lie in"),
     (["--prompt-ids", "1", "--top-p", "1.5"], "top_p=1.5"),
     (["--prompt-ids", "1", "--max-new-tokens", "1000"], "exceeds the model's context window"),
 ])
 def test_generate_errors(checkpoint, capsys, args, message):
     assert main(["generate", "--model", str(checkpoint), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_generate_text_with_the_tokenizer_in_the_model_directory(tmp_path, capsys):
+    from lmstack.tokenizers import train_bpe
+    from tests.tokenizers.corpus import TRAIN
+
+    tokenizer = train_bpe(TRAIN, 512)  # the tiny-llama preset has a 512-token vocabulary
+    directory = save_hf(build_model("tiny-llama", seed=0), tmp_path / "with-tokenizer")
+    tokenizer.save(directory)
+    assert main(["generate", "--model", str(directory), "--prompt", "The quick", "--max-new-tokens", "6"]) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    ids = tokenizer.encode("The quick")
+    expected = generate_ids(directory, ids, 6)
+    assert text == tokenizer.decode(expected)
+    assert main(["generate", "--model", str(directory), "--prompt", "The quick", "--max-new-tokens", "6",
+                 "--stream"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == text.rstrip("\ufffd")
+
+
+def generate_ids(directory, prompt_ids, n):
+    import torch
+
+    from lmstack.generate import GenerationConfig, generate
+
+    out = generate(load_hf(directory), torch.tensor([prompt_ids]), GenerationConfig(max_new_tokens=n))
+    return out[0, len(prompt_ids):].tolist()

@@ -9,11 +9,13 @@ ROOT = Path(__file__).resolve().parents[1] / "lmstack"
 REFERENCE_LIBRARIES = {"transformers", "peft", "trl", "sentence_transformers", "tokenizers"}
 # package -> lmstack packages it may import (besides itself and lmstack.errors)
 ALLOWED = {
+    "fileio": set(),
+    "tokenizers": {"fileio"},
     "nn": set(),
     "models": {"nn"},
-    "checkpoints": {"models", "nn"},
+    "checkpoints": {"models", "nn", "fileio"},
     "generate": {"models", "nn"},
-    "recipes": {"nn", "models", "checkpoints", "generate", "config"},
+    "recipes": {"nn", "models", "checkpoints", "generate", "config", "tokenizers"},
     "cli": {"recipes", "config"},
     "config": set(),
 }
@@ -46,3 +48,13 @@ def test_layering(path):
         target = name.split(".")[1]
         allowed = ALLOWED[package] | {package} | {t for f, t in EXCEPTIONS if f == str(rel)}
         assert target in allowed, f"{rel} ({package}) must not import lmstack.{target}"
+
+
+def test_tokenizers_do_not_need_torch():
+    """lmstack.tokenizers runs in a process where torch was never imported."""
+    import subprocess
+    import sys
+
+    code = "import sys, lmstack.tokenizers; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

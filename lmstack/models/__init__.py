@@ -25,9 +25,15 @@ def build_model(config: str | DecoderConfig, *, device: str | torch.device = "cp
     return model.to(dtype)
 
 
-# The public entry points of the architecture (``from lmstack.models import load_hf``); the code lives
-# in lmstack.checkpoints, which depends on this package, so it is imported last.
-from lmstack.checkpoints.hf import inspect_hf, load_hf, save_hf  # noqa: E402
+def __getattr__(name: str):
+    """``from lmstack.models import load_hf, save_hf, inspect_hf``: the public entry points of the
+    architecture. Their code lives in lmstack.checkpoints, which depends on this package, so they are
+    looked up on first use rather than imported here (which would be an import cycle)."""
+    if name in ("load_hf", "save_hf", "inspect_hf"):
+        from lmstack.checkpoints import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'lmstack.models' has no attribute {name!r}")
 
 __all__ = ["Block", "Decoder", "DecoderConfig", "FAMILIES", "Family", "PUBLISHED_PARAMETERS", "build_model",
            "family_for_config", "family_for_hf_config", "get_preset", "inspect_hf", "load_hf", "preset_names",

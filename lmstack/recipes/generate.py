@@ -11,6 +11,7 @@ from lmstack.errors import ConfigError
 from lmstack.generate import GenerationConfig, generate, stream
 from lmstack.models import load_hf
 from lmstack.nn.skinny_linear import use_skinny_linears_
+from lmstack.tokenizers import TokenizerError, load_tokenizer
 
 
 @dataclass
@@ -18,7 +19,7 @@ class GenerateJobConfig:
     """Generate text from a checkpoint: greedy, sampling (temperature / top-k / top-p) or beam search."""
 
     model: Path = field(help="checkpoint directory (config.json + *.safetensors)")
-    prompt: str | None = field(None, help="prompt text (needs a tokenizer in the model directory)")
+    prompt: str | None = field(None, help="prompt text, encoded with the tokenizer in the model directory")
     prompt_ids: str | None = field(None, help="prompt as token ids, e.g. '464 2068 7586'")
     max_new_tokens: int = field(50, help="tokens to generate")
     do_sample: bool | None = field(None, help="sample instead of greedy (default: on when temperature, top-k or "
@@ -45,13 +46,15 @@ def to_generation_config(cfg: GenerateJobConfig) -> GenerationConfig:
         num_beams=cfg.num_beams, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
 
 
-def prompt_tensor(cfg: GenerateJobConfig) -> torch.Tensor:
-    """(1, T) prompt ids from --prompt-ids (text prompts need the tokenizers issue)."""
+def prompt_tensor(cfg: GenerateJobConfig, tokenizer) -> torch.Tensor:
+    """(1, T) prompt ids from --prompt (through the tokenizer) or --prompt-ids."""
     if (cfg.prompt is None) == (cfg.prompt_ids is None):
         raise ConfigError("give exactly one of --prompt and --prompt-ids")
     if cfg.prompt is not None:
-        raise ConfigError(f"--prompt needs a tokenizer for {cfg.model}, which lmstack cannot read yet; "
-                          "pass the prompt as --prompt-ids")
+        if tokenizer is None:
+            raise ConfigError(f"--prompt needs a tokenizer (tokenizer.json, or vocab.json + merges.txt) in "
+                              f"{cfg.model}; pass token ids with --prompt-ids instead")
+        return torch.tensor([tokenizer.encode(cfg.prompt)], dtype=torch.long)
     try:
         ids = [int(token) for token in cfg.prompt_ids.replace(",", " ").split()]
     except ValueError:
@@ -59,23 +62,45 @@ def prompt_tensor(cfg: GenerateJobConfig) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
+def find_tokenizer(directory: Path):
+    """The tokenizer stored beside the checkpoint, or None if there is none."""
+    try:
+        return load_tokenizer(directory)
+    except TokenizerError as error:
+        if "no tokenizer.json" in str(error):
+            return None
+        raise ConfigError(str(error)) from None
+
+
 def run(cfg: GenerateJobConfig) -> torch.Tensor:
     model = load_hf(cfg.model)
-    ids = prompt_tensor(cfg)
+    tokenizer = find_tokenizer(cfg.model)
+    ids = prompt_tensor(cfg, tokenizer)
+    vocab = model.config.vocab_size
+    if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        raise ConfigError(f"prompt token ids must lie in [0, {vocab}) for this model")
     if cfg.fast_kernels and next(model.parameters()).device.type == "cpu":
         use_skinny_linears_(model)
-    vocab = model.config.vocab_size
-    if int(ids.max()) >= vocab or int(ids.min()) < 0:
-        raise ConfigError(f"--prompt-ids must lie in [0, {vocab}) for this model")
     config = to_generation_config(cfg)
     if cfg.stream:
-        new = []
-        for tokens in stream(model, ids, config):
-            new.append(int(tokens[0]))
-            print(new[-1], end=" ", flush=True)
-        print()
-        return torch.tensor([ids[0].tolist() + new])
+        return _stream(model, ids, config, tokenizer)
     out = generate(model, ids, config)
-    print(" ".join(str(t) for t in out[0, ids.shape[1]:].tolist()))
+    new = out[0, ids.shape[1]:].tolist()
+    print(tokenizer.decode(new) if tokenizer is not None else " ".join(map(str, new)))
     sys.stdout.flush()
     return out
+
+
+def _stream(model, ids: torch.Tensor, config: GenerationConfig, tokenizer) -> torch.Tensor:
+    """Print text (or ids without a tokenizer) as it is produced."""
+    if tokenizer is not None:
+        for delta in stream(model, ids, config, tokenizer=tokenizer):
+            print(delta, end="", flush=True)
+        print()
+        return ids
+    new = []
+    for tokens in stream(model, ids, config):
+        new.append(int(tokens[0]))
+        print(new[-1], end=" ", flush=True)
+    print()
+    return torch.tensor([ids[0].tolist() + new])

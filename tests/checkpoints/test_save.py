@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmstack import fileio
 from lmstack.checkpoints import io as ckpt_io
 from lmstack.errors import ConfigError
 from lmstack.models import build_model, load_hf, save_hf
@@ -96,7 +97,7 @@ def test_config_that_a_family_cannot_express_is_refused(tmp_path):
 def test_writes_are_atomic_renames(tmp_path, monkeypatch):
     renames = []
     real_replace = os.replace
-    monkeypatch.setattr(ckpt_io.os, "replace", lambda a, b: (renames.append((a, b)), real_replace(a, b)))
+    monkeypatch.setattr(fileio.os, "replace", lambda a, b: (renames.append((a, b)), real_replace(a, b)))
     save_hf(build_model("tiny-llama"), tmp_path)
     assert {os.path.basename(b) for _, b in renames} == {"model.safetensors", "config.json"}
     assert all(os.path.basename(a).startswith(".") and a.endswith(".tmp") for a, _ in renames)
