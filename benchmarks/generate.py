@@ -12,14 +12,19 @@ and in huge-page memory (the faster is used, so the bound is the stricter one).
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-import torch
+# benchmarks/tokenizers.py is named like the library transformers imports: keep this folder off the path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from lmstack.generate import GenerationConfig, generate
-from lmstack.models import load_hf
-from lmstack.nn.skinny_linear import load_kernel, move_to_hugepages_, use_skinny_linears_
+import torch  # noqa: E402
+
+from lmstack.generate import GenerationConfig, generate  # noqa: E402
+from lmstack.models import load_hf  # noqa: E402
+from lmstack.nn.skinny_linear import load_kernel, move_to_hugepages_, use_skinny_linears_  # noqa: E402
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:

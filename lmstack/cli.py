@@ -6,38 +6,53 @@ import sys
 from lmstack import __version__
 from lmstack.config import add_arguments, from_namespace
 from lmstack.errors import LmstackError
-from lmstack.recipes import convert, generate, info, quickstart
+from lmstack.recipes import convert, generate, info, quickstart, tokenizer
 
-# job name -> (run function, config dataclass)
+# job name -> (run function, config dataclass), or a dict of sub-jobs
 JOBS = {
     "quickstart": (quickstart.run, quickstart.QuickstartConfig),
     "info": (info.run, info.InfoConfig),
     "convert": (convert.run, convert.ConvertConfig),
     "generate": (generate.run, generate.GenerateJobConfig),
+    "tokenizer": {
+        "train": (tokenizer.train, tokenizer.TrainTokenizerConfig),
+        "encode": (tokenizer.encode, tokenizer.EncodeConfig),
+        "decode": (tokenizer.decode, tokenizer.DecodeConfig),
+    },
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmstack", description="The whole LLM stack in one readable library.")
     parser.add_argument("--version", action="version", version=f"lmstack {__version__}")
-    sub = parser.add_subparsers(dest="job", metavar="JOB")
-    for name, (_, config_cls) in JOBS.items():
-        doc = (config_cls.__doc__ or "").strip().splitlines()[0]
-        add_arguments(sub.add_parser(name, help=doc, description=doc), config_cls)
+    _add_jobs(parser.add_subparsers(dest="job", metavar="JOB"), JOBS, prefix="")
     return parser
+
+
+def _add_jobs(sub, jobs: dict, prefix: str) -> None:
+    for name, job in jobs.items():
+        if isinstance(job, dict):  # a group such as `lmstack tokenizer train|encode|decode`
+            group = sub.add_parser(name, help=f"{name} commands: {', '.join(job)}")
+            group.set_defaults(job_group=group)
+            _add_jobs(group.add_subparsers(dest="job", metavar="COMMAND"), job, prefix=f"{prefix}{name} ")
+            continue
+        run, config_cls = job
+        doc = (config_cls.__doc__ or "").strip().splitlines()[0]
+        parser = sub.add_parser(name, help=doc, description=doc)
+        add_arguments(parser, config_cls)
+        parser.set_defaults(run=run, config_cls=config_cls, job_name=prefix + name)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.job is None:
-        parser.print_help()
+    if getattr(args, "run", None) is None:
+        (getattr(args, "job_group", None) or parser).print_help()
         return 0
-    run, config_cls = JOBS[args.job]
     try:
-        run(from_namespace(config_cls, args))
+        args.run(from_namespace(args.config_cls, args))
     except LmstackError as error:
-        print(f"lmstack {args.job}: error: {error}", file=sys.stderr)
+        print(f"lmstack {args.job_name}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

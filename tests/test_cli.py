@@ -134,3 +134,35 @@ def generate_ids(directory, prompt_ids, n):
 
     out = generate(load_hf(directory), torch.tensor([prompt_ids]), GenerationConfig(max_new_tokens=n))
     return out[0, len(prompt_ids):].tolist()
+
+
+def test_tokenizer_train_encode_decode(tmp_path, capsys):
+    from tests.tokenizers.corpus import TRAIN
+
+    for i, text in enumerate(TRAIN):
+        (tmp_path / f"doc{i}.txt").write_text(text * 3, encoding="utf-8")
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--input", f"{tmp_path}/doc*.txt", "--vocab-size", "400", "--out",
+                 str(out), "--special-tokens", "<|endoftext|>,<|pad|>"]) == 0
+    assert "wrote" in capsys.readouterr().out and (out / "tokenizer.json").is_file()
+    assert main(["tokenizer", "encode", "--tokenizer", str(out), "--text", "naïve café <|pad|>"]) == 0
+    ids = json.loads(capsys.readouterr().out)
+    assert ids[-1] == 1  # <|pad|> got the second id
+    assert main(["tokenizer", "decode", "--tokenizer", str(out), "--ids", " ".join(map(str, ids))]) == 0
+    assert capsys.readouterr().out == "naïve café <|pad|>\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--input", "/nonexistent/*.txt", "--out", "x"], "matches no file"),
+    (["train", "--input", "/nonexistent.txt", "--out", "x"], "cannot read /nonexistent.txt"),
+    (["encode", "--tokenizer", "/nonexistent", "--text", "a"], "no such file or directory"),
+])
+def test_tokenizer_errors(args, message, capsys):
+    assert main(["tokenizer", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tokenizer_train_rejects_an_empty_corpus(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "t")]) == 2
+    assert "empty corpus" in capsys.readouterr().err

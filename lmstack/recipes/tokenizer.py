@@ -1,0 +1,102 @@
+"""`lmstack tokenizer train | encode | decode`: byte-level BPE from the command line."""
+
+import glob
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tqdm import tqdm
+
+from lmstack.config import field
+from lmstack.errors import ConfigError
+from lmstack.tokenizers import TokenizerError, load_tokenizer, train_bpe
+from lmstack.tokenizers.pretokenize import PATTERNS
+
+
+@dataclass
+class TrainTokenizerConfig:
+    """Train a byte-level BPE tokenizer on text files and save tokenizer.json."""
+
+    input: str = field(help="text files: paths or globs, comma-separated (e.g. 'data/*.txt')")
+    out: Path = field(help="directory to write tokenizer.json into")
+    vocab_size: int = field(8000, help="vocabulary size, the 256 bytes and special tokens included")
+    special_tokens: str = field("<|endoftext|>", help="comma-separated special tokens (given the first ids)")
+    pattern: Literal["gpt2", "cl100k", "llama3"] = field("gpt2", help="word-splitting regex")
+
+
+@dataclass
+class EncodeConfig:
+    """Encode text to token ids (one JSON list per input line)."""
+
+    tokenizer: Path = field(help="tokenizer.json, or a directory holding one")
+    text: str | None = field(None, help="text to encode (default: read lines from standard input)")
+    add_special_tokens: bool = field(True, help="add BOS/EOS as the tokenizer's post-processor says")
+
+
+@dataclass
+class DecodeConfig:
+    """Decode token ids (spaces or commas between them) to text."""
+
+    tokenizer: Path = field(help="tokenizer.json, or a directory holding one")
+    ids: str = field(help="token ids, e.g. '464 2068 7586'")
+    skip_special_tokens: bool = field(False, help="leave special tokens out of the text")
+
+
+def read_corpus(spec: str) -> list[str]:
+    """The texts of every file matched by the comma-separated paths/globs in ``spec``."""
+    files: list[Path] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        matched = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+        if not matched:
+            raise ConfigError(f"--input {part!r} matches no file")
+        files += [Path(m) for m in matched]
+    texts = []
+    for file in files:
+        try:
+            texts.append(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read {file}: {error}") from None
+    return texts
+
+
+def train(cfg: TrainTokenizerConfig) -> Path:
+    texts = read_corpus(cfg.input)
+    specials = [t.strip() for t in cfg.special_tokens.split(",") if t.strip()]
+    with tqdm(total=max(cfg.vocab_size - 256 - len(specials), 0), desc="BPE merges", unit="merge") as bar:
+        def progress(done: int, _total: int) -> None:
+            bar.update(done - bar.n)
+
+        try:
+            tokenizer = train_bpe(texts, cfg.vocab_size, special_tokens=specials, pattern=PATTERNS[cfg.pattern],
+                                  progress=progress)
+        except TokenizerError as error:
+            raise ConfigError(str(error)) from None
+    path = tokenizer.save(cfg.out)
+    print(f"wrote {path} ({tokenizer.vocab_size} tokens, {len(tokenizer.merges)} merges, "
+          f"{sum(len(t.encode()) for t in texts) / 1e6:.1f} MB of text)")
+    return path
+
+
+def _load(path: Path):
+    try:
+        return load_tokenizer(path)
+    except TokenizerError as error:
+        raise ConfigError(str(error)) from None
+
+
+def encode(cfg: EncodeConfig) -> None:
+    tokenizer = _load(cfg.tokenizer)
+    lines = [cfg.text] if cfg.text is not None else [line.rstrip("\n") for line in sys.stdin]
+    for line in lines:
+        print(json.dumps(tokenizer.encode(line, add_special_tokens=cfg.add_special_tokens)))
+
+
+def decode(cfg: DecodeConfig) -> None:
+    tokenizer = _load(cfg.tokenizer)
+    try:
+        ids = [int(t) for t in cfg.ids.replace(",", " ").replace("[", " ").replace("]", " ").split()]
+        print(tokenizer.decode(ids, skip_special_tokens=cfg.skip_special_tokens))
+    except ValueError as error:
+        raise ConfigError(f"--ids: {error}") from None
