@@ -8,6 +8,7 @@
 from pathlib import Path
 
 from lmstack.tokenizers.bpe import AddedToken, BPETokenizer, TokenizerError, train_bpe
+from lmstack.tokenizers.chat import CHATML_TEMPLATE, ChatEncoding, encode_chat, load_chat_template, render_chat
 from lmstack.tokenizers.hf_json import load_tokenizer_json, load_vocab_merges
 
 
@@ -35,4 +36,5 @@ def load_tokenizer(path) -> BPETokenizer:
     raise TokenizerError(f"{path}: no tokenizer.json, vocab.json + merges.txt, or vocab.txt")
 
 
-__all__ = ["AddedToken", "BPETokenizer", "TokenizerError", "load_tokenizer", "train_bpe"]
+__all__ = ["AddedToken", "BPETokenizer", "CHATML_TEMPLATE", "ChatEncoding", "TokenizerError", "encode_chat",
+           "load_chat_template", "load_tokenizer", "render_chat", "train_bpe"]

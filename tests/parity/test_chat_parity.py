@@ -1,0 +1,85 @@
+"""Chat templates render exactly as transformers' apply_chat_template; assistant masks cover replies."""
+
+import json
+
+import pytest
+
+from lmstack.tokenizers import TokenizerError, encode_chat, load_chat_template, load_tokenizer, render_chat, train_bpe
+from tests.tokenizers.corpus import TRAIN
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_STYLE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role') }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|eot_id|>"]
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2 + 2? Answer in one word. 🙂"},
+    {"role": "assistant", "content": "Four."},
+    {"role": "user", "content": "  And in French?  "},
+    {"role": "assistant", "content": "Quatre."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("chat")
+    train_bpe(TRAIN * 2, 500, special_tokens=SPECIALS).save(directory)
+    return directory
+
+
+def _reference(directory, template):
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"),
+                                               bos_token="<|begin_of_text|>")
+    ref.chat_template = template
+    return ref
+
+
+@pytest.mark.parametrize("template", [None, LLAMA3_STYLE], ids=["chatml-default", "llama3-style"])
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_rendering_matches_apply_chat_template(tokenizer_dir, template, generation_prompt):
+    from lmstack.tokenizers import CHATML_TEMPLATE
+
+    ref = _reference(tokenizer_dir, template or CHATML_TEMPLATE)
+    for messages in (MESSAGES, MESSAGES[:2], MESSAGES[1:2]):
+        want = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        got = render_chat(messages, template, generation_prompt, bos_token="<|begin_of_text|>")
+        assert got == want
+        ids = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        assert load_tokenizer(tokenizer_dir).encode(got, add_special_tokens=False) == list(ids)
+
+
+@pytest.mark.parametrize("template", [None, LLAMA3_STYLE], ids=["chatml-default", "llama3-style"])
+def test_assistant_mask_covers_replies_only(tokenizer_dir, template):
+    tok = load_tokenizer(tokenizer_dir)
+    enc = encode_chat(tok, MESSAGES, template, bos_token="<|begin_of_text|>")
+    assert len(enc.ids) == len(enc.assistant_mask)
+    marked = tok.decode([i for i, m in zip(enc.ids, enc.assistant_mask) if m])
+    end = "<|im_end|>\n" if template is None else "<|eot_id|>"
+    assert marked == f"Four.{end}Quatre.{end}"
+    assert enc.ids == tok.encode(render_chat(MESSAGES, template, bos_token="<|begin_of_text|>"),
+                                 add_special_tokens=False)
+
+
+def test_template_from_tokenizer_config(tmp_path):
+    assert load_chat_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA3_STYLE}))
+    assert load_chat_template(tmp_path) == LLAMA3_STYLE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "y"}]}))
+    assert load_chat_template(tmp_path) == "y"
+
+
+def test_bad_messages_and_templates():
+    with pytest.raises(TokenizerError, match="message 0 must be a dict with 'role' and 'content'"):
+        render_chat([{"content": "no role"}])
+    with pytest.raises(TokenizerError, match="unknown role"):
+        render_chat([{"role": "robot", "content": "beep"}], LLAMA3_STYLE, bos_token="")
+    with pytest.raises(TokenizerError, match="chat template:"):
+        render_chat(MESSAGES, "{% for m in messages %}")
