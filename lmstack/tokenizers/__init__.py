@@ -1,4 +1,4 @@
-"""Tokenizers (pure Python, no torch): byte-level BPE training/encoding and Hugging Face file formats.
+"""Tokenizers (pure Python, no torch): byte-level BPE, BERT WordPiece, chat templates, Hugging Face files.
 
     from lmstack.tokenizers import load_tokenizer, train_bpe
     tok = load_tokenizer("dir")        # tokenizer.json, or vocab.json + merges.txt
@@ -9,12 +9,13 @@ from pathlib import Path
 
 from lmstack.tokenizers.bpe import AddedToken, BPETokenizer, TokenizerError, train_bpe
 from lmstack.tokenizers.chat import CHATML_TEMPLATE, ChatEncoding, encode_chat, load_chat_template, render_chat
-from lmstack.tokenizers.hf_json import load_tokenizer_json, load_vocab_merges
+from lmstack.tokenizers.hf_json import load_tokenizer_json, load_vocab_merges, load_vocab_txt
+from lmstack.tokenizers.wordpiece import WordPieceTokenizer
 
 
-def load_tokenizer(path) -> BPETokenizer:
-    """The tokenizer in ``path``: a tokenizer.json file, or a directory holding tokenizer.json or
-    vocab.json + merges.txt.
+def load_tokenizer(path) -> BPETokenizer | WordPieceTokenizer:
+    """The tokenizer in ``path``: a tokenizer.json file, or a directory holding tokenizer.json,
+    vocab.json + merges.txt (GPT-2 BPE) or vocab.txt (BERT WordPiece).
 
     Raises:
         TokenizerError: nothing readable there, or a malformed file (the message names it).
@@ -23,7 +24,9 @@ def load_tokenizer(path) -> BPETokenizer:
     if path.is_file():
         if path.suffix == ".json" and path.name != "vocab.json":
             return load_tokenizer_json(path)
-        raise TokenizerError(f"{path}: expected tokenizer.json or a directory")
+        if path.name == "vocab.txt":
+            return load_vocab_txt(path)
+        raise TokenizerError(f"{path}: expected tokenizer.json, vocab.txt or a directory")
     if not path.is_dir():
         raise TokenizerError(f"{path}: no such file or directory")
     if (path / "tokenizer.json").is_file():
@@ -31,10 +34,9 @@ def load_tokenizer(path) -> BPETokenizer:
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         return load_vocab_merges(path / "vocab.json", path / "merges.txt")
     if (path / "vocab.txt").is_file():
-        raise TokenizerError(f"{path}: vocab.txt (WordPiece) is not supported yet; it arrives with the rest of "
-                             "the tokenizers issue")
+        return load_vocab_txt(path / "vocab.txt")
     raise TokenizerError(f"{path}: no tokenizer.json, vocab.json + merges.txt, or vocab.txt")
 
 
-__all__ = ["AddedToken", "BPETokenizer", "CHATML_TEMPLATE", "ChatEncoding", "TokenizerError", "encode_chat",
+__all__ = ["WordPieceTokenizer", "AddedToken", "BPETokenizer", "CHATML_TEMPLATE", "ChatEncoding", "TokenizerError", "encode_chat",
            "load_chat_template", "load_tokenizer", "render_chat", "train_bpe"]

@@ -35,6 +35,8 @@ def load_tokenizer_json(path: Path) -> BPETokenizer:
     """Read a byte-level BPE ``tokenizer.json``."""
     data = read_json_file(path)
     try:
+        if isinstance(data.get("model"), dict) and data["model"].get("type") == "WordPiece":
+            return load_wordpiece_json(data, Path(path))
         return _from_hf(data)
     except (KeyError, TypeError, ValueError) as error:
         if isinstance(error, TokenizerError):
@@ -170,3 +172,80 @@ def load_vocab_merges(vocab_path: Path, merges_path: Path) -> BPETokenizer:
         merges.append(pair)
     added = [AddedToken(t, i) for t, i in vocab.items() if t.startswith("<|") and t.endswith("|>")]
     return BPETokenizer(vocab={str(k): int(v) for k, v in vocab.items()}, merges=merges, added_tokens=added)
+
+
+# --- WordPiece (BERT) ---------------------------------------------------------------------------------------
+
+def load_wordpiece_json(data: dict[str, Any], path: Path):
+    """A BERT tokenizer.json: BertNormalizer + BertPreTokenizer + WordPiece (+ CLS/SEP template)."""
+    from lmstack.tokenizers.wordpiece import WordPieceTokenizer
+
+    model = data["model"]
+    normalizer = data.get("normalizer") or {}
+    if normalizer and normalizer.get("type") != "BertNormalizer":
+        raise TokenizerError(f"{path}: WordPiece with normalizer {normalizer.get('type')!r} is not supported")
+    if (data.get("pre_tokenizer") or {}).get("type", "BertPreTokenizer") != "BertPreTokenizer":
+        raise TokenizerError(f"{path}: WordPiece needs the BertPreTokenizer")
+    return WordPieceTokenizer(
+        vocab={str(k): int(v) for k, v in model["vocab"].items()}, lowercase=normalizer.get("lowercase", True),
+        strip_accents=normalizer.get("strip_accents"), handle_chinese_chars=normalizer.get("handle_chinese_chars", True),
+        clean_text=normalizer.get("clean_text", True), unk_token=model.get("unk_token") or "[UNK]",
+        max_input_chars_per_word=int(model.get("max_input_chars_per_word", 100)),
+        continuing_subword_prefix=model.get("continuing_subword_prefix") or "##")
+
+
+def load_vocab_txt(path: Path):
+    """BERT's vocab.txt (one token per line, id = line number), with options from tokenizer_config.json."""
+    from lmstack.tokenizers.wordpiece import WordPieceTokenizer
+
+    try:
+        tokens = Path(path).read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise TokenizerError(f"{path}: cannot read ({error})") from None
+    if tokens and tokens[-1] == "":
+        tokens.pop()
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)
+    config_path = Path(path).with_name("tokenizer_config.json")
+    config = read_json_file(config_path) if config_path.is_file() else {}
+    return WordPieceTokenizer(vocab=vocab, lowercase=config.get("do_lower_case", True),
+                              strip_accents=config.get("strip_accents"),
+                              handle_chinese_chars=config.get("tokenize_chinese_chars", True),
+                              **{k: config[k] for k in ("unk_token", "cls_token", "sep_token", "pad_token", "mask_token")
+                                 if isinstance(config.get(k), str)})
+
+
+def save_wordpiece_json(tokenizer, directory) -> Path:
+    """Write vocab.txt and a tokenizer.json the tokenizers library reads as the same BERT tokenizer."""
+    from lmstack.fileio import atomic_path
+
+    directory = Path(directory)
+    ordered = [t for t, _ in sorted(tokenizer.vocab.items(), key=lambda item: item[1])]
+    with atomic_path(directory / "vocab.txt") as tmp:
+        tmp.write_text("\n".join(ordered) + "\n", encoding="utf-8")
+    specials = [t for t in (tokenizer.pad_token, tokenizer.unk_token, tokenizer.cls_token, tokenizer.sep_token,
+                            tokenizer.mask_token) if t in tokenizer.vocab]
+    cls_, sep = tokenizer.cls_token, tokenizer.sep_token
+    template = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": cls_, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                   {"SpecialToken": {"id": sep, "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": cls_, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": sep, "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
+                 {"SpecialToken": {"id": sep, "type_id": 1}}],
+        "special_tokens": {t: {"id": t, "ids": [tokenizer.vocab[t]], "tokens": [t]} for t in (cls_, sep)}}
+    data = {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": tokenizer.vocab[t], "content": t, "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True} for t in specials],
+            "normalizer": {"type": "BertNormalizer", "clean_text": tokenizer.clean_text,
+                           "handle_chinese_chars": tokenizer.handle_chinese_chars,
+                           "strip_accents": tokenizer.strip_accents, "lowercase": tokenizer.lowercase},
+            "pre_tokenizer": {"type": "BertPreTokenizer"}, "post_processor": template,
+            "decoder": {"type": "WordPiece", "prefix": tokenizer.continuing_subword_prefix, "cleanup": True},
+            "model": {"type": "WordPiece", "unk_token": tokenizer.unk_token,
+                      "continuing_subword_prefix": tokenizer.continuing_subword_prefix,
+                      "max_input_chars_per_word": tokenizer.max_input_chars_per_word, "vocab": tokenizer.vocab}}
+    path = directory / "tokenizer.json"
+    write_json(path, data)
+    return path

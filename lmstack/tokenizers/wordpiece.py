@@ -1,0 +1,272 @@
+"""WordPiece with BERT's basic tokenizer (Devlin et al. 2019), as Hugging Face's BertTokenizerFast does it.
+
+Normalise (drop control characters, whitespace -> " ", pad CJK ideographs with spaces, strip accents,
+lower-case) -> split on whitespace and punctuation -> greedy longest-match-first WordPiece with "##"
+continuations, a whole word becoming [UNK] when it cannot be covered or is longer than
+``max_input_chars_per_word``. Every normalised character remembers the original character it came from,
+so token offsets point into the text the caller passed.
+"""
+
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmstack.tokenizers.bpe import TokenizerError
+
+Span = tuple[int, int]
+_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _is_control(char: str) -> bool:
+    return char not in "\t\n\r" and unicodedata.category(char).startswith("C")
+
+
+def _is_whitespace(char: str) -> bool:
+    return char in " \t\n\r" or unicodedata.category(char) == "Zs" or char.isspace()
+
+
+def _is_punctuation(char: str) -> bool:
+    code = ord(char)
+    if 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126:
+        return True  # ASCII symbols count as punctuation for BERT, e.g. "$" and "^"
+    return unicodedata.category(char).startswith("P")
+
+
+def _is_cjk(char: str) -> bool:
+    code = ord(char)
+    return any(lo <= code <= hi for lo, hi in _CJK_RANGES)
+
+
+@dataclass
+class WordPieceTokenizer:
+    """BERT-style WordPiece tokenizer.
+
+    Attributes:
+        vocab: token -> id ("##" marks a word continuation).
+        lowercase, strip_accents, handle_chinese_chars, clean_text: BERT basic-tokenizer options
+            (strip_accents=None follows lowercase).
+        unk_token, cls_token, sep_token, pad_token, mask_token: special tokens (must be in vocab).
+        max_input_chars_per_word: longer words become [UNK].
+    """
+
+    vocab: dict[str, int]
+    lowercase: bool = True
+    strip_accents: bool | None = None
+    handle_chinese_chars: bool = True
+    clean_text: bool = True
+    unk_token: str = "[UNK]"
+    cls_token: str = "[CLS]"
+    sep_token: str = "[SEP]"
+    pad_token: str = "[PAD]"
+    mask_token: str = "[MASK]"
+    max_input_chars_per_word: int = 100
+    continuing_subword_prefix: str = "##"
+    id_to_token: dict[int, str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("unk_token", "cls_token", "sep_token", "pad_token"):
+            if getattr(self, name) not in self.vocab:
+                raise TokenizerError(f"{name} {getattr(self, name)!r} is not in the vocabulary")
+        self.id_to_token = {i: t for t, i in self.vocab.items()}
+        self._special = {self.vocab[t] for t in (self.unk_token, self.cls_token, self.sep_token, self.pad_token,
+                                                 self.mask_token) if t in self.vocab}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    # --- the pipeline -------------------------------------------------------------------------------------
+
+    def normalize(self, text: str) -> list[tuple[str, int]]:
+        """Normalised characters, each with the index of the original character it came from."""
+        strip = self.lowercase if self.strip_accents is None else self.strip_accents
+        out: list[tuple[str, int]] = []
+        for i, char in enumerate(text):
+            if self.clean_text:
+                if char in ("\0", "\ufffd") or _is_control(char):
+                    continue
+                if _is_whitespace(char):
+                    char = " "
+            pieces = f" {char} " if self.handle_chinese_chars and _is_cjk(char) else char
+            if strip:
+                pieces = "".join(c for c in unicodedata.normalize("NFD", pieces) if unicodedata.category(c) != "Mn")
+            if self.lowercase:
+                pieces = pieces.lower()
+            out.extend((c, i) for c in pieces)
+        return out
+
+    def tokenize_with_offsets(self, text: str) -> list[tuple[int, Span]]:
+        """(token id, (start, end) character offsets into ``text``) for every token, no special tokens."""
+        chars = self.normalize(text)
+        tokens: list[tuple[int, Span]] = []
+        for start, end in _split_words(chars):
+            word = "".join(c for c, _ in chars[start:end])
+            for (piece_start, piece_end), token_id in self._wordpiece(word):
+                tokens.append((token_id, (chars[start + piece_start][1], chars[start + piece_end - 1][1] + 1)))
+        return tokens
+
+    def _wordpiece(self, word: str) -> list[tuple[Span, int]]:
+        """Greedy longest-match-first pieces of one word as ((start, end) within the word, id)."""
+        if len(word) > self.max_input_chars_per_word:
+            return [((0, len(word)), self.vocab[self.unk_token])]
+        pieces, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start:
+                candidate = word[start:end] if start == 0 else self.continuing_subword_prefix + word[start:end]
+                if candidate in self.vocab:
+                    pieces.append(((start, end), self.vocab[candidate]))
+                    break
+                end -= 1
+            else:
+                return [((0, len(word)), self.vocab[self.unk_token])]
+            start = end
+        return pieces
+
+    # --- public API ---------------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; [CLS] ... [SEP] around them if ``add_special_tokens``."""
+        ids = [i for i, _ in self.tokenize_with_offsets(text)]
+        return [self.vocab[self.cls_token], *ids, self.vocab[self.sep_token]] if add_special_tokens else ids
+
+    def __call__(self, text: str, text_pair: str | None = None, *, add_special_tokens: bool = True,
+                 truncation: bool | str = False, max_length: int | None = None,
+                 padding: bool | str = False) -> dict[str, list]:
+        """One sequence or pair: input_ids, token_type_ids, attention_mask and offset_mapping.
+
+        truncation: False, True / "longest_first", "only_first" or "only_second" (needs max_length).
+        padding: False, "max_length" (to max_length) or True / "longest" (no-op for one sequence).
+        """
+        first = self.tokenize_with_offsets(text)
+        second = self.tokenize_with_offsets(text_pair) if text_pair is not None else None
+        if truncation:
+            if max_length is None:
+                raise TokenizerError("truncation needs max_length")
+            n_special = (3 if second is not None else 2) if add_special_tokens else 0
+            first, second = _truncate(first, second, max_length - n_special,
+                                      "longest_first" if truncation is True else truncation)
+        encoded = self._assemble(first, second, add_special_tokens)
+        if padding == "max_length":
+            if max_length is None:
+                raise TokenizerError("padding='max_length' needs max_length")
+            encoded = self._pad(encoded, max_length)
+        return encoded
+
+    def encode_batch(self, texts: list[str], text_pairs: list[str] | None = None, *, padding: bool | str = False,
+                     **options) -> dict[str, list[list]]:
+        """Several sequences (or pairs); padding=True / "longest" pads to the longest in the batch."""
+        pairs = text_pairs if text_pairs is not None else [None] * len(texts)
+        rows = [self(t, p, padding="max_length" if padding == "max_length" else False, **options)
+                for t, p in zip(texts, pairs)]
+        if padding in (True, "longest"):
+            longest = max(len(r["input_ids"]) for r in rows)
+            rows = [self._pad(r, longest) for r in rows]
+        return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Tokens joined by spaces, "##" pieces glued on, then BERT's punctuation clean-up."""
+        words: list[str] = []
+        for i in ids:
+            i = int(i)
+            if skip_special_tokens and i in self._special:
+                continue
+            token = self.id_to_token.get(i)
+            if token is None:
+                raise TokenizerError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+            if token.startswith(self.continuing_subword_prefix) and words:
+                words[-1] += token[len(self.continuing_subword_prefix):]
+            else:
+                words.append(token)
+        return _cleanup(" ".join(words))
+
+    def save(self, directory) -> Path:
+        """Write ``directory/vocab.txt`` and ``directory/tokenizer.json`` (atomically)."""
+        from lmstack.tokenizers.hf_json import save_wordpiece_json
+
+        return save_wordpiece_json(self, directory)
+
+    # --- helpers --------------------------------------------------------------------------------------------
+
+    def _assemble(self, first, second, add_special_tokens: bool) -> dict[str, list]:
+        cls_, sep = self.vocab[self.cls_token], self.vocab[self.sep_token]
+        ids, types, offsets = [], [], []
+        if add_special_tokens:
+            ids, types, offsets = [cls_], [0], [(0, 0)]
+        for type_id, part in enumerate([first] if second is None else [first, second]):
+            ids += [i for i, _ in part]
+            offsets += [o for _, o in part]
+            types += [type_id] * len(part)
+            if add_special_tokens:
+                ids.append(sep)
+                types.append(type_id)
+                offsets.append((0, 0))
+        return {"input_ids": ids, "token_type_ids": types, "attention_mask": [1] * len(ids), "offset_mapping": offsets}
+
+    def _pad(self, encoded: dict[str, list], length: int) -> dict[str, list]:
+        missing = length - len(encoded["input_ids"])
+        if missing <= 0:
+            return encoded
+        return {"input_ids": encoded["input_ids"] + [self.vocab[self.pad_token]] * missing,
+                "token_type_ids": encoded["token_type_ids"] + [0] * missing,
+                "attention_mask": encoded["attention_mask"] + [0] * missing,
+                "offset_mapping": encoded["offset_mapping"] + [(0, 0)] * missing}
+
+
+def _split_words(chars: list[tuple[str, int]]) -> list[Span]:
+    """BERT pre-tokenization: whitespace separates words (and is dropped); punctuation stands alone."""
+    spans, start = [], None
+    for i, (char, _) in enumerate(chars):
+        if char == " " or _is_whitespace(char):
+            if start is not None:
+                spans.append((start, i))
+            start = None
+        elif _is_punctuation(char):
+            if start is not None:
+                spans.append((start, i))
+            spans.append((i, i + 1))
+            start = None
+        elif start is None:
+            start = i
+    if start is not None:
+        spans.append((start, len(chars)))
+    return spans
+
+
+def _truncate(first: list, second: list | None, budget: int, strategy: str) -> tuple[list, list | None]:
+    """Cut sequences to ``budget`` tokens in total, as the tokenizers library does."""
+    if budget < 0:
+        raise TokenizerError("max_length is too small to hold the special tokens")
+    if second is None:
+        if strategy == "only_second":
+            raise TokenizerError("truncation='only_second' needs a text pair")
+        return first[:budget], None
+    n1, n2 = len(first), len(second)
+    if n1 + n2 <= budget:
+        return first, second
+    if strategy == "only_first":
+        if n2 > budget:
+            raise TokenizerError(f"the second sequence ({n2} tokens) alone exceeds max_length")
+        return first[:budget - n2], second
+    if strategy == "only_second":
+        if n1 > budget:
+            raise TokenizerError(f"the first sequence ({n1} tokens) alone exceeds max_length")
+        return first, second[:budget - n1]
+    if strategy != "longest_first":
+        raise TokenizerError(f"unknown truncation strategy {strategy!r}")
+    short, long_ = sorted((n1, n2))
+    long_ = short if short > budget else max(short, budget - short)
+    if short + long_ > budget:
+        short = budget // 2
+        long_ = short + budget % 2
+    keep_first, keep_second = (short, long_) if n1 <= n2 else (long_, short)
+    return first[:keep_first], second[:keep_second]
+
+
+def _cleanup(text: str) -> str:
+    """The tokenizers library's WordPiece decoder clean-up (spaces before punctuation and contractions)."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
