@@ -7,6 +7,7 @@ Training: see ``train_bpe``.
 """
 
 import heapq
+import os
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -179,7 +180,7 @@ class BPETokenizer:
 
 # --- training ---------------------------------------------------------------------------------------------
 
-def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = (),
+def train_bpe(texts: Iterable["str | os.PathLike"], vocab_size: int, special_tokens: Iterable[str] = (),
               pattern: str = GPT2_PATTERN, progress=None) -> BPETokenizer:
     """Train a byte-level BPE tokenizer.
 
@@ -189,20 +190,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
     work proportional to the words it touches, not to the corpus.
 
     Args:
-        texts: training documents.
+        texts: training documents: strings, or paths of UTF-8 text files (pathlib.Path / os.PathLike).
         vocab_size: final vocabulary size, special tokens and the 256 bytes included.
         special_tokens: tokens given the first ids and never split.
         pattern: word-splitting regex (default GPT-2's).
         progress: optional callable ``progress(merges_done, merges_wanted)``.
     Raises:
-        TokenizerError: vocab_size too small, or an empty corpus.
+        TokenizerError: vocab_size too small, an unreadable file, or an empty corpus.
     """
     special_tokens = list(dict.fromkeys(special_tokens))
     alphabet = sorted(bytes_to_unicode().values())
     if vocab_size < len(alphabet) + len(special_tokens):
         raise TokenizerError(f"vocab_size={vocab_size} is smaller than the 256 byte symbols plus "
                              f"{len(special_tokens)} special tokens")
-    words = _count_words(texts, pattern, special_tokens)
+    words = _count_words(map(_read_if_path, texts), pattern, special_tokens)
     if not words:
         raise TokenizerError("empty corpus: no text to train on")
     vocab = {token: i for i, token in enumerate(special_tokens)}
@@ -211,6 +212,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
     merges = _learn_merges(words, vocab, vocab_size, progress)
     added = [AddedToken(t, vocab[t]) for t in special_tokens]  # they stay in vocab, as tokenizer.json has them
     return BPETokenizer(vocab=vocab, merges=merges, pattern=pattern, added_tokens=added)
+
+
+def _read_if_path(item: "str | os.PathLike") -> str:
+    if isinstance(item, str):
+        return item
+    try:
+        return Path(item).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise TokenizerError(f"cannot read training file {item}: {error}") from None
 
 
 def _count_words(texts: Iterable[str], pattern: str, special_tokens: list[str]) -> Counter:

@@ -24,6 +24,19 @@ def test_special_tokens_are_matched_whole_and_never_split():
     assert tok.encode_batch(["a", "b"]) == [tok.encode("a"), tok.encode("b")]
 
 
+def test_training_from_files_equals_training_from_texts(tmp_path):
+    paths = []
+    for i, text in enumerate(TRAIN):
+        paths.append(tmp_path / f"{i}.txt")
+        paths[-1].write_text(text, encoding="utf-8")
+    assert train_bpe(paths, 450).merges == train_bpe(TRAIN, 450).merges
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not utf-8 \xc3")
+    with pytest.raises(TokenizerError, match="cannot read training file .*bad.txt"):
+        train_bpe([tmp_path / "bad.txt"], 300)
+    with pytest.raises(TokenizerError, match="cannot read training file .*missing.txt"):
+        train_bpe([tmp_path / "missing.txt"], 300)
+
+
 def test_training_is_deterministic():
     assert train_bpe(TRAIN, 450).merges == train_bpe(TRAIN, 450).merges
 
