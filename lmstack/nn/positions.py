@@ -177,7 +177,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (B, T) integer -> (cos, sin), each (B, T, D) float32."""
-        seq_len = int(positions.max()) + 1 if positions.numel() else 0
+        seq_len = 0
+        if self.scaling is not None and self.scaling.kind == "dynamic" and positions.numel():
+            seq_len = int(positions.max()) + 1  # only dynamic NTK needs it: skip the host read-back otherwise
         inv_freq = self.inv_freq(seq_len, positions.device)
         angles = positions.float().unsqueeze(-1) * inv_freq  # (B, T, D/2)
         emb = torch.cat((angles, angles), dim=-1)  # rotate-half layout: first and second halves pair up
