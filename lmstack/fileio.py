@@ -1,4 +1,4 @@
-"""Torch-free file helpers shared by every package: atomic writes.
+"""Torch-free file helpers shared by every package: atomic writes and JSON reading.
 
 A write goes to a temporary file in the target's directory and is renamed into place, so an interrupted
 write never leaves a half-written file where a good one was.
@@ -31,3 +31,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_json_object(path: Path, error: type[Exception]) -> dict[str, Any]:
+    """Parse a JSON object from ``path``; problems raise ``error`` with a message naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
+        raise error(f"{path}: not valid JSON ({problem})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmstack.errors import CheckpointError
-from lmstack.fileio import atomic_path, write_json  # noqa: F401  (re-exported)
+from lmstack.fileio import atomic_path, read_json_object, write_json  # noqa: F401  (re-exported)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -125,16 +125,7 @@ def load_tensors(file: Path, names: list[str]) -> Iterator[tuple[str, torch.Tens
 
 def read_json(path: Path) -> dict[str, Any]:
     """Parse a JSON object from ``path`` with errors naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, CheckpointError)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -8,27 +8,18 @@ post-processor ByteLevel and TemplateProcessing (single-sequence special tokens)
 Anything else raises TokenizerError naming the field.
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
 import regex
 
-from lmstack.fileio import write_json
+from lmstack.fileio import read_json_object, write_json
 from lmstack.tokenizers.bpe import AddedToken, BPETokenizer, TokenizerError
 from lmstack.tokenizers.pretokenize import GPT2_PATTERN
 
 
 def read_json_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TokenizerError(f"{path}: cannot read JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, TokenizerError)
 
 
 def load_tokenizer_json(path: Path) -> BPETokenizer:

@@ -57,7 +57,7 @@ def test_loading_errors(tmp_path):
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{broken")
-    with pytest.raises(TokenizerError, match="tokenizer.json: cannot read JSON"):
+    with pytest.raises(TokenizerError, match="tokenizer.json: not valid JSON"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
     with pytest.raises(TokenizerError, match="model.type 'Unigram' is not supported"):
