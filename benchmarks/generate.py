@@ -1,5 +1,8 @@
 """Decode speed: lmstack vs transformers' generate on the same GPT-2-124M weights, with the bandwidth bound.
 
+Three columns of decode speed: transformers; lmstack in eager PyTorch; lmstack with the CPU kernels
+(``use_skinny_linears_``: each decode step is one fused C++ call, see lmstack/generate/fused_step.py).
+
 For each batch size: greedy decoding of 128 new tokens after a 128-token prompt (random weights, fp32).
 Decode tokens/s = batch * 127 / (time of the full generation - time to the first new token), so prompt
 processing is not counted; each figure is the median of --repeats runs. The bound is the weight bytes one
@@ -92,10 +95,10 @@ def main() -> None:
     bytes_per_token = decode_bytes_per_token(plain)
     size = sum(p.numel() for p in plain.parameters()) / 1e6
     print(f"GPT-2 shape ({size:.0f}M parameters), fp32, prompt {args.prompt}, {args.new_tokens} new tokens, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, {torch.get_num_threads()} threads; skinny kernel "
+          f"transformers {transformers.__version__}, {torch.get_num_threads()} threads; CPU kernels "
           f"{'built' if load_kernel() else 'UNAVAILABLE (falls back to F.linear)'}")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {bytes_per_token / 1e6:.1f} MB of weights per decode step")
-    header = ("batch", "transformers", "lmstack torch", "lmstack kernel", "vs transformers", "bound tok/s",
+    header = ("batch", "transformers", "lmstack torch", "lmstack kernels", "vs transformers", "bound tok/s",
               "of bound", "same tokens")
     rows = []
     for batch in args.batches:
@@ -119,7 +122,7 @@ def main() -> None:
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-    print("decode tokens/s (median); 'of bound' = lmstack kernel / (batch x bandwidth / bytes per step)")
+    print("decode tokens/s (median); 'of bound' = lmstack kernels / (batch x bandwidth / bytes per step)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ will encode once and step its decoder). Shapes: B rows, T prompt length, V vocab
 import torch
 from torch import nn
 
+from lmstack.generate.fused_step import FusedDecodeStep, fused_step_blocker
 from lmstack.nn.kv_cache import StaticKVCache
 
 
@@ -40,6 +41,8 @@ class CausalLMEngine:
         else:
             self.prompt_positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         self.next_position = self.prompt_positions[:, -1:] + 1  # (B, 1)
+        # Models opted in to the CPU decoding kernels take one fused C++ call per step where they can.
+        self.fused_step = FusedDecodeStep(model) if fused_step_blocker(model, B) is None else None
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
@@ -53,6 +56,10 @@ class CausalLMEngine:
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, tokens: (B,); return the next logits (B, V) in float32."""
+        if self.fused_step is not None:
+            logits = self.fused_step(tokens, self.next_position, self.cache, self.mask)
+            self.next_position = self.next_position + 1
+            return logits
         length = self.cache.length + 1
         mask = self.mask[:, :length] if self.mask is not None else None
         hidden = self.model.hidden_states(tokens[:, None], attention_mask=mask, position_ids=self.next_position,

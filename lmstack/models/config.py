@@ -66,6 +66,9 @@ class DecoderConfig:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
         if self.sliding_window_layers is not None:
+            if not isinstance(self.sliding_window_layers, (list, tuple)):
+                raise ConfigError(f"sliding_window_layers must be a list of layer indices, "
+                                  f"got {self.sliding_window_layers!r}")
             self.sliding_window_layers = tuple(self.sliding_window_layers)
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         if self.head_dim is None and self.n_heads > 0:

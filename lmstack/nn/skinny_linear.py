@@ -10,6 +10,7 @@ Results equal F.linear up to float summation order (~1e-6 relative).
 """
 
 import functools
+import hashlib
 import logging
 import mmap
 from pathlib import Path
@@ -19,22 +20,28 @@ import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
-_ROW_BUCKETS = (1, 2, 4, 8)
+MAX_ROWS = 8  # the kernels are specialised for 1 to 8 rows
+
+
+_SOURCES = ("extension.cpp", "skinny_linear.cpp", "decode_step.cpp")
 
 
 @functools.cache
 def load_kernel():
-    """The compiled extension module, or None if this machine cannot build or run it."""
+    """The compiled extension module (``skinny_linear``, ``decode_step``), or None if this machine cannot
+    build or run it."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        source = Path(__file__).with_name("csrc") / "skinny_linear.cpp"
-        return load("lmstack_skinny_linear", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        csrc = Path(__file__).with_name("csrc")
+        # The build is cached by name: hash every source and header into it so an edit means a rebuild.
+        digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(csrc.iterdir()) if f.is_file())).hexdigest()
+        return load(f"lmstack_cpu_kernels_{digest[:12]}", [str(csrc / name) for name in _SOURCES],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, ...: fall back to F.linear
-        log.warning("skinny_linear kernel unavailable (%s); using F.linear", error)
+        log.warning("CPU decoding kernels unavailable (%s); using F.linear", error)
         return None
 
 
@@ -46,35 +53,24 @@ class SkinnyLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.kernel = load_kernel()
         # The kernel takes an empty tensor for "no bias"; made once, not per call (this is a hot path).
         self._no_bias = torch.empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""
         rows = x.numel() // self.in_features
-        if rows > _ROW_BUCKETS[-1] or not self._kernel_applies(x):
+        if rows > MAX_ROWS or rows == 0 or not self._kernel_applies(x):
             return F.linear(x, self.weight, self.bias)
-        if rows not in _ROW_BUCKETS:
-            return self._padded(x, rows)
         bias = self._no_bias if self.bias is None else self.bias
-        out = self.kernel.skinny_linear(x.reshape(rows, self.in_features).contiguous(), self.weight, bias)
+        out = load_kernel().skinny_linear(x.reshape(rows, self.in_features).contiguous(), self.weight, bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
         """No autograd (inference), fp32 on CPU, a contiguous weight, and a built kernel."""
         weight = self.weight
-        return (self.kernel is not None and not torch.is_grad_enabled() and x.dtype is torch.float32
+        return (load_kernel() is not None and not torch.is_grad_enabled() and x.dtype is torch.float32
                 and x.device.type == "cpu" and weight.dtype is torch.float32 and weight.device.type == "cpu"
                 and weight.is_contiguous())
-
-    def _padded(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """3, 5, 6 or 7 rows: pad with zero rows up to the next specialised count."""
-        bucket = next(b for b in _ROW_BUCKETS if b >= rows)
-        flat = x.reshape(rows, self.in_features)
-        padded = torch.cat([flat, flat.new_zeros(bucket - rows, self.in_features)])
-        bias = self._no_bias if self.bias is None else self.bias
-        return self.kernel.skinny_linear(padded, self.weight, bias)[:rows].view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

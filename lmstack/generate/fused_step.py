@@ -1,0 +1,133 @@
+"""A whole decoding step as one C++ call, for Decoder models on CPU.
+
+A batch-1 decode step is memory-bound: it should cost the time to stream every weight once. In eager
+PyTorch a 12-layer model also pays ~150 operator dispatches per step, during which the memory bus sits
+idle (measured: ~25% of the step for GPT-2-124M). ``csrc/decode_step.cpp`` runs the blocks, the final
+norm and the LM head in one call with the skinny-matmul kernels; embeddings, positions and RoPE angles
+stay in Python, where each family differs.
+
+It is used by the decoding engine for models transformed with ``use_skinny_linears_`` (the opt-in to
+the CPU decoding kernels) whenever ``fused_step_blocker`` finds nothing in the way: 1-8 rows, fp32 on
+CPU, a structure this step reproduces exactly (no ALiBi, no adapters or other wrapped layers), no
+dropout. Otherwise decoding takes the eager path, which gives the same tokens.
+"""
+
+import torch
+from torch import nn
+
+from lmstack.models.decoder import Decoder
+from lmstack.nn.attention import Attention
+from lmstack.nn.kv_cache import StaticKVCache
+from lmstack.nn.mlp import MLP, GatedMLP
+from lmstack.nn.norms import RMSNorm
+from lmstack.nn.skinny_linear import MAX_ROWS, SkinnyLinear, load_kernel
+
+# Values of the Epilogue enum in csrc/skinny_kernels.h.
+_ACTIVATION_CODES = {"gelu": 2, "gelu_tanh": 3, "silu": 4, "relu": 5}
+_NONE = torch.empty(0)
+
+
+def fused_step_blocker(model: nn.Module, batch_size: int) -> str | None:
+    """Why ``model`` cannot decode ``batch_size`` rows through the fused step, or None if it can."""
+    if not isinstance(model, Decoder):
+        return "not a Decoder"
+    config = model.config
+    if not 1 <= batch_size <= MAX_ROWS:
+        return f"{batch_size} rows (the kernels take 1 to {MAX_ROWS})"
+    if load_kernel() is None:
+        return "the C++ kernels are not built on this machine"
+    if config.position == "alibi":
+        return "ALiBi positions"
+    if config.activation not in _ACTIVATION_CODES:
+        return f"activation {config.activation!r}"
+    if model.training and config.dropout > 0:
+        return "dropout is active (model in training mode)"
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
+        return "parameters are not all fp32 on CPU"
+    if type(model.lm_head) is not SkinnyLinear:
+        return "lm_head is not a SkinnyLinear (call use_skinny_linears_)"
+    for layer in model.layers:
+        reason = _layer_blocker(layer)
+        if reason:
+            return f"layer {layer.layer_idx}: {reason}"
+    return None
+
+
+def _layer_blocker(layer: nn.Module) -> str | None:
+    """Exact module types only: a LoRA-wrapped or quantized layer must not be silently skipped."""
+    attn, mlp = layer.attn, layer.mlp
+    if type(attn) is not Attention:
+        return f"attention is a {type(attn).__name__}"
+    if type(mlp) not in (MLP, GatedMLP):
+        return f"feed-forward is a {type(mlp).__name__}"
+    linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_mlp_linears(mlp)]
+    if any(type(linear) is not SkinnyLinear for linear in linears):
+        return "a projection is not a SkinnyLinear"
+    for norm in (layer.attn_norm, layer.mlp_norm):
+        if type(norm) not in (nn.LayerNorm, RMSNorm) or getattr(norm, "unit_offset", False):
+            return f"norm is a {type(norm).__name__}"
+    return None
+
+
+def _mlp_linears(mlp: nn.Module) -> list[nn.Module]:
+    return [mlp.gate_proj, mlp.up_proj, mlp.down_proj] if isinstance(mlp, GatedMLP) else [mlp.fc_in, mlp.fc_out]
+
+
+class FusedDecodeStep:
+    """Decodes one token per row for a Decoder that ``fused_step_blocker`` accepts.
+
+    The weight list is built once, of the Parameter objects themselves, so weights loaded or moved in
+    place later (``.data`` swapped, ``copy_``) are still the ones read.
+    """
+
+    def __init__(self, model: Decoder) -> None:
+        self.model = model
+        self.kernel = load_kernel()
+        config = model.config
+        self.weights = [t for layer in model.layers for t in self._layer_weights(layer)]
+        self.weights += [model.norm.weight, _or_none(getattr(model.norm, "bias", None)), model.lm_head.weight]
+        self.windows = [layer.sliding_window or 0 for layer in model.layers]
+        self.shape = [config.n_heads, config.n_kv_heads, int(config.norm == "rmsnorm"), int(config.mlp == "gated"),
+                      _ACTIVATION_CODES[config.activation]]
+        self.eps = float(config.norm_eps)
+
+    @staticmethod
+    def _layer_weights(layer: nn.Module) -> list[torch.Tensor]:
+        """In the LayerSlot order of decode_step.cpp; an absent tensor is an empty one."""
+        attn, mlp = layer.attn, layer.mlp
+        if isinstance(mlp, GatedMLP):
+            fc_in, up, fc_out = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        else:
+            fc_in, up, fc_out = mlp.fc_in, None, mlp.fc_out
+        tensors = []
+        for module in (layer.attn_norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp_norm,
+                       fc_in, up, fc_out):
+            tensors += [_or_none(getattr(module, "weight", None)), _or_none(getattr(module, "bias", None))]
+        return tensors
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
+                 key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Feed one token per row and advance ``cache`` by one slot.
+
+        Args:
+            tokens: (B,) ids; positions: (B, 1) their positions.
+            cache: the StaticKVCache holding the earlier tokens (batch B).
+            key_mask: (B, >= cache.length + 1) int64, 0 for padding slots, or None.
+        Returns:
+            next-token logits (B, V) in float32.
+        """
+        model = self.model
+        x = model.embed_tokens(tokens)  # (B, C), a fresh tensor: the kernel updates it in place
+        if model.embed_positions is not None:
+            x = x + model.embed_positions(positions[:, 0]).to(x.dtype)
+        cos = sin = _NONE
+        if model.rotary is not None:
+            cos, sin = (t[:, 0].contiguous() for t in model.rotary(positions))  # (B, D) each
+        logits = self.kernel.decode_step(x.contiguous(), self.weights, cache.k, cache.v, cache.length, cos, sin,
+                                         _NONE if key_mask is None else key_mask, self.windows, self.shape, self.eps)
+        cache.advance(1)
+        return logits
+
+
+def _or_none(tensor: torch.Tensor | None) -> torch.Tensor:
+    return _NONE if tensor is None else tensor

@@ -1,0 +1,106 @@
+"""The fused C++ decode step equals the eager model step by step, and is used only where it is exact."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lmstack.generate import GenerationConfig, generate
+from lmstack.generate.engine import CausalLMEngine
+from lmstack.generate.fused_step import FusedDecodeStep, fused_step_blocker
+from lmstack.models import build_model
+from lmstack.models.config import DecoderConfig
+from lmstack.nn.kv_cache import StaticKVCache
+from lmstack.nn.skinny_linear import load_kernel, use_skinny_linears_
+
+pytestmark = pytest.mark.skipif(load_kernel() is None, reason="the CPU kernels cannot be built here")
+
+BASE = dict(vocab_size=96, dim=48, n_layers=2, n_heads=6, ffn_dim=80, max_seq_len=64)
+CONFIGS = {
+    "gpt2": dict(norm="layernorm", mlp="plain", activation="gelu_tanh", position="learned", qkv_bias=True,
+                 out_bias=True, mlp_bias=True),
+    "llama-gqa": dict(norm="rmsnorm", mlp="gated", activation="silu", position="rope", n_kv_heads=2),
+    "qwen2-window": dict(norm="rmsnorm", mlp="gated", activation="silu", position="rope", n_kv_heads=3,
+                         qkv_bias=True, sliding_window=5, sliding_window_layers=(1,)),
+    "mqa-gelu-sinusoidal": dict(norm="layernorm", norm_bias=False, mlp="plain", activation="gelu",
+                                position="sinusoidal", n_kv_heads=1),
+    "relu-no-positions": dict(norm="layernorm", mlp="plain", activation="relu", position="none"),
+}
+
+
+def _models(name: str) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    eager = build_model(DecoderConfig(**BASE, **CONFIGS[name])).eval()
+    with torch.no_grad():  # unit-gain weights: attention far from uniform, so position bugs show
+        for p in eager.parameters():
+            if p.dim() == 2:
+                p.normal_(0, p.shape[1] ** -0.5)
+    return eager, use_skinny_linears_(copy.deepcopy(eager))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_each_step_matches_the_eager_model(name, rows):
+    eager, fast = _models(name)
+    assert fused_step_blocker(fast, rows) is None
+    T, steps = 6, 9
+    ids = torch.randint(0, 96, (rows, T + steps), generator=torch.Generator().manual_seed(rows))
+    mask = torch.ones(rows, T + steps, dtype=torch.long)
+    mask[-1, :2] = 0  # the last row is left-padded
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    caches = [StaticKVCache.for_model(eager, rows, T + steps) for _ in range(2)]
+    step = FusedDecodeStep(fast)
+    with torch.inference_mode():
+        for model, cache in zip((eager, fast), caches):
+            model(ids[:, :T], attention_mask=mask[:, :T], position_ids=positions[:, :T], kv_cache=cache)
+        for t in range(T, T + steps):
+            want = eager(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=positions[:, t:t + 1],
+                         kv_cache=caches[0])[:, -1]
+            got = step(ids[:, t], positions[:, t:t + 1], caches[1], mask)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert caches[1].length == T + steps
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_uses_the_fused_step_and_gives_the_same_tokens():
+    eager, fast = _models("llama-gqa")
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    assert CausalLMEngine(fast, ids, mask, 4).fused_step is not None
+    assert CausalLMEngine(eager, ids, mask, 4).fused_step is None
+    for config in (GenerationConfig(max_new_tokens=12, eos_token_id=[]),
+                   GenerationConfig(max_new_tokens=12, do_sample=True, top_k=10, seed=3, eos_token_id=[]),
+                   GenerationConfig(max_new_tokens=8, num_beams=3, eos_token_id=[])):
+        assert torch.equal(generate(fast, ids, config, attention_mask=mask),
+                           generate(eager, ids, config, attention_mask=mask))
+
+
+class _Wrapped(nn.Module):
+    """Stands for an adapter around a projection (LoRA, quantization): the fused step must not skip it."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + 1.0
+
+
+def test_falls_back_wherever_it_would_not_be_exact():
+    eager, fast = _models("gpt2")
+    assert fused_step_blocker(eager, 1) == "lm_head is not a SkinnyLinear (call use_skinny_linears_)"
+    assert "rows" in fused_step_blocker(fast, 9)
+    wrapped = copy.deepcopy(fast)
+    wrapped.layers[1].attn.v_proj = _Wrapped(wrapped.layers[1].attn.v_proj)
+    assert fused_step_blocker(wrapped, 1) == "layer 1: a projection is not a SkinnyLinear"
+    ids = torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(0))
+    config = GenerationConfig(max_new_tokens=6, eos_token_id=[])
+    unwrapped_tokens = generate(fast, ids, config)
+    assert not torch.equal(generate(wrapped, ids, config), unwrapped_tokens)  # the adapter took effect
+    dropout = use_skinny_linears_(build_model(DecoderConfig(**BASE, **CONFIGS["gpt2"], dropout=0.1)))
+    assert fused_step_blocker(dropout.train(), 1) == "dropout is active (model in training mode)"
+    assert fused_step_blocker(dropout.eval(), 1) is None
+    alibi = use_skinny_linears_(build_model(DecoderConfig(**BASE, norm="layernorm", position="alibi")))
+    assert fused_step_blocker(alibi, 1) == "ALiBi positions"
