@@ -1,12 +1,13 @@
 """The `lmstack` command: one subcommand per job, each a recipe's ``run`` with its config's fields as flags."""
 
 import argparse
+import dataclasses
 import sys
 
 from lmstack import __version__
-from lmstack.config import add_arguments, from_namespace
+from lmstack.config import add_arguments, from_namespace, resolve
 from lmstack.errors import LmstackError
-from lmstack.recipes import convert, generate, info, quickstart, tokenizer
+from lmstack.recipes import convert, generate, info, pretrain, quickstart, tokenizer
 
 # job name -> (run function, config dataclass), or a dict of sub-jobs
 JOBS = {
@@ -14,6 +15,7 @@ JOBS = {
     "info": (info.run, info.InfoConfig),
     "convert": (convert.run, convert.ConvertConfig),
     "generate": (generate.run, generate.GenerateJobConfig),
+    "pretrain": (pretrain.run, pretrain.PretrainConfig),
     "tokenizer": {
         "train": (tokenizer.train, tokenizer.TrainTokenizerConfig),
         "encode": (tokenizer.encode, tokenizer.EncodeConfig),
@@ -39,8 +41,23 @@ def _add_jobs(sub, jobs: dict, prefix: str) -> None:
         run, config_cls = job
         doc = (config_cls.__doc__ or "").strip().splitlines()[0]
         parser = sub.add_parser(name, help=doc, description=doc)
-        add_arguments(parser, config_cls)
+        add_arguments(parser, config_cls, overrides_only=_configured_by_yaml(config_cls))
         parser.set_defaults(run=run, config_cls=config_cls, job_name=prefix + name)
+
+
+def _configured_by_yaml(config_cls: type) -> bool:
+    """Jobs whose config has a ``config`` field read a YAML file, then apply the flags given as overrides."""
+    return any(f.name == "config" for f in dataclasses.fields(config_cls))
+
+
+def _job_config(args: argparse.Namespace):
+    if not _configured_by_yaml(args.config_cls):
+        return from_namespace(args.config_cls, args)
+    overrides = {k: v for k, v in vars(args).items() if k not in _BOOKKEEPING}
+    return resolve(args.config_cls, overrides.get("config"), overrides)
+
+
+_BOOKKEEPING = {"run", "config_cls", "job_name", "job", "job_group"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         (getattr(args, "job_group", None) or parser).print_help()
         return 0
     try:
-        args.run(from_namespace(args.config_cls, args))
+        args.run(_job_config(args))
     except LmstackError as error:
         print(f"lmstack {args.job_name}: error: {error}", file=sys.stderr)
         return 2

@@ -20,9 +20,12 @@ import yaml
 from lmstack.errors import ConfigError
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, positional: bool = False) -> Any:
-    """A dataclass field carrying its command-line help."""
+def field(default: Any = dataclasses.MISSING, *, help: str, positional: bool = False,
+          default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field carrying its command-line help (``default_factory`` for lists and sections)."""
     metadata = {"help": help, "positional": positional}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -34,18 +37,24 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", overrides_only: bool = False) -> None:
     """Add one flag (or positional argument) per field of dataclass ``cls``; a nested dataclass field
-    becomes a section of dotted flags (``--train.max_steps``)."""
+    becomes a section of dotted flags (``--train.max_steps``).
+
+    With ``overrides_only`` (jobs configured by a YAML file) no flag has a default or is required: the
+    parsed namespace then holds exactly the flags given, ready for ``apply_overrides``.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, optional = _base_type(hints[f.name])
         if dataclasses.is_dataclass(kind):
-            add_arguments(parser, kind, prefix=f"{prefix}{f.name}.")
+            add_arguments(parser, kind, prefix=f"{prefix}{f.name}.", overrides_only=overrides_only)
             continue
         kwargs: dict[str, Any] = {"help": f.metadata.get("help", "")}
         if typing.get_origin(kind) is Literal:
             kwargs["choices"] = list(typing.get_args(kind))
+        elif kind is bool and overrides_only:  # `--train.compile`, `--train.compile false`
+            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
         elif kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -53,16 +62,24 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") 
         if f.metadata.get("positional") and not prefix:
             parser.add_argument(f.name, **kwargs)
             continue
-        if f.default is not dataclasses.MISSING:
-            kwargs["default"] = f.default
-            if f.default is not None:
-                kwargs["help"] += f" (default: {f.default})"
-        elif f.default_factory is not dataclasses.MISSING:
-            kwargs["default"] = f.default_factory()
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is not dataclasses.MISSING and default is not None:
+            kwargs["help"] += f" (default: {default})"
+        if overrides_only:
+            kwargs["default"] = argparse.SUPPRESS
+        elif default is not dataclasses.MISSING:
+            kwargs["default"] = default
         else:
             kwargs["required"] = not optional
         flag = "--" + prefix + f.name.replace("_", "-") if not prefix else "--" + prefix + f.name
         parser.add_argument(flag, dest=prefix + f.name, **kwargs)
+
+
+def _parse_bool(text: str) -> bool:
+    value = _parse_text(text)
+    if not isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 def from_namespace(cls: type, namespace: argparse.Namespace, prefix: str = "") -> Any:

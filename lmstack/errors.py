@@ -11,3 +11,7 @@ class ConfigError(LmstackError, ValueError):
 
 class CheckpointError(LmstackError):
     """A checkpoint directory or file is missing, malformed, or does not match the model."""
+
+
+class DataError(LmstackError, ValueError):
+    """A corpus or tokenized dataset is missing, empty, malformed, or does not match the model."""

@@ -15,7 +15,9 @@ ALLOWED = {
     "models": {"nn"},
     "checkpoints": {"models", "nn", "fileio"},
     "generate": {"models", "nn"},
-    "recipes": {"nn", "models", "checkpoints", "generate", "config", "tokenizers"},
+    "recipes": {"nn", "models", "checkpoints", "generate", "config", "tokenizers", "data", "train"},
+    "data": {"tokenizers", "fileio"},
+    "train": {"models", "nn", "data", "checkpoints", "config", "fileio"},
     "cli": {"recipes", "config"},
     "config": {"fileio"},
 }

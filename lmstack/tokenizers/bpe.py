@@ -168,6 +168,16 @@ class BPETokenizer:
     def vocab_size(self) -> int:
         return max(self.id_to_token) + 1 if self.id_to_token else 0
 
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes of text each id stands for (vocab_size entries): special tokens and unused ids
+        count 0. Used for bits per byte, a measure comparable across tokenizers."""
+        lengths = [0] * self.vocab_size
+        for i, token in self.id_to_token.items():
+            if i in self._special_ids:
+                continue
+            lengths[i] = len(token.encode("utf-8")) if token in self._added else len(from_byte_chars(token))
+        return lengths
+
     def token_to_id(self, token: str) -> int | None:
         return self._added.get(token, self.vocab.get(token))
 

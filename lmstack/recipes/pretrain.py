@@ -1,0 +1,247 @@
+"""`lmstack pretrain`: text -> tokenizer -> token shards -> decoder -> training -> checkpoints -> export.
+
+    lmstack pretrain --config configs/pretrain/tiny.yaml --out runs/tiny [--seed S] [--resume] [--train.max_steps N]
+
+Every key of the YAML file can be overridden by a flag of the same dotted name. The run directory gets:
+    config.yaml      the resolved config          metrics.jsonl  one JSON object per optimizer step
+    tokenizer/       tokenizer.json                data/          memory-mapped token shards (reused if unchanged)
+    checkpoints/     step-NNNNNNN/ (HF weights + training state; the last train.keep_checkpoints)
+    model/           the final model as a Hugging Face directory with its tokenizer
+    loss.png         the loss curve
+"""
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lmstack.checkpoints.hf import load_hf, save_hf
+from lmstack.checkpoints.train_state import checkpoint_dirs, latest_checkpoint
+from lmstack.config import field, save_yaml, to_dict
+from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, read_meta, resolve_sources, \
+    split_documents, write_token_shards
+from lmstack.errors import CheckpointError, ConfigError, DataError
+from lmstack.models import build_model
+from lmstack.models.config import DecoderConfig
+from lmstack.models.presets import get_preset
+from lmstack.tokenizers import BPETokenizer, load_tokenizer, train_bpe
+from lmstack.train import CausalLMObjective, TrainConfig, Trainer
+from lmstack.train.plots import plot_loss_curve
+from lmstack.train.trainer import resolve_device
+
+
+@dataclass
+class ModelSection:
+    """The model: a preset, or a Hugging Face directory to continue pretraining, with size overrides."""
+
+    preset: str = field("tiny-gpt2", help="architecture preset (see lmstack.models.preset_names())")
+    from_hf: Path | None = field(None, help="continue pretraining this Hugging Face directory instead of a preset")
+    dim: int | None = field(None, help="model width (default: the preset's)")
+    n_layers: int | None = field(None, help="number of blocks")
+    n_heads: int | None = field(None, help="attention heads")
+    n_kv_heads: int | None = field(None, help="key/value heads (grouped-query attention)")
+    ffn_dim: int | None = field(None, help="feed-forward hidden width")
+    max_seq_len: int | None = field(None, help="context length")
+    dropout: float | None = field(None, help="dropout while training")
+    vocab_size: int | None = field(None, help="embedding rows (default: the tokenizer's size rounded up to 64)")
+
+
+@dataclass
+class TokenizerSection:
+    """The tokenizer: an existing one, or byte-level BPE trained on the training split."""
+
+    path: Path | None = field(None, help="tokenizer.json (or its directory); default: train one")
+    vocab_size: int = field(4096, help="vocabulary size when training one")
+    pattern: Literal["gpt2", "cl100k", "llama3"] = field("gpt2", help="word-splitting regex when training one")
+    eos_token: str = field("<|endoftext|>", help="the token written between documents")
+
+
+@dataclass
+class DataSection:
+    """The corpus: text files, globs, directories, JSONL files, or "shakespeare" (the bundled corpus)."""
+
+    sources: list[str] = field(default_factory=lambda: ["shakespeare"], help="list of files/globs/dirs, "
+                               "e.g. '[data/*.txt, more.jsonl]'")
+    text_field: str = field("text", help="the field holding the text in JSONL rows")
+    held_out: float = field(0.05, help="fraction of documents held out for evaluation")
+    block_size: int = field(256, help="tokens per training sequence")
+
+
+@dataclass
+class PretrainConfig:
+    """Pretrain a decoder LM: train a tokenizer, tokenize to shards, train with checkpoints, export."""
+
+    config: Path | None = field(None, help="YAML recipe (e.g. configs/pretrain/tiny.yaml); flags override its keys")
+    out: Path | None = field(None, help="run directory (required)")
+    seed: int = field(1337, help="seed of the model init, the data split and the data order")
+    resume: bool = field(False, help="continue from the latest checkpoint in --out")
+    model: ModelSection = field(default_factory=ModelSection, help="model")
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection, help="tokenizer")
+    data: DataSection = field(default_factory=DataSection, help="data")
+    train: TrainConfig = field(default_factory=TrainConfig, help="training")
+
+
+@dataclass
+class PretrainResult:
+    out: Path
+    model_dir: Path
+    final: dict  # the last metrics record (loss, eval_loss, eval_ppl, eval_bpb, ...)
+    seconds: float
+
+
+# Keys that may change when resuming (how long and how often); anything else must match the saved run.
+_RESUMABLE_CHANGES = ("config", "resume", "train.max_steps", "train.eval_every", "train.eval_batches",
+                      "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.compile")
+
+
+def run(cfg: PretrainConfig) -> PretrainResult:
+    """Run the whole pretraining job described by ``cfg``; see the module docstring for the outputs.
+
+    Raises:
+        ConfigError: no --out, a block longer than the model's context, a vocabulary smaller than the
+            tokenizer's, an existing run without --resume, or a resumed run whose config changed.
+        DataError: missing or empty corpus, a tokenizer without the EOS token.
+        CheckpointError: --resume without a checkpoint, or a corrupted one.
+    """
+    started = time.perf_counter()
+    out = _prepare_run_dir(cfg)
+    documents = read_documents(resolve_sources(cfg.data.sources), cfg.data.text_field)
+    train_docs, held_docs = split_documents(documents, cfg.data.held_out, cfg.seed)
+    tokenizer = _tokenizer(cfg, out, [d.text for d in train_docs])
+    eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
+    if eos_id is None:
+        raise DataError(f"the tokenizer has no EOS token {cfg.tokenizer.eos_token!r} (set tokenizer.eos_token)")
+    data_dir = _token_shards(cfg, out, tokenizer, eos_id, [d.text for d in train_docs], [d.text for d in held_docs])
+
+    device = resolve_device(cfg.train.device)
+    model = _model(cfg, tokenizer.vocab_size, eos_id).to(device)
+    train_data = PackedBlocks(open_split(data_dir, "train"), cfg.data.block_size, cfg.train.batch_size, cfg.seed)
+    held = open_split(data_dir, "val") if held_docs else None
+    eval_data = (lambda: eval_batches(held, cfg.data.block_size, cfg.train.batch_size)) if held else None
+    token_bytes = torch.tensor(tokenizer.byte_lengths() + [0] * (model.config.vocab_size - tokenizer.vocab_size))
+    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters; data: {train_data.data.n_tokens:,} training "
+          f"tokens ({train_data.blocks_per_epoch:,} blocks of {cfg.data.block_size}), "
+          f"{held.n_tokens if held else 0:,} held-out; device {device}")
+
+    def checkpoint_files(directory: Path) -> None:
+        tokenizer.save(directory)
+        save_yaml(cfg, directory / "pretrain.yaml")
+
+    trainer = Trainer(model, CausalLMObjective(), train_data, cfg.train, out, eval_data=eval_data,
+                      token_bytes=token_bytes, checkpoint_files=checkpoint_files)
+    final = trainer.fit(resume=cfg.resume)
+
+    model_dir = save_hf(model, out / "model")
+    tokenizer.save(model_dir)
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=f"pretraining ({out.name})")
+    summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "eval_loss", "eval_ppl", "eval_bpb") if k in final)
+    print(f"step {final.get('step', trainer.step)}: {summary}\nmodel: {model_dir}\nloss curve: {out / 'loss.png'}")
+    return PretrainResult(out, model_dir, final, time.perf_counter() - started)
+
+
+def _prepare_run_dir(cfg: PretrainConfig) -> Path:
+    """Create --out, refusing to mix runs, and save the resolved config (checked against the saved one on resume)."""
+    if cfg.out is None:
+        raise ConfigError("--out is required (the run directory)")
+    out = Path(cfg.out)
+    if cfg.resume:
+        latest = latest_checkpoint(out)
+        if latest is None:
+            raise CheckpointError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+        if (latest / "pretrain.yaml").exists():
+            _check_resumable(cfg, latest / "pretrain.yaml")
+    elif checkpoint_dirs(out):
+        raise ConfigError(f"{out} already holds checkpoints of a run: pass --resume to continue it, or choose "
+                          f"another --out (nothing was overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+    return out
+
+
+def _check_resumable(cfg: PretrainConfig, saved_path: Path) -> None:
+    from lmstack.config import load_yaml
+
+    def flat(data: dict, prefix: str = "") -> dict:
+        items = {}
+        for key, value in data.items():
+            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return items
+
+    now, before = flat(to_dict(cfg)), flat(load_yaml(saved_path))
+    changed = sorted(k for k in now.keys() | before.keys()
+                     if now.get(k) != before.get(k) and k not in _RESUMABLE_CHANGES)
+    if changed:
+        detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(f"--resume with a changed config ({detail}); only how long and how often may change")
+
+
+def _tokenizer(cfg: PretrainConfig, out: Path, train_texts: list[str]) -> BPETokenizer:
+    """The configured tokenizer, the run's own (when resuming), or a new BPE trained on the training split."""
+    if cfg.tokenizer.path is not None:
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
+    elif cfg.resume and (out / "tokenizer" / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(out / "tokenizer")
+    else:
+        from tqdm import tqdm
+
+        from lmstack.tokenizers.pretokenize import PATTERNS
+
+        bar = tqdm(total=cfg.tokenizer.vocab_size, desc="training BPE", unit="merge", leave=False)
+        progress = lambda done, wanted: bar.update(done - bar.n)  # noqa: E731
+        tokenizer = train_bpe(train_texts, cfg.tokenizer.vocab_size, [cfg.tokenizer.eos_token],
+                              PATTERNS[cfg.tokenizer.pattern], progress=progress)
+        bar.close()
+        tokenizer.save(out / "tokenizer")
+        print(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens -> {out / 'tokenizer'}")
+    if not isinstance(tokenizer, BPETokenizer):
+        raise DataError(f"pretraining needs a byte-level BPE tokenizer, got a {type(tokenizer).__name__}")
+    return tokenizer
+
+
+def _token_shards(cfg: PretrainConfig, out: Path, tokenizer: BPETokenizer, eos_id: int, train_texts: list[str],
+                  held_texts: list[str]) -> Path:
+    """Tokenize into OUT/data, unless a dataset made from the same inputs is already there."""
+    files = resolve_sources(cfg.data.sources)
+    fingerprint = {"sources": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+                   "text_field": cfg.data.text_field, "held_out": cfg.data.held_out, "seed": cfg.seed,
+                   "tokenizer": hashlib.sha256(repr((tokenizer.vocab, tokenizer.merges)).encode()).hexdigest()}
+    data_dir = out / "data"
+    try:
+        if read_meta(data_dir).get("fingerprint") == fingerprint:
+            return data_dir
+    except DataError:
+        pass
+    splits = {"train": train_texts, **({"val": held_texts} if held_texts else {})}
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    return write_token_shards(data_dir, splits, encode, vocab_size=tokenizer.vocab_size, eos_id=eos_id,
+                              fingerprint=fingerprint)
+
+
+def _model(cfg: PretrainConfig, tokenizer_vocab: int, eos_id: int) -> torch.nn.Module:
+    """Build (seeded) or load the model and check it against the tokenizer and the block size."""
+    m = cfg.model
+    if m.from_hf is not None:
+        model = load_hf(m.from_hf).train()
+        config = model.config
+    else:
+        overrides = {k: v for k, v in dataclasses.asdict(m).items()
+                     if k not in ("preset", "from_hf", "vocab_size") and v is not None}
+        vocab = m.vocab_size if m.vocab_size is not None else -(-tokenizer_vocab // 64) * 64
+        try:
+            config = dataclasses.replace(get_preset(m.preset), **overrides, vocab_size=vocab, eos_token_id=eos_id,
+                                         bos_token_id=eos_id)
+        except ConfigError as error:
+            raise ConfigError(f"model: {error}") from None
+        model = build_model(config, seed=cfg.seed).train()
+    if config.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"the tokenizer has {tokenizer_vocab} tokens but the model's vocabulary is "
+                          f"{config.vocab_size} (model.vocab_size / the checkpoint's embeddings)")
+    limit = config.context_limit
+    if limit is not None and cfg.data.block_size > limit:
+        raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model's context of {limit} tokens "
+                          f"(model.max_seq_len)")
+    return model

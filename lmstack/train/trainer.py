@@ -1,0 +1,261 @@
+"""The training loop: one loop for every objective (accumulation, clipping, schedule, evaluation,
+checkpoints that resume bitwise, a JSONL metrics log and a progress bar).
+
+    for step in range(max_steps):
+        grad_accum x (batch -> objective(model, batch) -> backward)   _train_step
+        clip -> optimizer.step -> scheduler.step
+        every eval_every steps: held-out loss, perplexity, bits/byte  _evaluate
+        metrics.jsonl += one JSON object for the step                 _log
+        every checkpoint_every steps (and at the end): checkpoint     _save
+
+Resuming restores weights, optimizer and scheduler state, the data position and the RNG states, and
+truncates metrics.jsonl to the checkpoint's step, so a run killed with SIGKILL and resumed produces the
+same loss sequence as one never interrupted (bitwise on CPU; tested).
+"""
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmstack.checkpoints.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmstack.config import field
+from lmstack.data.packing import PackedBlocks
+from lmstack.errors import CheckpointError, ConfigError
+from lmstack.fileio import atomic_path
+from lmstack.train.objectives import IGNORE_INDEX, causal_lm_loss
+from lmstack.train.optim import WarmupCosine, build_optimizer
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation and checkpointing of a training run."""
+
+    max_steps: int = field(1000, help="optimizer steps to train for")
+    batch_size: int = field(16, help="sequences per micro-batch")
+    grad_accum: int = field(1, help="micro-batches per optimizer step")
+    lr: float = field(1e-3, help="peak learning rate")
+    min_lr: float = field(1e-4, help="learning rate at the end of the cosine decay")
+    warmup_steps: int = field(100, help="steps of linear warmup")
+    weight_decay: float = field(0.1, help="AdamW weight decay (matrices and embeddings only)")
+    beta1: float = field(0.9, help="AdamW beta1")
+    beta2: float = field(0.95, help="AdamW beta2")
+    grad_clip: float = field(1.0, help="clip the global gradient norm to this (0: no clipping)")
+    eval_every: int = field(200, help="evaluate on held-out data every N steps (0: only at the end)")
+    eval_batches: int = field(20, help="held-out batches per periodic evaluation")
+    checkpoint_every: int = field(200, help="write a checkpoint every N steps (and always at the end)")
+    keep_checkpoints: int = field(2, help="how many recent checkpoints to keep")
+    compile: bool = field(False, help="torch.compile the model for training")
+    precision: Literal["auto", "fp32", "bf16"] = field("auto", help="auto: bf16 autocast where the device "
+                                                        "supports it (CUDA with bf16), fp32 otherwise")
+    device: str = field("auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    progress: bool = field(True, help="show a progress bar")
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.lr must be > 0 and train.min_lr in [0, lr]; got lr={self.lr}, min_lr={self.min_lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"train.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> CUDA if available, else CPU; other names as given (errors name the key)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 for autocast where the hardware computes in it; None means fp32.
+
+    CPUs without bf16 units run half-precision matmuls orders of magnitude slower, so "auto" never
+    picks bf16 on a CPU and an explicit "bf16" there is an error."""
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not supported:
+        raise ConfigError(f"train.precision='bf16' is not supported on {device} (use 'auto' or 'fp32')")
+    return torch.bfloat16 if precision in ("bf16", "auto") and supported else None
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, batches: Iterable[Batch], token_bytes: torch.Tensor | None = None,
+                autocast: torch.dtype | None = None) -> dict[str, float]:
+    """Held-out next-token loss (nats/token), perplexity and, given the UTF-8 byte length of each token id
+    (V,), bits per byte = total nats / ln 2 / bytes of the predicted text (comparable across tokenizers)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nats, tokens, n_bytes = 0.0, 0, 0
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with _autocast(device, autocast):
+            logits = model(inputs)
+        nats += float(causal_lm_loss(logits, targets, reduction="sum"))
+        scored = targets[targets != IGNORE_INDEX]
+        tokens += scored.numel()
+        if token_bytes is not None:
+            n_bytes += int(token_bytes.to(device)[scored].sum())
+    model.train(was_training)
+    if tokens == 0:
+        return {}
+    loss = nats / tokens
+    result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    if token_bytes is not None and n_bytes:
+        result["eval_bpb"] = nats / math.log(2) / n_bytes
+    return result
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data`` with ``objective`` under ``config``, writing into ``run_dir``.
+
+    Args:
+        model: an lmstack model (checkpoints are saved with ``save_hf``), already on its device.
+        objective: ``objective(model, batch) -> (loss, metrics)``.
+        train_data: the packed training blocks (its position is saved in checkpoints).
+        eval_data: a callable returning a fresh iterable of held-out batches, or None.
+        token_bytes: (V,) UTF-8 bytes per token id, for bits per byte; None to skip it.
+        checkpoint_files: adds files (tokenizer, run config) to each checkpoint directory.
+    """
+
+    def __init__(self, model: nn.Module, objective: Callable, train_data: PackedBlocks, config: TrainConfig,
+                 run_dir: Path, *, eval_data: Callable[[], Iterable[Batch]] | None = None,
+                 token_bytes: torch.Tensor | None = None, checkpoint_files: Callable[[Path], None] | None = None) -> None:
+        self.model, self.objective, self.train_data, self.config = model, objective, train_data, config
+        self.run_dir, self.eval_data, self.token_bytes = Path(run_dir), eval_data, token_bytes
+        self.checkpoint_files = checkpoint_files
+        self.device = next(model.parameters()).device
+        self.autocast = autocast_dtype(config.precision, self.device)
+        self.train_model = torch.compile(model) if config.compile else model
+        self.optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
+        self.scheduler = WarmupCosine(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr / config.lr)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.step, self.tokens_seen, self.last_eval = 0, 0, {}
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train to ``max_steps`` (from the latest checkpoint with ``resume``); returns the last step's record."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._resume()
+        else:
+            self.metrics_path.unlink(missing_ok=True)
+        self.model.train()
+        record: dict = {}
+        bar = tqdm(total=self.config.max_steps, initial=self.step, desc="training", unit="step",
+                   disable=not self.config.progress, dynamic_ncols=True, mininterval=0.5)
+        start = time.perf_counter()
+        while self.step < self.config.max_steps:
+            record = self._train_step()
+            self.step += 1
+            record = {"step": self.step, **record, "elapsed_s": round(time.perf_counter() - start, 3)}
+            if self._due(self.config.eval_every) or self.step == self.config.max_steps:
+                record.update(self._evaluate(final=self.step == self.config.max_steps))
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if self._due(self.config.checkpoint_every) or self.step == self.config.max_steps:
+                self._save()
+        bar.close()
+        return record
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def _train_step(self) -> dict:
+        started = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        total, tokens = 0.0, 0
+        for _ in range(self.config.grad_accum):
+            inputs, targets = self.train_data.next_batch()
+            batch = (inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
+            with _autocast(self.device, self.autocast):
+                loss, metrics = self.objective(self.train_model, batch)
+            (loss / self.config.grad_accum).backward()
+            total += float(loss.detach())
+            tokens += metrics.get("tokens", inputs.numel())
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.tokens_seen += tokens
+        seconds = time.perf_counter() - started
+        return {"loss": total / self.config.grad_accum, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
+                "tokens_per_s": tokens / seconds}
+
+    def _evaluate(self, final: bool = False) -> dict:
+        if self.eval_data is None:
+            return {}
+        batches = self.eval_data()
+        if not final:  # periodic evaluations use the first eval_batches; the final one the whole split
+            batches = (b for _, b in zip(range(self.config.eval_batches), batches))
+        self.last_eval = evaluate_lm(self.train_model, batches, self.token_bytes, self.autocast)
+        return self.last_eval
+
+    def _log(self, record: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _save(self) -> Path:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        return save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.config.keep_checkpoints,
+                               extra_files=self.checkpoint_files)
+
+    def _resume(self) -> None:
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            raise CheckpointError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
+        state = load_checkpoint(checkpoint, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule's shape follows the current config (e.g. a raised train.max_steps), its position the checkpoint.
+        self.scheduler.warmup_steps, self.scheduler.max_steps = self.config.warmup_steps, self.config.max_steps
+        self.scheduler.min_ratio = self.config.min_lr / self.config.lr
+        self.train_data.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop log lines written after the checkpoint (the killed run's lost steps)."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break  # a line cut short by the kill
+        with atomic_path(self.metrics_path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
