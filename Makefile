@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/tokenizers.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/pretrain_quality.py --run runs/quickstart   # after `make quickstart`: same wall-clock
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

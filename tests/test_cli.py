@@ -11,6 +11,8 @@ import pytest
 from lmstack.cli import JOBS, main
 from lmstack.models import build_model, load_hf, save_hf
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -64,12 +66,34 @@ def test_unknown_flag_is_rejected(checkpoint, capsys):
     assert "--dtyp" in capsys.readouterr().err
 
 
-def test_quickstart_runs_on_a_tiny_preset(tmp_path, capsys):
-    assert main(["quickstart", "--preset", "tiny-llama", "--out", str(tmp_path), "--seq-len", "16"]) == 0
+def test_quickstart_trains_exports_and_samples_at_a_tiny_size(tmp_path, capsys):
+    """The main job end to end, shrunk by overrides (the full run is ~10 minutes; README has its figures)."""
+    small = ["--out", str(tmp_path), "--train.max_steps", "4", "--train.batch_size", "2", "--train.eval_every", "0",
+             "--train.progress", "false", "--model.n_layers", "1", "--model.dim", "48", "--model.n_heads", "2",
+             "--model.ffn_dim", "96", "--tokenizer.vocab_size", "300", "--data.block_size", "32",
+             "--data.sources", "[shakespeare/sonnets*, shakespeare/tempest*, shakespeare/macbeth*]",
+             "--data.held_out", "0.34", "--new-tokens", "5"]
+    assert main(["quickstart", *small]) == 0
     out = capsys.readouterr().out
-    assert "max |logits difference| = 0.0e+00 (identical)" in out
-    assert "beam x4" in out and "tokens/s with the kernel" in out
-    assert (tmp_path / "tiny-llama" / "config.json").is_file()
+    for strategy in ("greedy", "top-k 40", "top-p 0.9", "beam search, 4 beams"):
+        assert f"--- {strategy}" in out
+    assert "held-out bits per byte: " in out
+    model = load_hf(tmp_path / "model")
+    assert model.config.n_layers == 1 and model.config.head_dim == 24  # head_dim follows the overridden sizes
+    assert (tmp_path / "model" / "tokenizer.json").is_file() and (tmp_path / "loss.png").is_file()
+    assert main(["quickstart", *small]) == 0  # a second run continues (here: is already done) instead of failing
+    assert "continuing the run" in capsys.readouterr().out
+
+
+def test_shakespeare_yaml_is_the_quickstart_recipe():
+    from lmstack.config import resolve, to_dict
+    from lmstack.recipes.pretrain import PretrainConfig
+    from lmstack.recipes.quickstart import QuickstartConfig
+
+    shipped = to_dict(resolve(PretrainConfig, ROOT / "configs/pretrain/shakespeare.yaml"))
+    defaults = to_dict(QuickstartConfig())
+    for section in ("model", "tokenizer", "data", "train", "seed"):
+        assert shipped[section] == defaults[section], section
 
 
 def test_python_dash_m_entry_point():

@@ -47,7 +47,8 @@ class ModelSection:
     ffn_dim: int | None = field(None, help="feed-forward hidden width")
     max_seq_len: int | None = field(None, help="context length")
     dropout: float | None = field(None, help="dropout while training")
-    vocab_size: int | None = field(None, help="embedding rows (default: the tokenizer's size rounded up to 64)")
+    vocab_size: int | None = field(None, help="embedding rows (default: the tokenizer's size; a larger one "
+                                   "leaves ids no text maps to, which sampling could then produce)")
 
 
 @dataclass
@@ -230,10 +231,15 @@ def _model(cfg: PretrainConfig, tokenizer_vocab: int, eos_id: int) -> torch.nn.M
     else:
         overrides = {k: v for k, v in dataclasses.asdict(m).items()
                      if k not in ("preset", "from_hf", "vocab_size") and v is not None}
-        vocab = m.vocab_size if m.vocab_size is not None else -(-tokenizer_vocab // 64) * 64
+        vocab = m.vocab_size if m.vocab_size is not None else tokenizer_vocab
         try:
-            config = dataclasses.replace(get_preset(m.preset), **overrides, vocab_size=vocab, eos_token_id=eos_id,
-                                         bos_token_id=eos_id)
+            preset = get_preset(m.preset)
+            # Sizes the preset derived (head_dim = dim // n_heads, n_kv_heads = n_heads) follow the overrides.
+            if preset.head_dim == preset.dim // preset.n_heads:
+                overrides.setdefault("head_dim", None)
+            if preset.n_kv_heads == preset.n_heads:
+                overrides.setdefault("n_kv_heads", None)
+            config = dataclasses.replace(preset, **overrides, vocab_size=vocab, eos_token_id=eos_id, bos_token_id=eos_id)
         except ConfigError as error:
             raise ConfigError(f"model: {error}") from None
         model = build_model(config, seed=cfg.seed).train()

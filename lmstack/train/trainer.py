@@ -165,7 +165,7 @@ class Trainer:
         else:
             self.metrics_path.unlink(missing_ok=True)
         self.model.train()
-        record: dict = {}
+        record = self._last_logged()  # what fit returns if the run is already complete
         bar = tqdm(total=self.config.max_steps, initial=self.step, desc="training", unit="step",
                    disable=not self.config.progress, dynamic_ncols=True, mininterval=0.5)
         start = time.perf_counter()
@@ -245,6 +245,18 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self._truncate_metrics()
+
+    def _last_logged(self) -> dict:
+        """The last step's record in metrics.jsonl, merged with the latest evaluation before it."""
+        if not self.metrics_path.exists():
+            return {}
+        merged: dict = {}
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                merged.update(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return merged
 
     def _truncate_metrics(self) -> None:
         """Drop log lines written after the checkpoint (the killed run's lost steps)."""

