@@ -3,14 +3,14 @@
 nanoGPT's documented CPU recipe for Shakespeare (4 layers, 4 heads, width 128, block 64, batch 12, lr 1e-3
 decaying to 1e-4, beta2 0.99, no dropout) on the corpus and held-out plays of the quickstart (lmstack's
 document split, same seed), trained for --seconds of training loop (default: the training time of the
-quickstart run in --run, read from its metrics.jsonl), its cosine schedule running on the clock. Prints held-out bits per byte next to the quickstart's.
+quickstart run in --run, read from its metrics.jsonl), its cosine schedule running on the clock. Prints
+held-out bits per byte next to the quickstart's.
 
     python benchmarks/pretrain_quality.py [--run runs/quickstart] [--seconds S]
 """
 
 import argparse
 import importlib.util
-import json
 import math
 import time
 from pathlib import Path
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmstack.data import read_documents, resolve_sources, split_documents
+from lmstack.train.trainer import read_metrics
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("nanogpt_reference", HERE / "nanogpt_reference.py")
@@ -104,10 +105,9 @@ def _held_out(model, held: torch.Tensor, char_bytes: torch.Tensor, block: int) -
 
 def _run_summary(run: Path) -> dict:
     """Training seconds and final held-out bits/byte of a quickstart run, or {} if there is none."""
-    path = run / "metrics.jsonl"
-    if not path.exists():
+    records = read_metrics(run / "metrics.jsonl")
+    if not records:
         return {}
-    records = [json.loads(line) for line in path.read_text().splitlines()]
     bpb = next((r["eval_bpb"] for r in reversed(records) if "eval_bpb" in r), float("nan"))
     return {"train_seconds": records[-1]["elapsed_s"], "bpb": bpb}
 

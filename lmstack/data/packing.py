@@ -63,8 +63,7 @@ class PackedBlocks:
             shard, start = self.data.shards[shard_ids[self.cursor]], starts[self.cursor]
             rows.append(np.asarray(shard[start:start + self.block_size + 1], dtype=np.int64))
             self.cursor += 1
-        windows = torch.from_numpy(np.stack(rows))
-        return windows[:, :-1], windows[:, 1:]
+        return _split(rows)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "block_size": self.block_size,

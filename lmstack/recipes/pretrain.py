@@ -21,14 +21,14 @@ import torch
 
 from lmstack.checkpoints.hf import load_hf, save_hf
 from lmstack.checkpoints.train_state import checkpoint_dirs, latest_checkpoint
-from lmstack.config import field, save_yaml, to_dict
+from lmstack.config import field, load_yaml, save_yaml, to_dict
 from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, read_meta, resolve_sources, \
     split_documents, write_token_shards
 from lmstack.errors import CheckpointError, ConfigError, DataError
 from lmstack.models import build_model
-from lmstack.models.config import DecoderConfig
 from lmstack.models.presets import get_preset
-from lmstack.tokenizers import BPETokenizer, load_tokenizer, train_bpe
+from lmstack.recipes.tokenizer import train_bpe_with_progress
+from lmstack.tokenizers import BPETokenizer, load_tokenizer
 from lmstack.train import CausalLMObjective, TrainConfig, Trainer
 from lmstack.train.plots import plot_loss_curve
 from lmstack.train.trainer import resolve_device
@@ -110,13 +110,15 @@ def run(cfg: PretrainConfig) -> PretrainResult:
     """
     started = time.perf_counter()
     out = _prepare_run_dir(cfg)
-    documents = read_documents(resolve_sources(cfg.data.sources), cfg.data.text_field)
+    files = resolve_sources(cfg.data.sources)
+    documents = read_documents(files, cfg.data.text_field)
     train_docs, held_docs = split_documents(documents, cfg.data.held_out, cfg.seed)
     tokenizer = _tokenizer(cfg, out, [d.text for d in train_docs])
     eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
     if eos_id is None:
         raise DataError(f"the tokenizer has no EOS token {cfg.tokenizer.eos_token!r} (set tokenizer.eos_token)")
-    data_dir = _token_shards(cfg, out, tokenizer, eos_id, [d.text for d in train_docs], [d.text for d in held_docs])
+    data_dir = _token_shards(cfg, out, files, tokenizer, eos_id, [d.text for d in train_docs],
+                             [d.text for d in held_docs])
 
     device = resolve_device(cfg.train.device)
     model = _model(cfg, tokenizer.vocab_size, eos_id).to(device)
@@ -164,8 +166,6 @@ def _prepare_run_dir(cfg: PretrainConfig) -> Path:
 
 
 def _check_resumable(cfg: PretrainConfig, saved_path: Path) -> None:
-    from lmstack.config import load_yaml
-
     def flat(data: dict, prefix: str = "") -> dict:
         items = {}
         for key, value in data.items():
@@ -187,15 +187,8 @@ def _tokenizer(cfg: PretrainConfig, out: Path, train_texts: list[str]) -> BPETok
     elif cfg.resume and (out / "tokenizer" / "tokenizer.json").exists():
         tokenizer = load_tokenizer(out / "tokenizer")
     else:
-        from tqdm import tqdm
-
-        from lmstack.tokenizers.pretokenize import PATTERNS
-
-        bar = tqdm(total=cfg.tokenizer.vocab_size, desc="training BPE", unit="merge", leave=False)
-        progress = lambda done, wanted: bar.update(done - bar.n)  # noqa: E731
-        tokenizer = train_bpe(train_texts, cfg.tokenizer.vocab_size, [cfg.tokenizer.eos_token],
-                              PATTERNS[cfg.tokenizer.pattern], progress=progress)
-        bar.close()
+        tokenizer = train_bpe_with_progress(train_texts, cfg.tokenizer.vocab_size, [cfg.tokenizer.eos_token],
+                                            cfg.tokenizer.pattern)
         tokenizer.save(out / "tokenizer")
         print(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens -> {out / 'tokenizer'}")
     if not isinstance(tokenizer, BPETokenizer):
@@ -203,10 +196,9 @@ def _tokenizer(cfg: PretrainConfig, out: Path, train_texts: list[str]) -> BPETok
     return tokenizer
 
 
-def _token_shards(cfg: PretrainConfig, out: Path, tokenizer: BPETokenizer, eos_id: int, train_texts: list[str],
-                  held_texts: list[str]) -> Path:
-    """Tokenize into OUT/data, unless a dataset made from the same inputs is already there."""
-    files = resolve_sources(cfg.data.sources)
+def _token_shards(cfg: PretrainConfig, out: Path, files: list[Path], tokenizer: BPETokenizer, eos_id: int,
+                  train_texts: list[str], held_texts: list[str]) -> Path:
+    """Tokenize into OUT/data, unless a dataset made from the same inputs (``files`` et al.) is already there."""
     fingerprint = {"sources": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
                    "text_field": cfg.data.text_field, "held_out": cfg.data.held_out, "seed": cfg.seed,
                    "tokenizer": hashlib.sha256(repr((tokenizer.vocab, tokenizer.merges)).encode()).hexdigest()}

@@ -61,18 +61,23 @@ def read_corpus(spec: str) -> list[str]:
     return texts
 
 
-def train(cfg: TrainTokenizerConfig) -> Path:
-    texts = read_corpus(cfg.input)
-    specials = [t.strip() for t in cfg.special_tokens.split(",") if t.strip()]
-    with tqdm(total=max(cfg.vocab_size - 256 - len(specials), 0), desc="BPE merges", unit="merge") as bar:
+def train_bpe_with_progress(texts: list[str], vocab_size: int, special_tokens: list[str], pattern: str):
+    """``train_bpe`` under a progress bar of merges; a bad vocab_size or empty corpus is a ConfigError."""
+    with tqdm(total=max(vocab_size - 256 - len(special_tokens), 0), desc="BPE merges", unit="merge") as bar:
         def progress(done: int, _total: int) -> None:
             bar.update(done - bar.n)
 
         try:
-            tokenizer = train_bpe(texts, cfg.vocab_size, special_tokens=specials, pattern=PATTERNS[cfg.pattern],
-                                  progress=progress)
+            return train_bpe(texts, vocab_size, special_tokens=special_tokens, pattern=PATTERNS[pattern],
+                             progress=progress)
         except TokenizerError as error:
             raise ConfigError(str(error)) from None
+
+
+def train(cfg: TrainTokenizerConfig) -> Path:
+    texts = read_corpus(cfg.input)
+    specials = [t.strip() for t in cfg.special_tokens.split(",") if t.strip()]
+    tokenizer = train_bpe_with_progress(texts, cfg.vocab_size, specials, cfg.pattern)
     path = tokenizer.save(cfg.out)
     print(f"wrote {path} ({tokenizer.vocab_size} tokens, {len(tokenizer.merges)} merges, "
           f"{sum(len(t.encode()) for t in texts) / 1e6:.1f} MB of text)")

@@ -1,20 +1,9 @@
 """The loss curve of a run as a PNG: training loss per step (raw and smoothed) and held-out loss."""
 
-import json
 from pathlib import Path
 
 from lmstack.fileio import atomic_path
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl (a final line cut short by a kill is skipped)."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+from lmstack.train.trainer import read_metrics
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "training loss") -> Path:

@@ -155,7 +155,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
         self.scheduler = WarmupCosine(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr / config.lr)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.step, self.tokens_seen, self.last_eval = 0, 0, {}
+        self.step, self.tokens_seen = 0, 0
 
     def fit(self, resume: bool = False) -> dict:
         """Train to ``max_steps`` (from the latest checkpoint with ``resume``); returns the last step's record."""
@@ -214,8 +214,7 @@ class Trainer:
         batches = self.eval_data()
         if not final:  # periodic evaluations use the first eval_batches; the final one the whole split
             batches = (b for _, b in zip(range(self.config.eval_batches), batches))
-        self.last_eval = evaluate_lm(self.train_model, batches, self.token_bytes, self.autocast)
-        return self.last_eval
+        return evaluate_lm(self.train_model, batches, self.token_bytes, self.autocast)
 
     def _log(self, record: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
@@ -248,26 +247,28 @@ class Trainer:
 
     def _last_logged(self) -> dict:
         """The last step's record in metrics.jsonl, merged with the latest evaluation before it."""
-        if not self.metrics_path.exists():
-            return {}
         merged: dict = {}
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                merged.update(json.loads(line))
-            except json.JSONDecodeError:
-                break
+        for record in read_metrics(self.metrics_path):
+            merged.update(record)
         return merged
 
     def _truncate_metrics(self) -> None:
         """Drop log lines written after the checkpoint (the killed run's lost steps)."""
-        if not self.metrics_path.exists():
-            return
-        kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["step"] <= self.step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                break  # a line cut short by the kill
+        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
         with atomic_path(self.metrics_path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, oldest first ([] if there is none); a last line cut short by a kill
+    is left out. Floats read back exactly as logged, so rewriting them changes nothing."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
