@@ -32,7 +32,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/generate.py
-	$(PY) benchmarks/tokenizers.py
+	$(PY) benchmarks/tokenizer_speed.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/pretrain_quality.py --run runs/quickstart   # after `make quickstart`: same wall-clock
 

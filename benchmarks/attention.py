@@ -16,6 +16,7 @@ import sys
 import time
 
 import torch
+from table import print_table
 
 from lmstack.nn import AttentionMask, attend
 
@@ -91,10 +92,7 @@ def main() -> None:
         for b in BACKENDS:
             if "error" in r[b]:
                 print(f"  {b} at T={length} failed: {r[b]['error']}", file=sys.stderr)
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

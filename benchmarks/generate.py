@@ -15,19 +15,15 @@ and in huge-page memory (the faster is used, so the bound is the stricter one).
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-# benchmarks/tokenizers.py is named like the library transformers imports: keep this folder off the path.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from table import print_table
 
-import torch  # noqa: E402
-
-from lmstack.generate import GenerationConfig, generate  # noqa: E402
-from lmstack.models import load_hf  # noqa: E402
-from lmstack.nn.skinny_linear import load_kernel, move_to_hugepages_, use_skinny_linears_  # noqa: E402
+from lmstack.generate import GenerationConfig, generate
+from lmstack.models import load_hf
+from lmstack.nn.skinny_linear import load_kernel, move_to_hugepages_, use_skinny_linears_
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -118,10 +114,7 @@ def main() -> None:
         same = torch.equal(plain_out, hf_out) and torch.equal(fast_out, hf_out)
         rows.append((str(batch), f"{hf_rate:.1f}", f"{plain_rate:.1f}", f"{fast_rate:.1f}", f"{fast_rate / hf_rate:.2f}x",
                      f"{bound:.1f}", f"{100 * fast_rate / bound:.0f}%", "yes" if same else "NO"))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    print_table(header, rows)
     print("decode tokens/s (median); 'of bound' = lmstack kernels / (batch x bandwidth / bytes per step)")
 
 

@@ -10,21 +10,17 @@ held-out bits per byte next to the quickstart's.
 """
 
 import argparse
-import importlib.util
 import math
 import time
 from pathlib import Path
 
+import nanogpt_reference as nanogpt
 import torch
 import torch.nn.functional as F
+from table import print_table
 
 from lmstack.data import read_documents, resolve_sources, split_documents
 from lmstack.train.trainer import read_metrics
-
-HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("nanogpt_reference", HERE / "nanogpt_reference.py")
-nanogpt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(nanogpt)
 
 
 def main() -> None:
@@ -82,10 +78,7 @@ def main() -> None:
     rows = [("nanoGPT char-level (4x128, block 64)", f"{trained:.0f}", f"{bpb:.3f}")]
     if ours:
         rows.append((f"lmstack quickstart ({args.run})", f"{ours['train_seconds']:.0f}", f"{ours['bpb']:.3f}"))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print_table(header, rows)
     print(f"(char-level held-out loss {nats_per_char:.3f} nats/char)")
 
 

@@ -13,26 +13,17 @@ measured in the same run, with model FLOPs per token = 6 * (matmul parameters) +
 """
 
 import argparse
-import importlib.util
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# benchmarks/tokenizers.py is named like the library transformers imports: keep this folder off the path.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import nanogpt_reference as nanogpt
+import torch
+import torch.nn.functional as F
+from table import print_table
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from lmstack.models import load_hf  # noqa: E402
-from lmstack.train import CausalLMObjective, build_optimizer  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("nanogpt_reference", HERE / "nanogpt_reference.py")
-nanogpt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(nanogpt)
+from lmstack.models import load_hf
+from lmstack.train import CausalLMObjective, build_optimizer
 
 
 def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
@@ -113,10 +104,7 @@ def main() -> None:
     ours_rate = rates["lmstack Decoder"]
     rows = [(name, f"{rate:.0f}", f"{100 * rate * flops_per_token / peak:.0f}%", f"{ours_rate / rate:.2f}x")
             for name, rate in rates.items()]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

