@@ -15,9 +15,11 @@ ALLOWED = {
     "models": {"nn"},
     "checkpoints": {"models", "nn", "fileio"},
     "generate": {"models", "nn"},
-    "recipes": {"nn", "models", "checkpoints", "generate", "config", "tokenizers", "data", "train"},
+    "recipes": {"nn", "models", "checkpoints", "generate", "config", "tokenizers", "data", "train", "rag", "eval"},
+    "rag": {"models", "nn", "checkpoints", "tokenizers"},
+    "eval": set(),
     "data": {"tokenizers", "fileio"},
-    "train": {"models", "nn", "data", "checkpoints", "config", "fileio"},
+    "train": {"models", "nn", "data", "checkpoints", "config", "fileio", "eval"},
     "cli": {"recipes", "config"},
     "config": {"fileio"},
 }

@@ -59,11 +59,19 @@ def inspect_hf(path: str | os.PathLike) -> CheckpointPlan:
         config = family.config_from_hf(hf_config)
     except (ConfigError, TypeError) as error:
         raise ConfigError(f"{config_path}: {error}") from None
+    tensors = _add_base_prefix(index_checkpoint(directory), family)
     with torch.device("meta"):
         model = family.build(config)
-    tensors = _add_base_prefix(index_checkpoint(directory), family)
-    plan = family.hf_plan(our_tensor_names(model), config.n_layers)
-    _check_names(directory, family, tensors, plan, tied=config.tie_embeddings)
+    if _stored_copy_differs(model, family, tensors):
+        # As transformers does: a tied config whose file stores a *different* head keeps them apart
+        # (T5 v1.1 saved by transformers 5 says tie_word_embeddings=true and stores its own lm_head).
+        config = config.replace(tie_embeddings=False)
+        with torch.device("meta"):
+            model = family.build(config)
+    plan = family.hf_plan(our_tensor_names(model))
+    # Tied copies (a tied lm_head, say) may be stored or not; either way they are not read.
+    optional = set(family.hf_plan(list(model.state_dict()))) - set(plan)
+    _check_names(directory, family, tensors, plan, optional)
     _check_shapes(model, tensors, plan)
     return CheckpointPlan(directory, family, model, tensors, plan)
 
@@ -77,7 +85,8 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         device: where the weights go.
         dtype: "auto" (float32 on CPU, the stored dtype elsewhere), "stored", or a dtype or its name.
     Returns:
-        The model: ``model.config`` is its DecoderConfig; ``model(input_ids)`` gives (B, T, vocab) logits.
+        The model: a Decoder, Encoder or EncoderDecoder as config.json's ``model_type`` says, with
+        ``model.config`` its config; a decoder's ``model(input_ids)`` gives (B, T, vocab) logits.
     Raises:
         CheckpointError, ConfigError: see ``inspect_hf``.
     """
@@ -85,10 +94,13 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     device = torch.device(device)
     target = resolve_dtype(dtype, device, checkpoint.stored_dtype)
     by_file: dict[Path, list[TensorInfo]] = {}
-    for hf_name in checkpoint.plan:
+    for hf_name, (rule, _) in checkpoint.plan.items():
+        if rule.save_only:
+            continue
         info = checkpoint.tensors[hf_name]
         by_file.setdefault(info.file, []).append(info)
-    stored_to_hf = {info.name: hf for hf, info in checkpoint.tensors.items()}
+    stored_to_hf = {info.name: hf for hf, info in checkpoint.tensors.items()
+                    if hf in checkpoint.plan and not checkpoint.plan[hf][0].save_only}
     state: dict[str, torch.Tensor] = {}
     for file, infos in by_file.items():
         for stored_name, tensor in load_tensors(file, [info.name for info in infos]):
@@ -96,10 +108,10 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
             for name, value in zip(ours, rule.to_ours(tensor)):
                 state[name] = value.to(device=device, dtype=target)
     model = checkpoint.model
-    if model.config.tie_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
+    for alias, source in tied_aliases(model).items():
+        state[alias] = state[source]
     model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
+    model.tie_weights()  # assign=True replaced the shared Parameter objects: share them again
     return model.eval()
 
 
@@ -116,10 +128,39 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, stored: torch.
     raise ConfigError(f"unknown dtype {dtype!r}; expected 'auto', 'stored' or one of {sorted(_DTYPE_NAMES)}")
 
 
+def _stored_copy_differs(model: nn.Module, family: Family, tensors: dict[str, TensorInfo]) -> bool:
+    """True if the checkpoint stores a tied parameter's copy with values other than its source's."""
+    aliases = tied_aliases(model)
+    if not aliases:
+        return False
+    by_ours = {names[0]: (hf, rule) for hf, (rule, names) in family.hf_plan(list(model.state_dict())).items()
+               if len(names) == 1 and not rule.save_only}
+    for alias, source in aliases.items():
+        if alias in by_ours and by_ours[alias][0] in tensors and source in by_ours:
+            alias_info, source_info = tensors[by_ours[alias][0]], tensors[by_ours[source][0]]
+            (_, a), = load_tensors(alias_info.file, [alias_info.name])
+            (_, b), = load_tensors(source_info.file, [source_info.name])
+            if a.shape != b.shape or not torch.equal(a, b):
+                return True
+    return False
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Parameters shared under a second name (a tied lm_head): {alias: the name seen first}."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
 def our_tensor_names(model: nn.Module) -> list[str]:
-    """State-dict names that a checkpoint must provide (a tied lm_head is the embedding, not a tensor)."""
-    tied = getattr(model.config, "tie_embeddings", False)
-    return [name for name in model.state_dict() if not (tied and name == "lm_head.weight")]
+    """State-dict names that a checkpoint must provide (a tied copy is its source, not a tensor)."""
+    aliases = tied_aliases(model)
+    return [name for name in model.state_dict() if name not in aliases]
 
 
 def _checkpoint_dir(path: Path) -> Path:
@@ -135,19 +176,22 @@ def _checkpoint_dir(path: Path) -> Path:
 def _add_base_prefix(tensors: dict[str, TensorInfo], family: Family) -> dict[str, TensorInfo]:
     """Checkpoints saved from the bare base model (e.g. the original "gpt2") lack the base prefix."""
     prefix = family.base_prefix
-    if not prefix or any(name.startswith(prefix) for name in tensors):
-        return tensors
-    return {(name if name.startswith("lm_head.") else prefix + name): info for name, info in tensors.items()}
+    if prefix and not any(name.startswith(prefix) for name in tensors):
+        tensors = {(name if name.startswith("lm_head.") else prefix + name): info for name, info in tensors.items()}
+    for name, older in family.stored_fallbacks:
+        if name not in tensors and older in tensors:
+            tensors = {**tensors, name: tensors[older]}
+    return tensors
 
 
 def _check_names(directory: Path, family: Family, tensors: dict[str, TensorInfo],
-                 plan: dict[str, tuple[TensorRule, tuple[str, ...]]], tied: bool) -> None:
-    missing = sorted(name for name in plan if name not in tensors)
+                 plan: dict[str, tuple[TensorRule, tuple[str, ...]]], optional: set[str]) -> None:
+    missing = sorted(name for name, (rule, _) in plan.items() if name not in tensors and not rule.save_only)
     if missing:
         raise CheckpointError(f"{directory}: missing tensors {_few(missing)} that config.json's "
                               f"{family.model_type} model needs")
-    unexpected = sorted(name for name in tensors if name not in plan and not family.is_ignored(name)
-                        and not (tied and name == "lm_head.weight"))
+    unexpected = sorted(name for name in tensors if name not in plan and name not in optional
+                        and not family.is_ignored(name))
     if unexpected:
         files = sorted({tensors[n].file.name for n in unexpected})
         raise CheckpointError(f"{directory}: unexpected tensors {_few(unexpected)} in {files}; config.json's "
@@ -159,6 +203,8 @@ def _check_shapes(model: nn.Module, tensors: dict[str, TensorInfo],
     """Compare stored shapes with the shapes the meta model implies, before any data is read."""
     ours = model.state_dict()
     for hf_name, (rule, names) in plan.items():
+        if hf_name not in tensors:
+            continue  # a save-only copy this file lacks
         info = tensors[hf_name]
         expected = tuple(rule.to_hf(tuple(ours[n] for n in names)).shape)
         if info.shape != expected:
@@ -199,8 +245,10 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | 
     target = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"), torch.float32)
     state = model.state_dict()
     tensors = {}
-    for hf_name, (rule, ours) in family.hf_plan(our_tensor_names(model), config.n_layers).items():
+    for hf_name, (rule, ours) in family.hf_plan(our_tensor_names(model)).items():
         tensor = rule.to_hf(tuple(state[name].detach().cpu() for name in ours))
+        if rule.save_only:
+            tensor = tensor.clone()  # safetensors refuses two names for one storage
         tensors[hf_name] = tensor.to(target) if target is not None else tensor
     hf_config = family.config_to_hf(config)
     stored = target or next(iter(tensors.values())).dtype

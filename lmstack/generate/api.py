@@ -13,7 +13,7 @@ from torch import nn
 
 from lmstack.errors import ConfigError
 from lmstack.generate.config import GenerationConfig
-from lmstack.generate.engine import CausalLMEngine
+from lmstack.generate.engine import CausalLMEngine, Seq2SeqEngine
 from lmstack.generate.processors import LogitsPipeline
 from lmstack.generate.search import StopCheck, beam_search, sample_tokens
 
@@ -30,7 +30,7 @@ class _Run:
 
     config: GenerationConfig
     input_ids: torch.Tensor  # (rows, T): prompts expanded for beams / multiple samples
-    engine: CausalLMEngine
+    engine: CausalLMEngine | Seq2SeqEngine
     process: LogitsPipeline
     should_stop: StopCheck
     generator: torch.Generator | None
@@ -41,14 +41,17 @@ def generate(model: nn.Module, input_ids: torch.Tensor, config: GenerationConfig
     """Continue each prompt.
 
     Args:
-        model: a decoder-only lmstack model.
-        input_ids: (B, T) prompt ids; rows of different lengths are left-padded.
+        model: a decoder-only lmstack model, or an encoder-decoder (anything with ``encode``).
+        input_ids: (B, T) prompt ids; rows of different lengths are left-padded. For an encoder-decoder
+            these are the source ids (padding on either side, as the mask says).
         config: decoding options (default: greedy, 20 new tokens).
-        attention_mask: (B, T), 1 for real tokens, 0 for left padding.
+        attention_mask: (B, T), 1 for real tokens, 0 for padding.
         tokenizer: needed only for ``stop_strings``.
     Returns:
         (B * num_return_sequences, T + generated) token ids: the prompt, then the new tokens; rows that
         finished early are filled with ``pad_token_id``. Generation stops early when every row is done.
+        For an encoder-decoder, the decoder's ids instead: the decoder start token, then the new tokens
+        (what transformers returns for this kind of model).
     Raises:
         ConfigError: invalid options, an empty prompt, or prompt + max_new_tokens beyond the context.
     """
@@ -113,9 +116,23 @@ def _prepare(model: nn.Module, input_ids: torch.Tensor, config: GenerationConfig
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
-    return _Run(config, input_ids, CausalLMEngine(model, input_ids, attention_mask, config.max_new_tokens),
-                LogitsPipeline(config, input_ids.shape[1], skip_before, keep),
+    if hasattr(model, "encode"):
+        # Encoder-decoder: the search runs over decoder ids, which begin with the start token.
+        start = _decoder_start(model, input_ids)
+        engine = Seq2SeqEngine(model, input_ids, attention_mask, start, config.max_new_tokens)
+        input_ids, skip_before = start, None
+    else:
+        engine = CausalLMEngine(model, input_ids, attention_mask, config.max_new_tokens)
+    return _Run(config, input_ids, engine, LogitsPipeline(config, input_ids.shape[1], skip_before, keep),
                 _stop_check(config, tokenizer, input_ids.shape[1], input_ids.device), generator)
+
+
+def _decoder_start(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """(rows, 1) filled with the model's decoder start token."""
+    start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None:
+        raise ConfigError("the model config has no decoder_start_token_id to begin decoding with")
+    return torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
 
 
 def _resolve(model: nn.Module, config: GenerationConfig, tokenizer: Detokenizer | None) -> GenerationConfig:

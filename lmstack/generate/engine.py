@@ -74,3 +74,47 @@ class CausalLMEngine:
         self.next_position = self.next_position[rows]
         if self.mask is not None:
             self.mask = self.mask[rows]
+
+
+class Seq2SeqEngine:
+    """Runs an encoder-decoder (``encode``, ``cross_kv``, ``decode``): the source is encoded once, its
+    cross-attention keys/values computed once, then the decoder steps on its own static cache.
+
+    Args:
+        model: an EncoderDecoder.
+        input_ids: (B, S) source ids (right-padded: relative positions make padding side irrelevant
+            to the encoder, and the mask hides the pads).
+        attention_mask: (B, S) 1 for real tokens, 0 for padding; None means no padding.
+        decoder_input_ids: (B, T0) the decoder's start, normally the decoder start token alone.
+        max_new_tokens: the decoder cache is sized T0 + max_new_tokens.
+    """
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 decoder_input_ids: torch.Tensor, max_new_tokens: int) -> None:
+        self.model = model
+        self.source_mask = attention_mask
+        self.decoder_input_ids = decoder_input_ids
+        with torch.inference_mode():
+            self.cross = model.cross_kv(model.encode(input_ids, attention_mask))
+        self.cache = model.new_cache(input_ids.shape[0], decoder_input_ids.shape[1] + max_new_tokens)
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        """Run the decoder start; return next-token logits (B, V) in float32."""
+        return self._decode(self.decoder_input_ids)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row, tokens: (B,); return the next logits (B, V) in float32."""
+        return self._decode(tokens[:, None])
+
+    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(ids, self.cross, self.source_mask, self.cache)[:, -1].float()
+
+    @torch.inference_mode()
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Continue from rows ``rows`` (B,): the decoder cache, cross keys/values and mask follow."""
+        self.cache.reorder(rows)
+        self.cross = [(k[rows], v[rows]) for k, v in self.cross]
+        if self.source_mask is not None:
+            self.source_mask = self.source_mask[rows]

@@ -58,6 +58,8 @@ def _layer_blocker(layer: nn.Module) -> str | None:
     attn, mlp = layer.attn, layer.mlp
     if type(attn) is not Attention:
         return f"attention is a {type(attn).__name__}"
+    if attn.scale is not None:
+        return f"attention scale {attn.scale} (the kernel uses 1/sqrt(head_dim))"
     if type(mlp) not in (MLP, GatedMLP):
         return f"feed-forward is a {type(mlp).__name__}"
     linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_mlp_linears(mlp)]

@@ -7,21 +7,27 @@
 
 import torch
 
-from lmstack.models.config import DecoderConfig
+from lmstack.models.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from lmstack.models.decoder import Block, Decoder
+from lmstack.models.encoder import Encoder, EncoderOutput
+from lmstack.models.encoder_decoder import EncoderDecoder
 from lmstack.models.presets import PUBLISHED_PARAMETERS, get_preset, preset_names
 from lmstack.models.registry import FAMILIES, Family, family_for_config, family_for_hf_config
 
 
-def build_model(config: str | DecoderConfig, *, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, seed: int | None = None) -> Decoder:
-    """A randomly initialised model from a preset name or a DecoderConfig."""
+MODEL_CLASSES = {DecoderConfig: Decoder, EncoderConfig: Encoder, EncoderDecoderConfig: EncoderDecoder}
+
+
+def build_model(config: str | DecoderConfig | EncoderConfig | EncoderDecoderConfig, *,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                seed: int | None = None) -> Decoder | Encoder | EncoderDecoder:
+    """A randomly initialised model from a preset name or a config (its class picks the model kind)."""
     if isinstance(config, str):
         config = get_preset(config)
     if seed is not None:
         torch.manual_seed(seed)
     with torch.device(device):
-        model = Decoder(config)
+        model = MODEL_CLASSES[type(config)](config)
     return model.to(dtype)
 
 
@@ -35,6 +41,7 @@ def __getattr__(name: str):
         return getattr(hf, name)
     raise AttributeError(f"module 'lmstack.models' has no attribute {name!r}")
 
-__all__ = ["Block", "Decoder", "DecoderConfig", "FAMILIES", "Family", "PUBLISHED_PARAMETERS", "build_model",
+__all__ = ["Block", "Decoder", "DecoderConfig", "Encoder", "EncoderConfig", "EncoderDecoder", "EncoderDecoderConfig",
+           "EncoderOutput", "MODEL_CLASSES", "FAMILIES", "Family", "PUBLISHED_PARAMETERS", "build_model",
            "family_for_config", "family_for_hf_config", "get_preset", "inspect_hf", "load_hf", "preset_names",
            "save_hf"]

@@ -133,10 +133,148 @@ class DecoderConfig:
         return DecoderConfig.from_dict({**self.to_dict(), **changes})
 
 
+ENCODER_HEADS = ("none", "masked_lm", "next_sentence", "pretraining", "sequence_classification",
+                 "token_classification")
+LABELED_HEADS = ("sequence_classification", "token_classification")
+
+
+@dataclass
+class EncoderConfig:
+    """A bidirectional post-norm encoder (BERT) and the task head on top of it.
+
+    Layer (post-norm): x = norm(x + attn(x)); x = norm(x + mlp(x)). Embeddings: token + learned
+    position + token type, then a LayerNorm.
+    """
+
+    # --- sizes ---
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    ffn_dim: int
+    max_seq_len: int = 512  # learned position table size
+    type_vocab_size: int = 2  # token types (segments A/B)
+    # --- block choices ---
+    norm_eps: float = 1e-12
+    activation: str = "gelu"
+    # --- head ---
+    head: str = "none"  # one of ENCODER_HEADS
+    labels: tuple[str, ...] | None = None  # class names of a classification head, index = class id
+    tie_embeddings: bool = True  # the masked-LM decoder shares the token-embedding matrix
+    # --- training ---
+    dropout: float = 0.1  # embeddings and residual branches
+    attention_dropout: float = 0.1
+    classifier_dropout: float | None = None  # before a classification head; None: ``dropout``
+    init_std: float = 0.02
+    # --- metadata (not read by the model) ---
+    model_type: str | None = None
+    pad_token_id: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.labels is not None:
+            if not isinstance(self.labels, (list, tuple)) or not all(isinstance(x, str) for x in self.labels):
+                raise ConfigError(f"labels must be a list of class names, got {self.labels!r}")
+            self.labels = tuple(self.labels)
+        _check_positive(self, ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len",
+                               "type_vocab_size"))
+        if self.dim % self.n_heads:
+            raise ConfigError(f"n_heads={self.n_heads} must divide dim={self.dim}")
+        if self.head not in ENCODER_HEADS:
+            raise ConfigError(f"head={self.head!r} is not one of {list(ENCODER_HEADS)}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.head in LABELED_HEADS and not self.labels:
+            raise ConfigError(f"head={self.head!r} needs labels (the class names)")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"labels contain duplicates: {list(self.labels)}")
+        for name in ("dropout", "attention_dropout", "classifier_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name}={value} must be in [0, 1)")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels) if self.labels else 0
+
+    @property
+    def uses_pooler(self) -> bool:
+        """Heads reading the [CLS] summary have a pooler (as in Hugging Face's BERT classes)."""
+        return self.head in ("none", "next_sentence", "pretraining", "sequence_classification")
+
+    @property
+    def context_limit(self) -> int:
+        return self.max_seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "EncoderConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class EncoderDecoderConfig:
+    """A T5-style encoder-decoder: pre-RMSNorm blocks, relative position buckets, no attention scaling.
+
+    Encoder layer: x += attn(norm(x)); x += mlp(norm(x)). Decoder layer adds x += cross_attn(norm(x), enc).
+    """
+
+    vocab_size: int
+    dim: int  # d_model
+    n_layers: int  # encoder layers
+    n_heads: int
+    head_dim: int  # d_kv (need not be dim // n_heads)
+    ffn_dim: int  # d_ff
+    n_decoder_layers: int | None = None  # default n_layers
+    mlp: Literal["plain", "gated"] = "plain"  # T5 v1.0: plain ReLU; v1.1: gated GELU
+    activation: str = "relu"
+    norm_eps: float = 1e-6
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    tie_embeddings: bool = True  # lm_head shares the embedding matrix
+    scale_decoder_output: bool = True  # multiply the decoder output by dim**-0.5 before lm_head
+    dropout: float = 0.1
+    init_std: float = 1.0  # T5's initializer_factor
+    model_type: str | None = None
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    decoder_start_token_id: int | None = 0
+    bos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        self.n_decoder_layers = self.n_decoder_layers or self.n_layers
+        _check_positive(self, ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "ffn_dim", "n_decoder_layers",
+                               "relative_buckets", "relative_max_distance"))
+        if self.mlp not in ("plain", "gated"):
+            raise ConfigError(f"mlp={self.mlp!r} is not one of ['plain', 'gated']")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def context_limit(self) -> None:
+        return None  # relative positions: no trained length limit
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "EncoderDecoderConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_positive(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name}={value!r} must be a positive integer")
+
+
 def _suggest(key: str, known: set[str]) -> str:
     """'; did you mean X?' for the closest known name, or ''."""
     close = difflib.get_close_matches(key, sorted(known), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-__all__ = ["DecoderConfig", "RopeScaling"]
+__all__ = ["DecoderConfig", "ENCODER_HEADS", "EncoderConfig", "EncoderDecoderConfig", "RopeScaling"]

@@ -191,13 +191,12 @@ def qwen2_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     return out
 
 
-def expressible(from_hf: Callable[[dict], DecoderConfig], to_hf: Callable[[DecoderConfig], dict],
-                cfg: DecoderConfig) -> str | None:
+def expressible(from_hf: Callable[[dict], Any], to_hf: Callable[[Any], dict], cfg: Any) -> str | None:
     """None if ``to_hf`` then ``from_hf`` gives back ``cfg`` exactly; otherwise the reason it does not."""
     try:
         back = from_hf(to_hf(cfg))
     except ConfigError as error:
         return str(error)
-    differing = [f.name for f in fields(DecoderConfig)
+    differing = [f.name for f in fields(type(cfg))
                  if f.name != "model_type" and getattr(back, f.name) != getattr(cfg, f.name)]
     return f"fields {differing} cannot be expressed" if differing else None

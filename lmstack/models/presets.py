@@ -6,7 +6,7 @@ checked by tests/models/test_presets.py.
 """
 
 from lmstack.errors import ConfigError
-from lmstack.models.config import DecoderConfig
+from lmstack.models.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from lmstack.nn.positions import RopeScaling
 
 
@@ -47,10 +47,24 @@ _PRESETS = {
     "smollm2-135m": lambda: DecoderConfig(
         vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, max_seq_len=8192,
         rope_theta=100000.0, tie_embeddings=True, model_type="llama", bos_token_id=1, eos_token_id=2),
+    # https://huggingface.co/google-bert/bert-base-uncased/blob/main/config.json
+    "bert-base": lambda: EncoderConfig(vocab_size=30522, dim=768, n_layers=12, n_heads=12, ffn_dim=3072,
+                                       model_type="bert"),
+    # https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2/blob/main/config.json
+    "minilm-l6": lambda: EncoderConfig(vocab_size=30522, dim=384, n_layers=6, n_heads=12, ffn_dim=1536,
+                                       model_type="bert"),
+    # https://huggingface.co/google-t5/t5-small/blob/main/config.json
+    "t5-small": lambda: EncoderDecoderConfig(vocab_size=32128, dim=512, n_layers=6, n_heads=8, head_dim=64,
+                                             ffn_dim=2048, model_type="t5"),
     # Small shapes for tests and demos (not published models).
     "tiny-gpt2": lambda: _gpt2(64, 2, 4).replace(vocab_size=512, max_seq_len=256, dropout=0.0),
     "tiny-llama": lambda: DecoderConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
                                         max_seq_len=256, model_type="llama"),
+    "tiny-bert": lambda: EncoderConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=256,
+                                       head="pretraining", model_type="bert"),
+    "tiny-t5": lambda: EncoderDecoderConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, head_dim=16, ffn_dim=128,
+                                            mlp="gated", activation="gelu_tanh", tie_embeddings=False,
+                                            scale_decoder_output=False, model_type="t5"),
 }
 
 # Parameter counts as published (model cards / checkpoint metadata), tied matrices counted once.
@@ -65,6 +79,9 @@ PUBLISHED_PARAMETERS = {
     "mistral-7b": 7_241_732_096,
     "qwen2-0.5b": 494_032_768,
     "smollm2-135m": 134_515_008,
+    "bert-base": 109_482_240,
+    "minilm-l6": 22_713_216,
+    "t5-small": 60_506_624,
 }
 
 
@@ -72,8 +89,8 @@ def preset_names() -> list[str]:
     return list(_PRESETS)
 
 
-def get_preset(name: str) -> DecoderConfig:
-    """A fresh DecoderConfig for preset ``name`` (see ``preset_names()``)."""
+def get_preset(name: str) -> DecoderConfig | EncoderConfig | EncoderDecoderConfig:
+    """A fresh model config for preset ``name`` (see ``preset_names()``)."""
     if name not in _PRESETS:
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(_PRESETS)}")
     return _PRESETS[name]()

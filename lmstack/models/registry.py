@@ -13,9 +13,11 @@ from typing import Any, Callable
 import torch
 
 from lmstack.errors import ConfigError
-from lmstack.models.config import DecoderConfig
+from lmstack.models.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from lmstack.models.decoder import Decoder
-from lmstack.models import hf_configs
+from lmstack.models import hf_configs, hf_encoder_configs
+from lmstack.models.encoder import Encoder
+from lmstack.models.encoder_decoder import EncoderDecoder
 
 
 # --- tensor fix-ups (named, so the map stays data) -----------------------------------------------------
@@ -70,6 +72,7 @@ class TensorRule:
     ours: tuple[str, ...]
     to_ours: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = _identity_in
     to_hf: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] = _identity_out
+    save_only: bool = False  # a second stored copy for transformers' sake: written, never required or read
 
 
 def rename(hf: str, ours: str) -> TensorRule:
@@ -93,29 +96,35 @@ class Family:
 
     model_type: str
     architecture: str
-    config_from_hf: Callable[[dict[str, Any]], DecoderConfig]
-    config_to_hf: Callable[[DecoderConfig], dict[str, Any]]
+    config_from_hf: Callable[[dict[str, Any]], Any]  # -> DecoderConfig, EncoderConfig, ...
+    config_to_hf: Callable[[Any], dict[str, Any]]
     rules: tuple[TensorRule, ...]
     base_prefix: str = ""
     ignored_hf: tuple[str, ...] = ()
     extra_architectures: tuple[str, ...] = ()  # other HF class names that mean this family
+    stored_fallbacks: tuple[tuple[str, str], ...] = ()  # (HF name, the name older files store it under)
 
-    def build(self, config: DecoderConfig) -> torch.nn.Module:
+    model_class: Callable[[Any], torch.nn.Module] = Decoder  # built from the mapped config
+    config_class: type = DecoderConfig
+
+    def build(self, config: Any) -> torch.nn.Module:
         """The model this family's checkpoints load into (built on whatever device is current)."""
-        return Decoder(config)
+        return self.model_class(config)
 
     def is_ignored(self, hf_name: str) -> bool:
         return any(re.fullmatch(pattern, hf_name) for pattern in self.ignored_hf)
 
-    def hf_plan(self, our_names: list[str], n_layers: int) -> dict[str, tuple[TensorRule, tuple[str, ...]]]:
+    def hf_plan(self, our_names: list[str]) -> dict[str, tuple[TensorRule, tuple[str, ...]]]:
         """Map each HF tensor name to (rule, our names) for a model whose state dict holds ``our_names``.
 
         Rules whose tensors the model lacks (e.g. biases of a bias-free config) are skipped; a tensor of
-        ours that no rule covers is a bug in the registry and raises.
+        ours that no rule covers is a bug in the registry and raises. ``{}`` ranges over every layer index
+        that occurs in ``our_names`` (stacks of different depths, as in T5, need no count of their own).
         """
         present, plan, covered = set(our_names), {}, set()
+        n_indices = 1 + max((int(i) for name in our_names for i in re.findall(r"\.(\d+)\.", name)), default=-1)
         for rule in self.rules:
-            indices = range(n_layers) if "{}" in rule.hf else [None]
+            indices = range(n_indices) if "{}" in rule.hf else [None]
             for i in indices:
                 ours = tuple(o.format(i) if i is not None else o for o in rule.ours)
                 if all(o in present for o in ours):
@@ -164,6 +173,58 @@ def _llama_rules() -> tuple[TensorRule, ...]:
     return tuple(rules)
 
 
+def _bert_rules() -> tuple[TensorRule, ...]:
+    h, L = "bert.encoder.layer.{}.", "layers.{}."
+    pairs = [("bert.embeddings.word_embeddings", "embed_tokens"),
+             ("bert.embeddings.position_embeddings", "embed_positions"),
+             ("bert.embeddings.token_type_embeddings", "embed_token_types"),
+             ("bert.embeddings.LayerNorm", "embed_norm"),
+             (h + "attention.self.query", L + "attn.q_proj"), (h + "attention.self.key", L + "attn.k_proj"),
+             (h + "attention.self.value", L + "attn.v_proj"), (h + "attention.output.dense", L + "attn.o_proj"),
+             (h + "attention.output.LayerNorm", L + "attn_norm"), (h + "intermediate.dense", L + "mlp.fc_in"),
+             (h + "output.dense", L + "mlp.fc_out"), (h + "output.LayerNorm", L + "mlp_norm"),
+             ("bert.pooler.dense", "pooler.dense"),
+             ("cls.predictions.transform.dense", "mlm_head.dense"),
+             ("cls.predictions.transform.LayerNorm", "mlm_head.norm"),
+             ("cls.seq_relationship", "nsp_head"), ("classifier", "classifier.proj")]
+    rules = [rename(f"{hf}.{kind}", f"{ours}.{kind}") for hf, ours in pairs for kind in ("weight", "bias")]
+    # transformers reads the vocabulary bias from cls.predictions.decoder.bias, and ties it to
+    # cls.predictions.bias, which old checkpoints store alone (see Family.stored_fallbacks).
+    rules += [rename("cls.predictions.decoder.weight", "mlm_head.decoder.weight"),
+              rename("cls.predictions.decoder.bias", "mlm_head.decoder.bias"),
+              TensorRule("cls.predictions.bias", ("mlm_head.decoder.bias",), save_only=True)]
+    return tuple(rules)
+
+
+_BERT_IGNORED = (r"bert\.embeddings\.position_ids",
+                 # checkpoints of a task with a pooler, loaded for a head without one (as transformers does)
+                 r"bert\.pooler\.dense\.(weight|bias)")
+
+
+def _t5_rules() -> tuple[TensorRule, ...]:
+    rules = [rename("shared.weight", "embed_tokens.weight"), rename("lm_head.weight", "lm_head.weight")]
+    for stack, ff in (("encoder", 1), ("decoder", 2)):
+        h, L = f"{stack}.block.{{}}.", f"{stack}.layers.{{}}."
+        rules += [rename(f"{h}layer.0.SelfAttention.{p}.weight", f"{L}attn.{p}_proj.weight") for p in "qkvo"]
+        rules += [rename(f"{h}layer.0.layer_norm.weight", f"{L}attn_norm.weight"),
+                  rename(f"{h}layer.{ff}.layer_norm.weight", f"{L}mlp_norm.weight"),
+                  rename(f"{h}layer.{ff}.DenseReluDense.wi.weight", f"{L}mlp.fc_in.weight"),
+                  rename(f"{h}layer.{ff}.DenseReluDense.wo.weight", f"{L}mlp.fc_out.weight"),
+                  rename(f"{h}layer.{ff}.DenseReluDense.wi_0.weight", f"{L}mlp.gate_proj.weight"),
+                  rename(f"{h}layer.{ff}.DenseReluDense.wi_1.weight", f"{L}mlp.up_proj.weight"),
+                  rename(f"{h}layer.{ff}.DenseReluDense.wo.weight", f"{L}mlp.down_proj.weight"),
+                  rename(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                         f"{stack}.relative_bias.weight"),
+                  rename(f"{stack}.final_layer_norm.weight", f"{stack}.norm.weight")]
+    h, L = "decoder.block.{}.", "decoder.layers.{}."
+    rules += [rename(f"{h}layer.1.EncDecAttention.{p}.weight", f"{L}cross_attn.{p}_proj.weight") for p in "qkvo"]
+    rules += [rename(f"{h}layer.1.layer_norm.weight", f"{L}cross_attn_norm.weight")]
+    return tuple(rules)
+
+
+_T5_IGNORED = (r"(encoder|decoder)\.embed_tokens\.weight",  # copies of shared.weight
+               r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight")
+
 _LLAMA_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 FAMILIES: dict[str, Family] = {
@@ -175,6 +236,14 @@ FAMILIES: dict[str, Family] = {
                       _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", hf_configs.qwen2_from_hf, hf_configs.qwen2_to_hf,
                     _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
+    "bert": Family("bert", "BertModel", hf_encoder_configs.bert_from_hf, hf_encoder_configs.bert_to_hf,
+                   _bert_rules(), base_prefix="bert.", ignored_hf=_BERT_IGNORED,
+                   stored_fallbacks=(("cls.predictions.decoder.bias", "cls.predictions.bias"),),
+                   extra_architectures=tuple(hf_encoder_configs.BERT_ARCHITECTURES), model_class=Encoder,
+                   config_class=EncoderConfig),
+    "t5": Family("t5", "T5ForConditionalGeneration", hf_encoder_configs.t5_from_hf, hf_encoder_configs.t5_to_hf,
+                 _t5_rules(), ignored_hf=_T5_IGNORED, model_class=EncoderDecoder,
+                 config_class=EncoderDecoderConfig),
 }
 
 
@@ -199,6 +268,6 @@ def family_for_config(config: DecoderConfig) -> Family:
             raise ConfigError(f"unsupported model_type {config.model_type!r}; lmstack supports {sorted(FAMILIES)}")
         return FAMILIES[config.model_type]
     for family in FAMILIES.values():
-        if hf_configs.expressible(family.config_from_hf, family.config_to_hf, config) is None:
+        if isinstance(config, family.config_class) and hf_configs.expressible(family.config_from_hf, family.config_to_hf, config) is None:
             return family
     raise ConfigError("no Hugging Face family can express this config exactly; set model_type to see why")

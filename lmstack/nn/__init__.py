@@ -7,6 +7,7 @@ from lmstack.nn.mlp import ACTIVATIONS, MLP, GatedMLP, make_mlp
 from lmstack.nn.norms import RMSNorm, make_norm
 from lmstack.nn.positions import (
     LearnedPositions,
+    RelativePositionBias,
     RopeScaling,
     RotaryEmbedding,
     SinusoidalPositions,
@@ -16,7 +17,7 @@ from lmstack.nn.positions import (
 
 __all__ = [
     "ACTIVATIONS", "ATTENTION_BACKENDS", "Attention", "AttentionMask", "GatedMLP", "KVCache",
-    "LearnedPositions", "MLP", "RMSNorm", "RopeScaling", "RotaryEmbedding", "SinusoidalPositions",
+    "LearnedPositions", "MLP", "RelativePositionBias", "RMSNorm", "RopeScaling", "RotaryEmbedding", "SinusoidalPositions",
     "StaticKVCache", "alibi_slopes", "apply_rotary", "attend", "make_mlp", "make_norm",
     "set_attention_backend",
 ]

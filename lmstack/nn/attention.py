@@ -51,7 +51,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
         return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal and n_q > 1, scale=scale,
                                               dropout_p=dropout_p, enable_gqa=gqa)
     q_slots, k_slots = mask.slots(n_q, n_k, q.device)
-    if mask.alibi_slopes is None:
+    if mask.alibi_slopes is None and mask.position_bias is None:
         attn_mask = mask.visible(q_slots, k_slots)  # bool, True = attend
     else:
         attn_mask = mask.bias(q_slots, k_slots, q.dtype)
@@ -164,37 +164,55 @@ class Attention(nn.Module):
         out_bias: bias on the output projection (GPT-2).
         dropout: attention-probability dropout while training.
         backend: "sdpa" (default), "eager" or "flash"; see ``set_attention_backend``.
+        scale: score multiplier; default 1/sqrt(head_dim) (T5 uses 1.0: its scale lives in the init).
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  qkv_bias: bool = False, out_bias: bool = False, dropout: float = 0.0,
-                 backend: str = "sdpa") -> None:
+                 backend: str = "sdpa", scale: float | None = None) -> None:
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         head_dim = head_dim or dim // n_heads
         if n_heads % n_kv_heads:
             raise ConfigError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.dropout, self.backend = dropout, backend
+        self.dropout, self.backend, self.scale = dropout, backend, scale
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
 
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``x`` (B, S, C): each (B, Hkv, S, D). Cross-attention computes them once
+        from the encoder output and passes them to every decoding step as ``kv``."""
+        B, S, _ = x.shape
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
     def forward(self, x: torch.Tensor, mask: AttentionMask,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache=None, layer_idx: int = 0) -> torch.Tensor:
-        """x: (B, T, C); rotary: (cos, sin) each (B, T, D); kv_cache: a KVCache or None -> (B, T, C)."""
+                kv_cache=None, layer_idx: int = 0,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Attend from x: (B, T, C) to itself, or to ``kv`` when given -> (B, T, C).
+
+        Args:
+            rotary: (cos, sin) each (B, T, D), applied to q and k.
+            kv_cache: a KVCache receiving this call's keys/values (self-attention only).
+            kv: precomputed (keys, values), each (B, Hkv, S, D), from ``project_kv`` (cross-attention).
+        """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer_idx, k, v)  # (B, Hkv, cached + T, D)
+        if kv is not None:
+            k, v = kv
+        else:
+            k, v = self.project_kv(x)  # (B, Hkv, T, D)
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            if kv_cache is not None:
+                k, v = kv_cache.update(layer_idx, k, v)  # (B, Hkv, cached + T, D)
         dropout_p = self.dropout if self.training else 0.0
-        y = attend(q, k, v, mask, backend=self.backend, dropout_p=dropout_p)  # (B, H, T, D)
+        y = attend(q, k, v, mask, scale=self.scale, backend=self.backend, dropout_p=dropout_p)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

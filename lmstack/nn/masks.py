@@ -23,6 +23,8 @@ class AttentionMask:
         key_padding: (B, Tk) bool, True where the key is a real token, False where it is padding.
         q_start: cache slot of the first query (the number of tokens already in the KV cache).
         alibi_slopes: (H,) float; adds ``-slope * (q_slot - k_slot)`` to the scores when set.
+        position_bias: (1 or B, H, Tq, Tk) float added to the scores of this call's queries (T5's
+            relative bias); row i belongs to query slot ``q_start + i``, column j to key slot j.
     """
 
     causal: bool = True
@@ -30,6 +32,7 @@ class AttentionMask:
     key_padding: torch.Tensor | None = None
     q_start: int = 0
     alibi_slopes: torch.Tensor | None = None
+    position_bias: torch.Tensor | None = None
 
     def with_window(self, sliding_window: int | None) -> "AttentionMask":
         """The same mask with a (layer-specific) sliding window."""
@@ -58,6 +61,9 @@ class AttentionMask:
         if self.alibi_slopes is not None:
             distance = (q_slots[:, None] - k_slots[None, :]).to(dtype)  # (Tq, Tk)
             bias = -self.alibi_slopes.to(dtype)[None, :, None, None] * distance  # (1, H, Tq, Tk)
+        if self.position_bias is not None:
+            rows = self.position_bias.to(dtype)[:, :, q_slots - self.q_start][:, :, :, k_slots]
+            bias = rows if bias is None else bias + rows
         if allowed is None:
             return bias
         hidden = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
@@ -70,12 +76,13 @@ class AttentionMask:
 
     def is_plain_causal(self, n_queries: int, n_keys: int) -> bool:
         """True when the mask is exactly lower-triangular from slot 0 (SDPA's ``is_causal`` fast path)."""
-        no_extras = self.sliding_window is None and self.key_padding is None and self.alibi_slopes is None
+        no_extras = (self.sliding_window is None and self.key_padding is None and self.alibi_slopes is None
+                     and self.position_bias is None)
         return self.causal and no_extras and self.q_start == 0 and n_queries == n_keys
 
     def sees_everything(self, n_queries: int, n_keys: int) -> bool:
         """True when every query sees every key (e.g. one decode step with no padding or window)."""
-        if self.key_padding is not None or self.alibi_slopes is not None:
+        if self.key_padding is not None or self.alibi_slopes is not None or self.position_bias is not None:
             return False
         last_query_slot = self.q_start + n_queries - 1
         if self.sliding_window is not None and last_query_slot >= self.sliding_window:

@@ -215,3 +215,47 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
         # The paper's recipe: take every other slope of the next power of two for the extra heads.
         slopes += power_of_two_slopes(2 * closest)[0::2][: n_heads - closest]
     return torch.tensor(slopes, dtype=torch.float32)
+
+
+def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, n_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """T5's bucketing of ``relative = key_pos - query_pos`` into ``n_buckets`` ids (Raffel et al. 2020).
+
+    Half the buckets hold exact small distances, the other half logarithmically wider ranges up to
+    ``max_distance``; farther distances share the last bucket. Bidirectional (encoder) buckets split
+    into keys before and after the query; causal (decoder) buckets cover keys before it only.
+    """
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        n_buckets //= 2
+        buckets += (relative > 0).long() * n_buckets
+        distance = relative.abs()
+    else:
+        distance = (-relative).clamp_min(0)
+    max_exact = n_buckets // 2
+    # log-spaced buckets for distance >= max_exact (the float division is T5's, kept for exact parity)
+    large = max_exact + (torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (n_buckets - max_exact)).long()
+    large = large.clamp_max(n_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned per-head score bias indexed by T5 relative-position buckets.
+
+    Args:
+        n_buckets: buckets (T5: 32); max_distance: distance where buckets stop growing (T5: 128).
+        n_heads: H; bidirectional: True for the encoder, False for the causal decoder.
+    """
+
+    def __init__(self, n_buckets: int, max_distance: int, n_heads: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.n_buckets, self.max_distance, self.bidirectional = n_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.empty(n_buckets, n_heads))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
+        """q_positions: (Tq,), k_positions: (Tk,) integer -> bias (1, H, Tq, Tk)."""
+        relative = k_positions[None, :] - q_positions[:, None]  # (Tq, Tk)
+        buckets = relative_position_bucket(relative, self.bidirectional, self.n_buckets, self.max_distance)
+        return nn.functional.embedding(buckets, self.weight).permute(2, 0, 1).unsqueeze(0)

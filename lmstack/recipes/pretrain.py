@@ -25,7 +25,8 @@ from lmstack.config import field, load_yaml, save_yaml, to_dict
 from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, read_meta, resolve_sources, \
     split_documents, write_token_shards
 from lmstack.errors import CheckpointError, ConfigError, DataError
-from lmstack.models import build_model
+from lmstack.models import DecoderConfig, build_model
+from lmstack.recipes.denoising import denoising_task, model_for_objective, special_tokens_for
 from lmstack.models.presets import get_preset
 from lmstack.recipes.tokenizer import train_bpe_with_progress
 from lmstack.tokenizers import BPETokenizer, load_tokenizer
@@ -80,6 +81,11 @@ class PretrainConfig:
     out: Path | None = field(None, help="run directory (required)")
     seed: int = field(1337, help="seed of the model init, the data split and the data order")
     resume: bool = field(False, help="continue from the latest checkpoint in --out")
+    objective: Literal["causal_lm", "masked_lm", "mlm_nsp", "span_corruption"] = field(
+        "causal_lm", help="causal_lm (decoder presets), masked_lm or mlm_nsp (masked LM + next-sentence pairs; "
+        "encoder presets), span_corruption (T5; encoder-decoder presets)")
+    whole_word_masking: bool = field(False, help="masked LM: mask every piece of a chosen word")
+    mask_probability: float = field(0.15, help="masked LM: share of tokens (or words) to predict")
     model: ModelSection = field(default_factory=ModelSection, help="model")
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection, help="tokenizer")
     data: DataSection = field(default_factory=DataSection, help="data")
@@ -122,26 +128,32 @@ def run(cfg: PretrainConfig) -> PretrainResult:
 
     device = resolve_device(cfg.train.device)
     model = _model(cfg, tokenizer.vocab_size, eos_id).to(device)
-    train_data = PackedBlocks(open_split(data_dir, "train"), cfg.data.block_size, cfg.train.batch_size, cfg.seed)
+    task = denoising_task(cfg.objective, tokenizer, eos_id, model.config, cfg.data.block_size,
+                          cfg.mask_probability, cfg.whole_word_masking)
+    blocks = PackedBlocks(open_split(data_dir, "train"), task.raw_block, cfg.train.batch_size, cfg.seed)
     held = open_split(data_dir, "val") if held_docs else None
-    eval_data = (lambda: eval_batches(held, cfg.data.block_size, cfg.train.batch_size)) if held else None
-    token_bytes = torch.tensor(tokenizer.byte_lengths() + [0] * (model.config.vocab_size - tokenizer.vocab_size))
-    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters; data: {train_data.data.n_tokens:,} training "
-          f"tokens ({train_data.blocks_per_epoch:,} blocks of {cfg.data.block_size}), "
+    eval_data = (lambda: task.eval_batches(eval_batches(held, task.raw_block, cfg.train.batch_size))) if held else None
+    token_bytes = None
+    if cfg.objective == "causal_lm":
+        token_bytes = torch.tensor(tokenizer.byte_lengths() + [0] * (model.config.vocab_size - tokenizer.vocab_size))
+    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters; objective {cfg.objective}; data: "
+          f"{blocks.data.n_tokens:,} training tokens ({blocks.blocks_per_epoch:,} blocks of {task.raw_block}), "
           f"{held.n_tokens if held else 0:,} held-out; device {device}")
 
     def checkpoint_files(directory: Path) -> None:
         tokenizer.save(directory)
         save_yaml(cfg, directory / "pretrain.yaml")
 
-    trainer = Trainer(model, CausalLMObjective(), train_data, cfg.train, out, eval_data=eval_data,
+    trainer = Trainer(model, task.objective, task.train_data(blocks), cfg.train, out, eval_data=eval_data,
                       token_bytes=token_bytes, checkpoint_files=checkpoint_files)
     final = trainer.fit(resume=cfg.resume)
 
     model_dir = save_hf(model, out / "model")
     tokenizer.save(model_dir)
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=f"pretraining ({out.name})")
-    summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "eval_loss", "eval_ppl", "eval_bpb") if k in final)
+    summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "eval_loss", "eval_ppl", "eval_bpb",
+                                                        "eval_mlm_accuracy", "eval_nsp_accuracy", "eval_accuracy")
+                        if k in final)
     print(f"step {final.get('step', trainer.step)}: {summary}\nmodel: {model_dir}\nloss curve: {out / 'loss.png'}")
     return PretrainResult(out, model_dir, final, time.perf_counter() - started)
 
@@ -187,8 +199,8 @@ def _tokenizer(cfg: PretrainConfig, out: Path, train_texts: list[str]) -> BPETok
     elif cfg.resume and (out / "tokenizer" / "tokenizer.json").exists():
         tokenizer = load_tokenizer(out / "tokenizer")
     else:
-        tokenizer = train_bpe_with_progress(train_texts, cfg.tokenizer.vocab_size, [cfg.tokenizer.eos_token],
-                                            cfg.tokenizer.pattern)
+        specials = [cfg.tokenizer.eos_token, *special_tokens_for(cfg.objective, cfg.data.block_size)]
+        tokenizer = train_bpe_with_progress(train_texts, cfg.tokenizer.vocab_size, specials, cfg.tokenizer.pattern)
         tokenizer.save(out / "tokenizer")
         print(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens -> {out / 'tokenizer'}")
     if not isinstance(tokenizer, BPETokenizer):
@@ -226,6 +238,8 @@ def _model(cfg: PretrainConfig, tokenizer_vocab: int, eos_id: int) -> torch.nn.M
         vocab = m.vocab_size if m.vocab_size is not None else tokenizer_vocab
         try:
             preset = get_preset(m.preset)
+            if not isinstance(preset, DecoderConfig):
+                return build_model(model_for_objective(preset, cfg.objective, overrides, vocab), seed=cfg.seed).train()
             # Sizes the preset derived (head_dim = dim // n_heads, n_kv_heads = n_heads) follow the overrides.
             if preset.head_dim == preset.dim // preset.n_heads:
                 overrides.setdefault("head_dim", None)

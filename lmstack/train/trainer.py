@@ -99,6 +99,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision in ("bf16", "auto") and supported else None
 
 
+def to_device(batch, device: torch.device):
+    """A batch (tensor, tuple of tensors or dict of tensors) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return tuple(to_device(t, device) for t in batch)
+
+
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, batches: Iterable[Batch], token_bytes: torch.Tensor | None = None,
                 autocast: torch.dtype | None = None) -> dict[str, float]:
@@ -136,8 +145,11 @@ class Trainer:
 
     Args:
         model: an lmstack model (checkpoints are saved with ``save_hf``), already on its device.
-        objective: ``objective(model, batch) -> (loss, metrics)``.
-        train_data: the packed training blocks (its position is saved in checkpoints).
+        objective: ``objective(model, batch) -> (loss, metrics)`` with ``metrics["tokens"]`` the items
+            scored; an objective with ``evaluate(model, batches) -> dict`` scores held-out data itself
+            (otherwise: next-token loss, perplexity and bits per byte).
+        train_data: anything with ``next_batch()``, ``state_dict()`` and ``load_state_dict()`` (packed
+            blocks, collated batches, labelled examples); its position is saved in checkpoints.
         eval_data: a callable returning a fresh iterable of held-out batches, or None.
         token_bytes: (V,) UTF-8 bytes per token id, for bits per byte; None to skip it.
         checkpoint_files: adds files (tokenizer, run config) to each checkpoint directory.
@@ -191,13 +203,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total, tokens = 0.0, 0
         for _ in range(self.config.grad_accum):
-            inputs, targets = self.train_data.next_batch()
-            batch = (inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
+            batch = to_device(self.train_data.next_batch(), self.device)
             with _autocast(self.device, self.autocast):
                 loss, metrics = self.objective(self.train_model, batch)
             (loss / self.config.grad_accum).backward()
             total += float(loss.detach())
-            tokens += metrics.get("tokens", inputs.numel())
+            tokens += metrics["tokens"]
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -214,6 +225,9 @@ class Trainer:
         batches = self.eval_data()
         if not final:  # periodic evaluations use the first eval_batches; the final one the whole split
             batches = (b for _, b in zip(range(self.config.eval_batches), batches))
+        if hasattr(self.objective, "evaluate"):  # objectives other than next-token prediction score themselves
+            with _autocast(self.device, self.autocast):
+                return self.objective.evaluate(self.train_model, (to_device(b, self.device) for b in batches))
         return evaluate_lm(self.train_model, batches, self.token_bytes, self.autocast)
 
     def _log(self, record: dict) -> None:

@@ -18,6 +18,11 @@ def make_hf_model(config, seed: int = 0):
     """
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return randomize_(model)
+
+
+def randomize_(model):
+    """Redraw every weight as ``make_hf_model`` describes (any transformers model); returns it."""
     with torch.no_grad():
         for module in model.modules():
             weight = getattr(module, "weight", None)

@@ -78,7 +78,13 @@ def test_bad_inputs_are_named(tmp_path, capsys, run_dir):
         main(["pretrain", "--config", TINY, *out, "--train.max_steps", "many"])
 
 
-def test_every_shipped_pretrain_config_resolves():
-    for path in sorted((ROOT / "configs").rglob("*.yaml")):
-        cfg = resolve(PretrainConfig, path, {"out": "unused"})
+def test_every_shipped_config_resolves():
+    from lmstack.recipes.finetune import FinetuneConfig
+
+    jobs = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+    paths = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert {p.parent.name for p in paths} == set(jobs)
+    for path in paths:
+        cfg = resolve(jobs[path.parent.name], path, {"out": "unused"})
         assert cfg.train.max_steps > 0, path
+        assert f"--config configs/{path.parent.name}/{path.name}" in path.read_text().splitlines()[1], path

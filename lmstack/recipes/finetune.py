@@ -1,0 +1,180 @@
+"""`lmstack finetune`: fine-tune an encoder checkpoint for sequence / pair classification or NER.
+
+    lmstack finetune --config configs/finetune/sentiment-minilm.yaml --out runs/sentiment
+    lmstack finetune --config configs/finetune/ner-minilm.yaml --out runs/ner
+
+Data: CSV or JSONL with named columns (text [+ text_pair] + label; or JSONL words + BIO tags). The label
+set comes from data.labels or the training file. A checkpoint without a task head (BertModel, a
+pretraining checkpoint) gets a new, randomly initialised one; a checkpoint whose head is for another task
+or other labels is an error unless model.reset_head is set. The run directory gets metrics.jsonl,
+loss.png, checkpoints/ and model/ (HF format + tokenizer, loadable by transformers).
+"""
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lmstack.checkpoints.hf import load_hf, save_hf
+from lmstack.config import field, save_yaml
+from lmstack.data.labeled import (encode_sequences, encode_tagged, eval_example_batches, label_ids, label_set,
+                                  read_rows, ExampleBatches)
+from lmstack.errors import ConfigError
+from lmstack.models import Encoder
+from lmstack.models.config import LABELED_HEADS
+from lmstack.recipes.bundled import resolve_model_dir
+from lmstack.tokenizers import WordPieceTokenizer, load_tokenizer
+from lmstack.train import TrainConfig, Trainer
+from lmstack.train.classify import ClassificationObjective
+from lmstack.train.plots import plot_loss_curve
+from lmstack.train.trainer import resolve_device
+
+
+@dataclass
+class FinetuneModelSection:
+    """The checkpoint to fine-tune (an HF-format BERT directory with its vocab)."""
+
+    path: Path | None = field(None, help="checkpoint directory, or all-minilm-l6-v2 (the bundled package)")
+    reset_head: bool = field(False, help="replace a task head that does not match this task's labels")
+
+
+@dataclass
+class FinetuneDataSection:
+    """Labelled files and their column names."""
+
+    train: Path | None = field(None, help="training file (.csv or .jsonl)")
+    eval: Path | None = field(None, help="held-out file scored during and after training")
+    text_field: str = field("text", help="sequence tasks: the text column")
+    text_pair_field: str | None = field(None, help="sequence-pair tasks: the second text column")
+    label_field: str = field("label", help="sequence tasks: the label column")
+    tokens_field: str = field("tokens", help="token tasks: the JSONL field holding the list of words")
+    tags_field: str = field("tags", help="token tasks: the JSONL field holding the list of BIO tags")
+    labels: list[str] | None = field(None, help="the label set, in id order (default: sorted from the training file)")
+    max_length: int = field(128, help="longest tokenized row")
+    truncate: bool = field(False, help="cut rows longer than max_length (reported) instead of failing")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune an encoder for sequence (pair) classification or token classification (NER)."""
+
+    config: Path | None = field(None, help="YAML recipe (e.g. configs/finetune/sentiment-minilm.yaml)")
+    out: Path | None = field(None, help="run directory (required)")
+    task: Literal["sequence_classification", "token_classification"] = field(
+        "sequence_classification", help="what to predict: one label per text (pair), or one per word")
+    seed: int = field(1337, help="seed of the new head and of the data order")
+    resume: bool = field(False, help="continue from the latest checkpoint in --out")
+    model: FinetuneModelSection = field(default_factory=FinetuneModelSection, help="model")
+    data: FinetuneDataSection = field(default_factory=FinetuneDataSection, help="data")
+    train: TrainConfig = field(default_factory=TrainConfig, help="training")
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Fine-tune as configured; returns the final held-out metrics (and prints them).
+
+    Raises:
+        ConfigError: missing --out / model.path / data.train, a checkpoint that is not an encoder, or a
+            head that does not match the task.
+        DataError: missing columns, labels outside the label set, rows over max_length without truncate.
+    """
+    started = time.perf_counter()
+    for name, value in (("--out", cfg.out), ("model.path", cfg.model.path), ("data.train", cfg.data.train)):
+        if value is None:
+            raise ConfigError(f"{name} is required")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+    model_dir = resolve_model_dir(cfg.model.path)
+    tokenizer = load_tokenizer(model_dir)
+    if not isinstance(tokenizer, WordPieceTokenizer):
+        raise ConfigError(f"{model_dir}: fine-tuning expects a BERT WordPiece tokenizer (vocab.txt)")
+    train_rows = read_rows(cfg.data.train, _columns(cfg))
+    labels = tuple(cfg.data.labels) if cfg.data.labels else _labels_from(cfg, train_rows)
+    train_set = _encode(cfg, tokenizer, train_rows, labels, str(cfg.data.train))
+    eval_set = _encode(cfg, tokenizer, read_rows(cfg.data.eval, _columns(cfg)), labels, str(cfg.data.eval)) \
+        if cfg.data.eval else None
+
+    device = resolve_device(cfg.train.device)
+    model = with_task_head(load_hf(model_dir), cfg.task, labels, cfg.model.reset_head, cfg.seed).to(device)
+    pad_id = tokenizer.vocab[tokenizer.pad_token]
+    objective = ClassificationObjective(labels)
+    eval_data = (lambda: eval_example_batches(eval_set, cfg.train.batch_size, pad_id)) if eval_set else None
+    print(f"{cfg.task}: {len(labels)} labels {list(labels)}; {len(train_set.input_ids)} training rows"
+          f"{f', {len(eval_set.input_ids)} held-out' if eval_set else ''}; model {model.num_parameters() / 1e6:.1f}M "
+          f"parameters on {device}")
+
+    def checkpoint_files(directory: Path) -> None:
+        tokenizer.save(directory)
+        save_yaml(cfg, directory / "finetune.yaml")
+
+    trainer = Trainer(model, objective, ExampleBatches(train_set, cfg.train.batch_size, cfg.seed, pad_id), cfg.train,
+                      out, eval_data=eval_data, checkpoint_files=checkpoint_files)
+    final = trainer.fit(resume=cfg.resume)
+    model_dir = save_hf(model, out / "model")
+    tokenizer.save(model_dir)
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=f"fine-tuning ({out.name})")
+    shown = {k: v for k, v in final.items() if k.startswith("eval_")}
+    print("held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in shown.items()))
+    print(f"model: {model_dir} ({time.perf_counter() - started:.0f} s)")
+    return final
+
+
+def with_task_head(model: torch.nn.Module, task: str, labels: tuple[str, ...], reset_head: bool,
+                   seed: int) -> Encoder:
+    """``model`` with a ``task`` head over ``labels``: kept if it already is one, else a new head on its body.
+
+    Raises:
+        ConfigError: not an encoder, or a task head for another task / label set without ``reset_head``.
+    """
+    if not isinstance(model, Encoder):
+        raise ConfigError(f"fine-tuning needs an encoder checkpoint (BERT); this one is a {type(model).__name__}")
+    config = model.config
+    if config.head == task and config.labels == labels:
+        return model.train()
+    if config.head in LABELED_HEADS and not reset_head:
+        raise ConfigError(f"the checkpoint's head is {config.head} over labels {list(config.labels)}, but this task "
+                          f"is {task} over {list(labels)}; set model.reset_head true to replace the head")
+    torch.manual_seed(seed)
+    fresh = Encoder(dataclasses.replace(config, head=task, labels=labels))
+    heads = ("mlm_head.", "nsp_head.", "classifier.") + (() if fresh.pooler is not None else ("pooler.",))
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith(heads)}
+    missing, unexpected = fresh.load_state_dict(body, strict=False)
+    new = [k for k in missing if not k.startswith(("classifier.", "pooler."))]
+    if new or unexpected:
+        raise ConfigError(f"cannot move the encoder body onto a {task} head: missing {new}, unexpected {unexpected}")
+    return fresh.train()
+
+
+def _columns(cfg: FinetuneConfig) -> list[str]:
+    d = cfg.data
+    if cfg.task == "token_classification":
+        return [d.tokens_field, d.tags_field]
+    return [d.text_field, d.label_field] + ([d.text_pair_field] if d.text_pair_field else [])
+
+
+def _labels_from(cfg: FinetuneConfig, rows: list[dict]) -> tuple[str, ...]:
+    if cfg.task == "token_classification":
+        return label_set([str(t) for row in rows for t in row[cfg.data.tags_field]], outside_first=True)
+    return label_set([str(row[cfg.data.label_field]) for row in rows])
+
+
+def _encode(cfg: FinetuneConfig, tokenizer, rows: list[dict], labels: tuple[str, ...], where: str):
+    d = cfg.data
+    if cfg.task == "token_classification":
+        for n, row in enumerate(rows, 1):
+            if not isinstance(row[d.tokens_field], list) or not isinstance(row[d.tags_field], list):
+                raise ConfigError(f"{where}: row {n}: {d.tokens_field!r} and {d.tags_field!r} must be lists "
+                                  "(token classification reads JSONL)")
+        tags = [label_ids(row[d.tags_field], labels, where) for row in rows]
+        encoded = encode_tagged(tokenizer, [row[d.tokens_field] for row in rows], tags, d.max_length, d.truncate, where)
+    else:
+        pairs = [str(row[d.text_pair_field]) for row in rows] if d.text_pair_field else None
+        encoded = encode_sequences(tokenizer, [str(row[d.text_field]) for row in rows], pairs,
+                                   label_ids([row[d.label_field] for row in rows], labels, where),
+                                   d.max_length, d.truncate, where)
+    if encoded.truncated:
+        print(f"{where}: truncated {encoded.truncated} of {len(rows)} rows to max_length={d.max_length}")
+    return encoded
