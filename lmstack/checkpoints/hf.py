@@ -59,19 +59,20 @@ def inspect_hf(path: str | os.PathLike) -> CheckpointPlan:
         config = family.config_from_hf(hf_config)
     except (ConfigError, TypeError) as error:
         raise ConfigError(f"{config_path}: {error}") from None
-    tensors = _add_base_prefix(index_checkpoint(directory), family)
+    tensors = _normalize_names(index_checkpoint(directory), family)
     with torch.device("meta"):
         model = family.build(config)
-    if _stored_copy_differs(model, family, tensors):
+    full_plan = family.hf_plan(list(model.state_dict()))  # tied copies included
+    if _stored_copy_differs(model, full_plan, tensors):
         # As transformers does: a tied config whose file stores a *different* head keeps them apart
         # (T5 v1.1 saved by transformers 5 says tie_word_embeddings=true and stores its own lm_head).
         config = config.replace(tie_embeddings=False)
         with torch.device("meta"):
             model = family.build(config)
+        full_plan = family.hf_plan(list(model.state_dict()))
     plan = family.hf_plan(our_tensor_names(model))
     # Tied copies (a tied lm_head, say) may be stored or not; either way they are not read.
-    optional = set(family.hf_plan(list(model.state_dict()))) - set(plan)
-    _check_names(directory, family, tensors, plan, optional)
+    _check_names(directory, family, tensors, plan, optional=set(full_plan) - set(plan))
     _check_shapes(model, tensors, plan)
     return CheckpointPlan(directory, family, model, tensors, plan)
 
@@ -128,16 +129,16 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, stored: torch.
     raise ConfigError(f"unknown dtype {dtype!r}; expected 'auto', 'stored' or one of {sorted(_DTYPE_NAMES)}")
 
 
-def _stored_copy_differs(model: nn.Module, family: Family, tensors: dict[str, TensorInfo]) -> bool:
+def _stored_copy_differs(model: nn.Module, full_plan: dict[str, tuple[TensorRule, tuple[str, ...]]],
+                         tensors: dict[str, TensorInfo]) -> bool:
     """True if the checkpoint stores a tied parameter's copy with values other than its source's."""
     aliases = tied_aliases(model)
     if not aliases:
         return False
-    by_ours = {names[0]: (hf, rule) for hf, (rule, names) in family.hf_plan(list(model.state_dict())).items()
-               if len(names) == 1 and not rule.save_only}
+    hf_name = {names[0]: hf for hf, (rule, names) in full_plan.items() if len(names) == 1 and not rule.save_only}
     for alias, source in aliases.items():
-        if alias in by_ours and by_ours[alias][0] in tensors and source in by_ours:
-            alias_info, source_info = tensors[by_ours[alias][0]], tensors[by_ours[source][0]]
+        if alias in hf_name and hf_name[alias] in tensors and source in hf_name:
+            alias_info, source_info = tensors[hf_name[alias]], tensors[hf_name[source]]
             (_, a), = load_tensors(alias_info.file, [alias_info.name])
             (_, b), = load_tensors(source_info.file, [source_info.name])
             if a.shape != b.shape or not torch.equal(a, b):
@@ -173,8 +174,9 @@ def _checkpoint_dir(path: Path) -> Path:
     return path
 
 
-def _add_base_prefix(tensors: dict[str, TensorInfo], family: Family) -> dict[str, TensorInfo]:
-    """Checkpoints saved from the bare base model (e.g. the original "gpt2") lack the base prefix."""
+def _normalize_names(tensors: dict[str, TensorInfo], family: Family) -> dict[str, TensorInfo]:
+    """Stored names as the family's rules spell them: checkpoints saved from the bare base model (e.g. the
+    original "gpt2") lack the base prefix, and older files store some tensors under other names."""
     prefix = family.base_prefix
     if prefix and not any(name.startswith(prefix) for name in tensors):
         tensors = {(name if name.startswith("lm_head.") else prefix + name): info for name, info in tensors.items()}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of an unscored position (PyTorch's cross-entropy default); the one definition
 
 
 @dataclass
@@ -160,6 +160,11 @@ class SpanCorruptionCollator:
         return torch.cat([out[keep], torch.tensor([self.eos_id], dtype=row.dtype)])
 
 
+def whole_windows(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Packed (inputs, targets), each (B, L - 1), back to the (B, L) windows they were cut from."""
+    return torch.cat([inputs, targets[:, -1:]], dim=1)
+
+
 class CollatedBatches:
     """Packed blocks passed through a collator: ``next_batch()`` gives the collated dict; the position is
     the blocks' (masking draws from torch's global generator, which checkpoints save and restore)."""
@@ -168,8 +173,7 @@ class CollatedBatches:
         self.blocks, self.collate = blocks, collate
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        inputs, targets = self.blocks.next_batch()
-        return self.collate(torch.cat([inputs, targets[:, -1:]], dim=1))
+        return self.collate(whole_windows(*self.blocks.next_batch()))
 
     def state_dict(self) -> dict:
         return self.blocks.state_dict()

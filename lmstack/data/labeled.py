@@ -9,14 +9,13 @@ and then the number of truncated rows is reported. Shapes: B rows, T longest row
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lmstack.data.collate import IGNORE_INDEX
 from lmstack.errors import DataError
-
-IGNORE_INDEX = -100
 
 
 def read_rows(path: str | Path, columns: list[str]) -> list[dict]:
@@ -80,7 +79,6 @@ class EncodedExamples:
     token_type_ids: list[list[int]]
     labels: list  # list[int] (sequence) or list[list[int]] (token)
     truncated: int = 0
-    words: list[list[int]] = field(default_factory=list)  # token tasks: token index of each word's first piece
 
 
 def encode_sequences(tokenizer, texts: list[str], pairs: list[str] | None, labels: list[int], max_length: int,
@@ -109,10 +107,9 @@ def encode_tagged(tokenizer, words: list[list[str]], tags: list[list[int]], max_
     for i, (sentence, sentence_tags) in enumerate(zip(words, tags)):
         if len(sentence) != len(sentence_tags):
             raise DataError(f"{where}: row {i + 1} has {len(sentence)} words but {len(sentence_tags)} tags")
-        ids, labels, firsts = [cls_id], [IGNORE_INDEX], []
+        ids, labels = [cls_id], [IGNORE_INDEX]
         for word, tag in zip(sentence, sentence_tags):
             pieces = tokenizer.encode(word, add_special_tokens=False) or [tokenizer.vocab[tokenizer.unk_token]]
-            firsts.append(len(ids))
             ids += pieces
             labels += [tag] + [IGNORE_INDEX] * (len(pieces) - 1)
         if len(ids) + 1 > max_length:
@@ -125,7 +122,6 @@ def encode_tagged(tokenizer, words: list[list[str]], tags: list[list[int]], max_
         out.input_ids.append(ids + [sep_id])
         out.labels.append(labels + [IGNORE_INDEX])
         out.token_type_ids.append([0] * (len(ids) + 1))
-        out.words.append(firsts)
     return out
 
 

@@ -76,10 +76,8 @@ class DecoderConfig:
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "n_kv_heads", "head_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        _check_positive(self, ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "n_kv_heads", "head_dim",
+                               "max_seq_len"))
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(choices)}")

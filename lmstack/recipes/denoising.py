@@ -12,7 +12,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from lmstack.data.collate import CollatedBatches, MaskedLMCollator, SpanCorruptionCollator, span_corruption_lengths
+from lmstack.data.collate import (CollatedBatches, MaskedLMCollator, SpanCorruptionCollator, span_corruption_lengths,
+                                  whole_windows)
 from lmstack.errors import ConfigError
 from lmstack.models import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from lmstack.train import CausalLMObjective
@@ -82,7 +83,7 @@ class Task:
             return
         generator = torch.Generator().manual_seed(EVAL_SEED)
         for inputs, targets in batches:
-            yield self.collate(torch.cat([inputs, targets[:, -1:]], dim=1), generator)
+            yield self.collate(whole_windows(inputs, targets), generator)
 
 
 def denoising_task(objective: str, tokenizer, eos_id: int, config, block_size: int, mask_probability: float,

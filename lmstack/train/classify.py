@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.eval.metrics import accuracy, entity_f1, macro_precision_recall_f1
-from lmstack.train.objectives import IGNORE_INDEX
+from lmstack.train.objectives import IGNORE_INDEX, evaluating
 
 
 class ClassificationObjective:
@@ -31,9 +31,12 @@ class ClassificationObjective:
         loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return loss, {"tokens": int((labels != IGNORE_INDEX).sum())}
 
-    @torch.no_grad()
     def predict(self, model: nn.Module, batches: Iterable[dict]) -> tuple[list, list, float, int]:
-        """(predictions, references, summed loss, scored items); token tasks give one list per row."""
+        """(predictions, references, summed loss, scored items) in eval mode; token tasks give one list per row."""
+        with evaluating(model):
+            return self._predict(model, batches)
+
+    def _predict(self, model: nn.Module, batches: Iterable[dict]) -> tuple[list, list, float, int]:
         preds, refs, nats, n = [], [], 0.0, 0
         for batch in batches:
             logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits.float()
@@ -53,10 +56,7 @@ class ClassificationObjective:
         return preds, refs, nats, n
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
         preds, refs, nats, n = self.predict(model, batches)
-        model.train(was_training)
         if not n:
             return {}
         flat_p = [x for row in preds for x in row] if preds and isinstance(preds[0], list) else preds

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.train.objectives import IGNORE_INDEX
+from lmstack.train.objectives import IGNORE_INDEX, evaluating
 
 
 class MaskedLMObjective:
@@ -43,18 +43,15 @@ class MaskedLMObjective:
             stats["pairs"] = int(nsp_logits.shape[0])
         return mlm_loss, nsp_loss, stats
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
         """Held-out masked-LM loss (nats per masked token), its perplexity and accuracy; NSP accuracy."""
-        was_training = model.training
-        model.eval()
         nats, totals = 0.0, {"scored": 0, "mlm_correct": 0, "nsp_correct": 0, "pairs": 0}
-        for batch in batches:
-            mlm_loss, _, stats = self._losses(model, batch)
-            nats += float(mlm_loss) * stats["scored"]
-            for key, value in stats.items():
-                totals[key] += value
-        model.train(was_training)
+        with evaluating(model):
+            for batch in batches:
+                mlm_loss, _, stats = self._losses(model, batch)
+                nats += float(mlm_loss) * stats["scored"]
+                for key, value in stats.items():
+                    totals[key] += value
         if not totals["scored"]:
             return {}
         loss = nats / totals["scored"]
@@ -74,20 +71,17 @@ class SpanCorruptionObjective:
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return loss, {"tokens": int((labels != IGNORE_INDEX).sum())}
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
         """Held-out target loss (nats per target token), perplexity and token accuracy."""
-        was_training = model.training
-        model.eval()
         nats, tokens, correct = 0.0, 0, 0
-        for batch in batches:
-            labels = batch["labels"]
-            logits = model(batch["input_ids"], batch.get("attention_mask"), model.shift_right(labels)).float()
-            scored = labels != IGNORE_INDEX
-            nats += float(F.cross_entropy(logits[scored], labels[scored], reduction="sum"))
-            tokens += int(scored.sum())
-            correct += int((logits.argmax(-1)[scored] == labels[scored]).sum())
-        model.train(was_training)
+        with evaluating(model):
+            for batch in batches:
+                labels = batch["labels"]
+                logits = model(batch["input_ids"], batch.get("attention_mask"), model.shift_right(labels)).float()
+                scored = labels != IGNORE_INDEX
+                nats += float(F.cross_entropy(logits[scored], labels[scored], reduction="sum"))
+                tokens += int(scored.sum())
+                correct += int((logits.argmax(-1)[scored] == labels[scored]).sum())
         if not tokens:
             return {}
         return {"eval_loss": nats / tokens, "eval_ppl": math.exp(min(nats / tokens, 50.0)),

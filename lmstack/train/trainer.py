@@ -30,7 +30,7 @@ from lmstack.config import field
 from lmstack.data.packing import PackedBlocks
 from lmstack.errors import CheckpointError, ConfigError
 from lmstack.fileio import atomic_path
-from lmstack.train.objectives import IGNORE_INDEX, causal_lm_loss
+from lmstack.train.objectives import IGNORE_INDEX, causal_lm_loss, evaluating
 from lmstack.train.optim import WarmupCosine, build_optimizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -108,25 +108,22 @@ def to_device(batch, device: torch.device):
     return tuple(to_device(t, device) for t in batch)
 
 
-@torch.no_grad()
 def evaluate_lm(model: nn.Module, batches: Iterable[Batch], token_bytes: torch.Tensor | None = None,
                 autocast: torch.dtype | None = None) -> dict[str, float]:
     """Held-out next-token loss (nats/token), perplexity and, given the UTF-8 byte length of each token id
     (V,), bits per byte = total nats / ln 2 / bytes of the predicted text (comparable across tokenizers)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     nats, tokens, n_bytes = 0.0, 0, 0
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with _autocast(device, autocast):
-            logits = model(inputs)
-        nats += float(causal_lm_loss(logits, targets, reduction="sum"))
-        scored = targets[targets != IGNORE_INDEX]
-        tokens += scored.numel()
-        if token_bytes is not None:
-            n_bytes += int(token_bytes.to(device)[scored].sum())
-    model.train(was_training)
+    with evaluating(model):
+        for inputs, targets in batches:
+            inputs, targets = inputs.to(device), targets.to(device)
+            with _autocast(device, autocast):
+                logits = model(inputs)
+            nats += float(causal_lm_loss(logits, targets, reduction="sum"))
+            scored = targets[targets != IGNORE_INDEX]
+            tokens += scored.numel()
+            if token_bytes is not None:
+                n_bytes += int(token_bytes.to(device)[scored].sum())
     if tokens == 0:
         return {}
     loss = nats / tokens
