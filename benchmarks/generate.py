@@ -1,7 +1,7 @@
 """Decode speed: lmstack vs transformers' generate on the same GPT-2-124M weights, with the bandwidth bound.
 
 Three columns of decode speed: transformers; lmstack in eager PyTorch; lmstack with the CPU kernels
-(``use_skinny_linears_``: each decode step is one fused C++ call, see lmstack/generate/fused_step.py).
+(``use_skinny_linears_``: each decode step is one fused C++ call, see lmstack/kernels/fused_step.py).
 
 For each batch size: greedy decoding of 128 new tokens after a 128-token prompt (random weights, fp32).
 Decode tokens/s = batch * 127 / (time of the full generation - time to the first new token), so prompt
@@ -22,8 +22,8 @@ import torch
 from table import print_table
 
 from lmstack.generate import GenerationConfig, generate
-from lmstack.models import load_hf
-from lmstack.nn.skinny_linear import load_kernel, move_to_hugepages_, use_skinny_linears_
+from lmstack.checkpoints import load_hf
+from lmstack.kernels import load_cpu_kernels, move_to_hugepages_, use_skinny_linears_
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -92,7 +92,7 @@ def main() -> None:
     size = sum(p.numel() for p in plain.parameters()) / 1e6
     print(f"GPT-2 shape ({size:.0f}M parameters), fp32, prompt {args.prompt}, {args.new_tokens} new tokens, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, {torch.get_num_threads()} threads; CPU kernels "
-          f"{'built' if load_kernel() else 'UNAVAILABLE (falls back to F.linear)'}")
+          f"{'built' if load_cpu_kernels() else 'UNAVAILABLE (falls back to F.linear)'}")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {bytes_per_token / 1e6:.1f} MB of weights per decode step")
     header = ("batch", "transformers", "lmstack torch", "lmstack kernels", "vs transformers", "bound tok/s",
               "of bound", "same tokens")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from table import print_table
 
-from lmstack.models import load_hf
+from lmstack.checkpoints import load_hf
 from lmstack.train import CausalLMObjective, build_optimizer
 
 

@@ -7,7 +7,7 @@ import sys
 from lmstack import __version__
 from lmstack.config import add_arguments, from_namespace, resolve
 from lmstack.errors import LmstackError
-from lmstack.recipes import convert, embed, finetune, generate, info, pretrain, quickstart, tokenizer
+from lmstack.recipes import chat, convert, embed, finetune, generate, info, pretrain, quickstart, tokenizer
 
 # job name -> (run function, config dataclass), or a dict of sub-jobs
 JOBS = {
@@ -15,6 +15,7 @@ JOBS = {
     "info": (info.run, info.InfoConfig),
     "convert": (convert.run, convert.ConvertConfig),
     "generate": (generate.run, generate.GenerateJobConfig),
+    "chat": (chat.run, chat.ChatConfig),
     "pretrain": (pretrain.run, pretrain.PretrainConfig),
     "finetune": (finetune.run, finetune.FinetuneConfig),
     "embed": (embed.run, embed.EmbedConfig),

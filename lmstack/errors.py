@@ -15,3 +15,7 @@ class CheckpointError(LmstackError):
 
 class DataError(LmstackError, ValueError):
     """A corpus or tokenized dataset is missing, empty, malformed, or does not match the model."""
+
+
+class TokenizerError(LmstackError, ValueError):
+    """A tokenizer file, component or argument is invalid; the message names it."""

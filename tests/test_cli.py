@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from lmstack.cli import JOBS, main
-from lmstack.models import build_model, load_hf, save_hf
+from lmstack.models import build_model
+from lmstack.checkpoints import load_hf, save_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,48 @@
-"""Checkpoint I/O: Hugging Face-format directories (load_hf / save_hf) and safe safetensors helpers."""
+"""Checkpoint I/O: Hugging Face-format directories (load_hf / save_hf), GGUF files (load_gguf), and
+``load_model`` for either.
+
+    from lmstack.checkpoints import load_model
+    model = load_model("dir")            # config.json + *.safetensors
+    model = load_model("model.gguf")     # llama.cpp's format, dequantised
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
 
 from lmstack.checkpoints.hf import inspect_hf, load_hf, resolve_dtype, save_hf
 
-__all__ = ["inspect_hf", "load_hf", "resolve_dtype", "save_hf"]
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """True for a GGUF file (by its magic bytes, not its name)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype = "auto") -> nn.Module:
+    """The model in ``path``: a Hugging Face-format directory or a ``.gguf`` file, in eval mode.
+
+    Raises:
+        CheckpointError, ConfigError: see ``load_hf`` and ``load_gguf``.
+    """
+    if is_gguf(path):
+        from lmstack.checkpoints.gguf import load_gguf  # imports the gguf package only when needed
+
+        return load_gguf(path, device=device, dtype=dtype)
+    return load_hf(path, device=device, dtype=dtype)
+
+
+def load_gguf(path: str | os.PathLike, **options) -> nn.Module:
+    """See ``lmstack.checkpoints.gguf.load_gguf``."""
+    from lmstack.checkpoints.gguf import load_gguf as load
+
+    return load(path, **options)
+
+
+__all__ = ["inspect_hf", "is_gguf", "load_gguf", "load_hf", "load_model", "resolve_dtype", "save_hf"]

@@ -60,15 +60,13 @@ def inspect_hf(path: str | os.PathLike) -> CheckpointPlan:
     except (ConfigError, TypeError) as error:
         raise ConfigError(f"{config_path}: {error}") from None
     tensors = _normalize_names(index_checkpoint(directory), family)
-    with torch.device("meta"):
-        model = family.build(config)
+    model = family.build_empty(config)
     full_plan = family.hf_plan(list(model.state_dict()))  # tied copies included
     if _stored_copy_differs(model, full_plan, tensors):
         # As transformers does: a tied config whose file stores a *different* head keeps them apart
         # (T5 v1.1 saved by transformers 5 says tie_word_embeddings=true and stores its own lm_head).
         config = config.replace(tie_embeddings=False)
-        with torch.device("meta"):
-            model = family.build(config)
+        model = family.build_empty(config)
         full_plan = family.hf_plan(list(model.state_dict()))
     plan = family.hf_plan(our_tensor_names(model))
     # Tied copies (a tied lm_head, say) may be stored or not; either way they are not read.

@@ -21,7 +21,7 @@ from lmstack.generate.search import StopCheck, beam_search, sample_tokens
 class Detokenizer(Protocol):
     """What generation needs from a tokenizer: ids -> text."""
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
 
 @dataclass
@@ -64,13 +64,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, config: GenerationConfig
 
 
 def stream(model: nn.Module, input_ids: torch.Tensor, config: GenerationConfig | None = None,
-           attention_mask: torch.Tensor | None = None, *,
-           tokenizer: Detokenizer | None = None) -> Iterator[torch.Tensor] | Iterator[str]:
+           attention_mask: torch.Tensor | None = None, *, tokenizer: Detokenizer | None = None,
+           skip_special_tokens: bool = False) -> Iterator[torch.Tensor] | Iterator[str]:
     """Like ``generate`` (greedy or sampling), but yield as tokens are produced.
 
     Without a tokenizer: yields the new token of every row, a (B,) tensor, per step. With a tokenizer
     (one prompt): yields the text each token adds, holding back a partial UTF-8 character until it is
-    complete; the end-of-sequence token itself is not shown.
+    complete; the end-of-sequence token itself is not shown, nor are special tokens with
+    ``skip_special_tokens``.
     """
     run = _prepare(model, input_ids, config, attention_mask, tokenizer)
     if run.config.num_beams > 1:
@@ -80,10 +81,11 @@ def stream(model: nn.Module, input_ids: torch.Tensor, config: GenerationConfig |
         return tokens
     if run.input_ids.shape[0] != 1:
         raise ConfigError("text streaming takes one prompt and one sequence; stream token ids for batches")
-    return text_deltas((int(t[0]) for t in tokens), tokenizer, set(run.config.eos_ids()))
+    return text_deltas((int(t[0]) for t in tokens), tokenizer, set(run.config.eos_ids()), skip_special_tokens)
 
 
-def text_deltas(token_ids: Iterator[int], tokenizer: Detokenizer, stop_ids: set[int]) -> Iterator[str]:
+def text_deltas(token_ids: Iterator[int], tokenizer: Detokenizer, stop_ids: set[int],
+                skip_special_tokens: bool = False) -> Iterator[str]:
     """Turn a stream of token ids into the text each one adds (a token can end mid-character)."""
     ids: list[int] = []
     shown = ""
@@ -91,13 +93,13 @@ def text_deltas(token_ids: Iterator[int], tokenizer: Detokenizer, stop_ids: set[
         if token in stop_ids:
             break
         ids.append(token)
-        text = tokenizer.decode(ids)
+        text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         if text.endswith("\ufffd"):
             continue  # a multi-byte character is still incomplete: wait for its next byte
         if text.startswith(shown) and len(text) > len(shown):
             yield text[len(shown):]
         shown = text
-    text = tokenizer.decode(ids)
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     if len(text) > len(shown) and text.startswith(shown):
         yield text[len(shown):]
 

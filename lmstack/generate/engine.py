@@ -8,7 +8,7 @@ will encode once and step its decoder). Shapes: B rows, T prompt length, V vocab
 import torch
 from torch import nn
 
-from lmstack.generate.fused_step import FusedDecodeStep, fused_step_blocker
+from lmstack.kernels.fused_step import FusedDecodeStep, fused_step_blocker
 from lmstack.nn.kv_cache import StaticKVCache
 
 

@@ -1,8 +1,8 @@
-"""Models: configs, presets, the decoder, the family registry, and Hugging Face-format load/save.
+"""Models: configs, presets, the model kinds and the family registry (loading and saving files is
+``lmstack.checkpoints``: ``load_hf``, ``save_hf``, ``load_model``; ``lmstack.load_hf`` works too).
 
-    from lmstack.models import load_hf, save_hf, build_model
-    model = load_hf("dir")              # nn.Module with .config; logits = model(input_ids)
-    model = build_model("gpt2")         # random init from a preset
+    from lmstack.models import build_model
+    model = build_model("gpt2")         # random init from a preset; logits = model(input_ids)
 """
 
 import torch
@@ -31,17 +31,6 @@ def build_model(config: str | DecoderConfig | EncoderConfig | EncoderDecoderConf
     return model.to(dtype)
 
 
-def __getattr__(name: str):
-    """``from lmstack.models import load_hf, save_hf, inspect_hf``: the public entry points of the
-    architecture. Their code lives in lmstack.checkpoints, which depends on this package, so they are
-    looked up on first use rather than imported here (which would be an import cycle)."""
-    if name in ("load_hf", "save_hf", "inspect_hf"):
-        from lmstack.checkpoints import hf
-
-        return getattr(hf, name)
-    raise AttributeError(f"module 'lmstack.models' has no attribute {name!r}")
-
 __all__ = ["Block", "Decoder", "DecoderConfig", "Encoder", "EncoderConfig", "EncoderDecoder", "EncoderDecoderConfig",
            "EncoderOutput", "MODEL_CLASSES", "FAMILIES", "Family", "PUBLISHED_PARAMETERS", "build_model",
-           "family_for_config", "family_for_hf_config", "get_preset", "inspect_hf", "load_hf", "preset_names",
-           "save_hf"]
+           "family_for_config", "family_for_hf_config", "get_preset", "preset_names"]

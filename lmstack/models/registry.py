@@ -7,8 +7,9 @@ tensor differently, e.g. GPT-2's fused, transposed Conv1D ``c_attn``). ``{}`` in
 """
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -55,6 +56,23 @@ def _identity_in(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def _identity_out(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return ts[0]
+
+
+_INIT_FUNCTIONS = ("normal_", "uniform_", "zeros_", "ones_", "constant_", "kaiming_uniform_", "kaiming_normal_",
+                   "trunc_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextmanager
+def skip_init() -> Iterator[None]:
+    """Within: ``torch.nn.init`` functions leave tensors as they are (for models about to be loaded)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,12 @@ class Family:
     def build(self, config: Any) -> torch.nn.Module:
         """The model this family's checkpoints load into (built on whatever device is current)."""
         return self.model_class(config)
+
+    def build_empty(self, config: Any) -> torch.nn.Module:
+        """The model on the meta device, its initialisation skipped: a checkpoint replaces every value,
+        and random ops on meta tensors would import torch._dynamo (about 2 s of start-up)."""
+        with torch.device("meta"), skip_init():
+            return self.model_class(config)
 
     def is_ignored(self, hf_name: str) -> bool:
         return any(re.fullmatch(pattern, hf_name) for pattern in self.ignored_hf)

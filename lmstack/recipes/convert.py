@@ -1,29 +1,76 @@
-"""`lmstack convert SRC DST`: rewrite a Hugging Face-format checkpoint (dtype, shard size).
-
-Conversions from other formats (GGUF, ...) arrive with later issues as further ``--from`` choices.
+"""`lmstack convert SRC DST`: write a model as a Hugging Face-format directory: from another HF directory
+(recast, re-sharded) or from a GGUF file (dequantised, with its tokenizer, chat template and generation
+config). The source's tokenizer files come along; nothing else in DST is touched except the weight files
+of an earlier save there.
 """
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from lmstack.checkpoints import is_gguf, load_hf, save_hf
 from lmstack.config import field
-from lmstack.models import load_hf, save_hf
+from lmstack.errors import ConfigError
+from lmstack.fileio import write_json
+from lmstack.recipes.bundled import resolve_model_dir
+from lmstack.tokenizers import tokenizer_from_json
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "chat_template.jinja", "generation_config.json", "tokenizer.model")
 
 
 @dataclass
 class ConvertConfig:
-    """Read a checkpoint and write it again in Hugging Face format, optionally cast and re-sharded."""
+    """Write a checkpoint (HF directory or GGUF file) as a Hugging Face-format directory."""
 
-    source: Path = field(help="input checkpoint directory", positional=True)
+    source: Path = field(help="input: checkpoint directory, .gguf file, or a bundled name", positional=True)
     output: Path = field(help="output directory (created; other files in it are kept)", positional=True)
-    source_format: Literal["hf"] = field("hf", help="format of the input")
-    dtype: Literal["stored", "float32", "bfloat16", "float16"] = field("stored", help="dtype of the written weights")
+    dtype: Literal["stored", "float32", "bfloat16", "float16"] = field(
+        "stored", help="dtype of the written weights (stored: as the source; a GGUF dequantises to float32)")
     max_shard_size: str = field("5GB", help="largest safetensors file before sharding, e.g. 2GB or 500MB")
 
 
 def run(cfg: ConvertConfig) -> Path:
-    model = load_hf(cfg.source, dtype="stored")
-    out = save_hf(model, cfg.output, max_shard_size=cfg.max_shard_size, dtype=None if cfg.dtype == "stored" else cfg.dtype)
+    source = resolve_model_dir(cfg.source)
+    if source.resolve() == cfg.output.resolve():
+        raise ConfigError(f"output {cfg.output} is the source itself; choose another directory")
+    dtype = None if cfg.dtype == "stored" else cfg.dtype
+    if is_gguf(source):
+        model = _convert_gguf(source, cfg.output)
+    else:
+        model = load_hf(source, dtype="stored")
+        _copy_tokenizer_files(source, cfg.output)
+    out = save_hf(model, cfg.output, max_shard_size=cfg.max_shard_size, dtype=dtype)
     print(f"wrote {out} ({sum(p.numel() for p in model.parameters()):,} parameters, {cfg.dtype})")
     return out
+
+
+def _convert_gguf(source: Path, output: Path):
+    """Load the GGUF model; write its tokenizer.json, chat template and generation_config.json to ``output``."""
+    from lmstack.checkpoints.gguf import load_gguf, read_gguf
+    from lmstack.checkpoints.gguf_tokenizer import gguf_stop_ids, gguf_tokenizer_json
+
+    file = read_gguf(source)
+    model = load_gguf(file, dtype="float32")
+    tokenizer_json = gguf_tokenizer_json(file.metadata, str(source))
+    tokenizer_from_json(tokenizer_json, source=str(source)).save(output)  # checked before it is written
+    template = file.metadata.get("tokenizer.chat_template")
+    if template:
+        from lmstack.fileio import atomic_path
+
+        with atomic_path(output / "chat_template.jinja") as tmp:
+            tmp.write_text(template, encoding="utf-8")
+    config = model.config
+    stops = gguf_stop_ids(file.metadata)
+    write_json(output / "generation_config.json",
+               {"bos_token_id": config.bos_token_id, "eos_token_id": stops[0] if len(stops) == 1 else stops or None,
+                "pad_token_id": config.pad_token_id})
+    return model
+
+
+def _copy_tokenizer_files(source: Path, output: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, output / name)

@@ -1,4 +1,4 @@
-"""`lmstack generate`: continue a prompt with a Hugging Face-format checkpoint."""
+"""`lmstack generate`: continue a prompt with a Hugging Face-format checkpoint or a GGUF file."""
 
 import sys
 from dataclasses import dataclass
@@ -6,44 +6,24 @@ from pathlib import Path
 
 import torch
 
+from lmstack.checkpoints.model_files import open_model
 from lmstack.config import field
 from lmstack.errors import ConfigError
 from lmstack.generate import GenerationConfig, generate, stream
-from lmstack.models import load_hf
-from lmstack.nn.skinny_linear import use_skinny_linears_
-from lmstack.tokenizers import TokenizerError, load_tokenizer
+from lmstack.recipes.bundled import resolve_model_dir
+from lmstack.recipes.sampling import SamplingOptions, prepare_for_decoding, to_generation_config
 
 
-@dataclass
-class GenerateJobConfig:
+@dataclass(kw_only=True)
+class GenerateJobConfig(SamplingOptions):
     """Generate text from a checkpoint: greedy, sampling (temperature / top-k / top-p) or beam search."""
 
-    model: Path = field(help="checkpoint directory (config.json + *.safetensors)")
-    prompt: str | None = field(None, help="prompt text, encoded with the tokenizer in the model directory")
+    model: Path = field(help="checkpoint directory (config.json + *.safetensors), a .gguf file, or "
+                             "smollm2-135m-instruct (the bundled package)")
+    prompt: str | None = field(None, help="prompt text, encoded with the model's tokenizer")
     prompt_ids: str | None = field(None, help="prompt as token ids, e.g. '464 2068 7586'")
-    max_new_tokens: int = field(50, help="tokens to generate")
-    do_sample: bool | None = field(None, help="sample instead of greedy (default: on when temperature, top-k or "
-                                              "top-p is given)")
-    temperature: float | None = field(None, help="sampling temperature")
-    top_k: int | None = field(None, help="sample among the k most likely tokens")
-    top_p: float | None = field(None, help="sample from the smallest set of tokens with this much probability")
     num_beams: int = field(1, help="beam search with this many beams")
-    repetition_penalty: float = field(1.0, help=">1 discourages repeating tokens")
-    seed: int | None = field(None, help="random seed for sampling")
     stream: bool = field(False, help="print tokens as they are produced")
-    fast_kernels: bool = field(True, help="use lmstack's memory-bandwidth-bound CPU decoding kernel (compiled once, "
-                                          "about 30 s on first use)")
-
-
-def to_generation_config(cfg: GenerateJobConfig) -> GenerationConfig:
-    """The decoding options the flags ask for (sampling switches on when a sampling knob is given)."""
-    sampling_knobs = (cfg.temperature, cfg.top_k, cfg.top_p)
-    do_sample = cfg.do_sample if cfg.do_sample is not None else any(k is not None for k in sampling_knobs)
-    return GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, do_sample=do_sample,
-        temperature=1.0 if cfg.temperature is None else cfg.temperature,
-        top_k=0 if cfg.top_k is None else cfg.top_k, top_p=1.0 if cfg.top_p is None else cfg.top_p,
-        num_beams=cfg.num_beams, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
 
 
 def prompt_tensor(cfg: GenerateJobConfig, tokenizer) -> torch.Tensor:
@@ -62,39 +42,29 @@ def prompt_tensor(cfg: GenerateJobConfig, tokenizer) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
-def find_tokenizer(directory: Path):
-    """The tokenizer stored beside the checkpoint, or None if there is none."""
-    try:
-        return load_tokenizer(directory)
-    except TokenizerError as error:
-        if "no tokenizer.json" in str(error):
-            return None
-        raise ConfigError(str(error)) from None
-
-
 def run(cfg: GenerateJobConfig) -> torch.Tensor:
-    model = load_hf(cfg.model)
-    tokenizer = find_tokenizer(cfg.model)
+    files = open_model(resolve_model_dir(cfg.model))
+    model, tokenizer = files.model, files.tokenizer
     ids = prompt_tensor(cfg, tokenizer)
     vocab = model.config.vocab_size
     if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
         raise ConfigError(f"prompt token ids must lie in [0, {vocab}) for this model")
-    if cfg.fast_kernels and next(model.parameters()).device.type == "cpu":
-        use_skinny_linears_(model)
-    config = to_generation_config(cfg)
+    prepare_for_decoding(model, cfg)
+    config = to_generation_config(cfg, num_beams=cfg.num_beams, eos_token_id=files.stop_ids)
     if cfg.stream:
-        return _stream(model, ids, config, tokenizer)
+        return _stream(model, ids, config, tokenizer, cfg.show_special)
     out = generate(model, ids, config)
-    new = out[0, ids.shape[1]:].tolist()
-    print(tokenizer.decode(new) if tokenizer is not None else " ".join(map(str, new)))
+    new = [t for t in out[0, ids.shape[1]:].tolist() if t not in files.stop_ids or cfg.show_special]
+    print(tokenizer.decode(new, skip_special_tokens=not cfg.show_special) if tokenizer is not None
+          else " ".join(map(str, new)))
     sys.stdout.flush()
     return out
 
 
-def _stream(model, ids: torch.Tensor, config: GenerationConfig, tokenizer) -> torch.Tensor:
+def _stream(model, ids: torch.Tensor, config: GenerationConfig, tokenizer, show_special: bool) -> torch.Tensor:
     """Print text (or ids without a tokenizer) as it is produced."""
     if tokenizer is not None:
-        for delta in stream(model, ids, config, tokenizer=tokenizer):
+        for delta in stream(model, ids, config, tokenizer=tokenizer, skip_special_tokens=not show_special):
             print(delta, end="", flush=True)
         print()
         return ids

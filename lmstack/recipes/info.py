@@ -1,46 +1,98 @@
-"""`lmstack info DIR`: describe a Hugging Face-format checkpoint without loading its weights."""
+"""`lmstack info PATH`: describe a checkpoint (HF directory, without reading its weights; or a GGUF file)."""
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmstack.checkpoints import inspect_hf, is_gguf
 from lmstack.config import field
-from lmstack.models import inspect_hf
+from lmstack.models import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from lmstack.models.summary import format_parameter_table
+from lmstack.recipes.bundled import resolve_model_dir
 
 
 @dataclass
 class InfoConfig:
     """Describe a checkpoint: family, parameter count, dtype, context length, per-module parameters."""
 
-    path: Path = field(help="checkpoint directory (config.json + *.safetensors)", positional=True)
+    path: Path = field(help="checkpoint directory (config.json + *.safetensors), a .gguf file, or a bundled "
+                            "name (smollm2-135m-instruct, all-minilm-l6-v2)", positional=True)
 
 
 def describe(path: Path) -> str:
-    """The report `lmstack info` prints. Reads config.json and the safetensors headers only."""
+    """The report `lmstack info` prints. An HF directory is read from config.json and the safetensors
+    headers only; a GGUF file from its metadata and tensor index (weights are not dequantised)."""
+    path = resolve_model_dir(path)
+    if is_gguf(path):
+        return _describe_gguf(path)
     checkpoint = inspect_hf(path)
-    model, cfg = checkpoint.model, checkpoint.model.config
-    params = sum(p.numel() for p in model.parameters())
-    attention = f"{cfg.n_heads} heads, {cfg.n_kv_heads} key/value heads, head_dim {cfg.head_dim}"
-    if cfg.sliding_window is not None:
-        attention += f", sliding window {cfg.sliding_window}"
-    position = _describe_positions(cfg)
+    model = checkpoint.model
     files = sorted({info.file.name for info in checkpoint.tensors.values()})
-    lines = [
-        f"checkpoint      {checkpoint.directory}",
-        f"family          {checkpoint.family.model_type} ({checkpoint.family.architecture})",
-        f"parameters      {params:,} ({params / 1e6:.1f}M)",
-        f"dtype           {str(checkpoint.stored_dtype).removeprefix('torch.')}",
-        f"context length  {cfg.max_seq_len:,} tokens",
-        f"shape           {cfg.n_layers} layers, width {cfg.dim}, feed-forward {cfg.ffn_dim} ({cfg.mlp}, {cfg.activation}), "
-        f"vocabulary {cfg.vocab_size:,}",
-        f"attention       {attention}",
-        f"positions       {position}",
-        f"norm            {cfg.norm} (eps {cfg.norm_eps:g}); embeddings {'tied' if cfg.tie_embeddings else 'untied'}",
-        f"files           {', '.join(files)}",
-        "",
-        format_parameter_table(model),
-    ]
-    return "\n".join(lines)
+    lines = [f"checkpoint      {checkpoint.directory}",
+             f"family          {checkpoint.family.model_type} ({checkpoint.family.architecture})",
+             *_common_lines(model),
+             f"dtype           {str(checkpoint.stored_dtype).removeprefix('torch.')}",
+             f"files           {', '.join(files)}"]
+    return "\n".join(lines + ["", format_parameter_table(model)])
+
+
+def _describe_gguf(path: Path) -> str:
+    from collections import Counter
+
+    from lmstack.checkpoints.gguf import hf_config_from_gguf, read_gguf
+    from lmstack.models.registry import FAMILIES
+
+    file = read_gguf(path)
+    hf_config = hf_config_from_gguf(file)
+    family = FAMILIES[hf_config["model_type"]]
+    model = family.build_empty(family.config_from_hf(hf_config))
+    types = Counter(t.kind for t in file.tensors.values())
+    name = file.metadata.get("general.name", "")
+    size = path.stat().st_size / 2**20
+    lines = [f"checkpoint      {path} (GGUF, {size:,.0f} MiB{', ' + name if name else ''})",
+             f"family          {family.model_type} (GGUF architecture {file.architecture})",
+             *_common_lines(model),
+             f"tensor types    {', '.join(f'{kind} x{n}' for kind, n in types.most_common())}",
+             f"tokenizer       {file.metadata.get('tokenizer.ggml.model', 'none')} "
+             f"(pre-tokenizer {file.metadata.get('tokenizer.ggml.pre', 'default')}, "
+             f"{len(file.metadata.get('tokenizer.ggml.tokens') or []):,} tokens); chat template "
+             f"{'yes' if file.metadata.get('tokenizer.chat_template') else 'none'}"]
+    return "\n".join(lines + ["", format_parameter_table(model)])
+
+
+def _common_lines(model) -> list[str]:
+    """Size and shape lines for any model kind."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    lines = [f"parameters      {params:,} ({params / 1e6:.1f}M)"]
+    if isinstance(cfg, DecoderConfig):
+        attention = f"{cfg.n_heads} heads, {cfg.n_kv_heads} key/value heads, head_dim {cfg.head_dim}"
+        if cfg.sliding_window is not None:
+            attention += f", sliding window {cfg.sliding_window}"
+        lines += [f"kind            decoder (causal language model)",
+                  f"context length  {cfg.max_seq_len:,} tokens",
+                  f"shape           {cfg.n_layers} layers, width {cfg.dim}, feed-forward {cfg.ffn_dim} ({cfg.mlp}, "
+                  f"{cfg.activation}), vocabulary {cfg.vocab_size:,}",
+                  f"attention       {attention}", f"positions       {_describe_positions(cfg)}",
+                  f"norm            {cfg.norm} (eps {cfg.norm_eps:g}); embeddings "
+                  f"{'tied' if cfg.tie_embeddings else 'untied'}"]
+    elif isinstance(cfg, EncoderConfig):
+        head = cfg.head + (f" ({len(cfg.labels)} labels: {', '.join(cfg.labels[:6])}"
+                           f"{', ...' if len(cfg.labels) > 6 else ''})" if cfg.labels else "")
+        lines += [f"kind            encoder (BERT), head {head}",
+                  f"context length  {cfg.max_seq_len:,} tokens",
+                  f"shape           {cfg.n_layers} layers, width {cfg.dim}, feed-forward {cfg.ffn_dim} "
+                  f"({cfg.activation}), vocabulary {cfg.vocab_size:,}, {cfg.type_vocab_size} token types",
+                  f"attention       {cfg.n_heads} heads", "positions       learned",
+                  f"norm            layernorm, post-norm (eps {cfg.norm_eps:g})"]
+    elif isinstance(cfg, EncoderDecoderConfig):
+        lines += [f"kind            encoder-decoder (T5)",
+                  f"shape           {cfg.n_layers} encoder + {cfg.n_decoder_layers} decoder layers, width {cfg.dim}, "
+                  f"feed-forward {cfg.ffn_dim} ({cfg.mlp}, {cfg.activation}), vocabulary {cfg.vocab_size:,}",
+                  f"attention       {cfg.n_heads} heads, head_dim {cfg.head_dim}",
+                  f"positions       relative buckets ({cfg.relative_buckets}, max distance {cfg.relative_max_distance})",
+                  f"norm            rmsnorm (eps {cfg.norm_eps:g}); embeddings "
+                  f"{'tied' if cfg.tie_embeddings else 'untied'}"]
+    return lines
 
 
 def _describe_positions(cfg) -> str:

@@ -29,7 +29,7 @@ from lmstack.models import DecoderConfig, build_model
 from lmstack.recipes.denoising import denoising_task, model_for_objective, special_tokens_for
 from lmstack.models.presets import get_preset
 from lmstack.recipes.tokenizer import train_bpe_with_progress
-from lmstack.tokenizers import BPETokenizer, load_tokenizer
+from lmstack.tokenizers import Tokenizer, load_tokenizer
 from lmstack.train import CausalLMObjective, TrainConfig, Trainer
 from lmstack.train.plots import plot_loss_curve
 from lmstack.train.trainer import resolve_device
@@ -192,7 +192,7 @@ def _check_resumable(cfg: PretrainConfig, saved_path: Path) -> None:
         raise ConfigError(f"--resume with a changed config ({detail}); only how long and how often may change")
 
 
-def _tokenizer(cfg: PretrainConfig, out: Path, train_texts: list[str]) -> BPETokenizer:
+def _tokenizer(cfg: PretrainConfig, out: Path, train_texts: list[str]) -> Tokenizer:
     """The configured tokenizer, the run's own (when resuming), or a new BPE trained on the training split."""
     if cfg.tokenizer.path is not None:
         tokenizer = load_tokenizer(cfg.tokenizer.path)
@@ -203,12 +203,13 @@ def _tokenizer(cfg: PretrainConfig, out: Path, train_texts: list[str]) -> BPETok
         tokenizer = train_bpe_with_progress(train_texts, cfg.tokenizer.vocab_size, specials, cfg.tokenizer.pattern)
         tokenizer.save(out / "tokenizer")
         print(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens -> {out / 'tokenizer'}")
-    if not isinstance(tokenizer, BPETokenizer):
-        raise DataError(f"pretraining needs a byte-level BPE tokenizer, got a {type(tokenizer).__name__}")
+    if not isinstance(tokenizer, Tokenizer):
+        raise DataError(f"pretraining needs a tokenizer.json pipeline tokenizer (BPE or Unigram), got a "
+                        f"{type(tokenizer).__name__}")
     return tokenizer
 
 
-def _token_shards(cfg: PretrainConfig, out: Path, files: list[Path], tokenizer: BPETokenizer, eos_id: int,
+def _token_shards(cfg: PretrainConfig, out: Path, files: list[Path], tokenizer: Tokenizer, eos_id: int,
                   train_texts: list[str], held_texts: list[str]) -> Path:
     """Tokenize into OUT/data, unless a dataset made from the same inputs (``files`` et al.) is already there."""
     fingerprint = {"sources": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],

@@ -20,7 +20,7 @@ import torch
 from lmstack.checkpoints.train_state import latest_checkpoint
 from lmstack.config import field
 from lmstack.generate import GenerationConfig, generate
-from lmstack.models import load_hf
+from lmstack.checkpoints import load_hf
 from lmstack.recipes import pretrain
 from lmstack.recipes.pretrain import DataSection, ModelSection, PretrainConfig, TokenizerSection
 from lmstack.tokenizers import load_tokenizer

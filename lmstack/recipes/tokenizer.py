@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from lmstack.config import field
 from lmstack.errors import ConfigError
-from lmstack.tokenizers import TokenizerError, load_tokenizer, train_bpe
+from lmstack.tokenizers import load_tokenizer, train_bpe
 from lmstack.tokenizers.pretokenize import PATTERNS
 
 
@@ -62,16 +62,13 @@ def read_corpus(spec: str) -> list[str]:
 
 
 def train_bpe_with_progress(texts: list[str], vocab_size: int, special_tokens: list[str], pattern: str):
-    """``train_bpe`` under a progress bar of merges; a bad vocab_size or empty corpus is a ConfigError."""
+    """``train_bpe`` under a progress bar of merges (a bad vocab_size or empty corpus is a TokenizerError)."""
     with tqdm(total=max(vocab_size - 256 - len(special_tokens), 0), desc="BPE merges", unit="merge") as bar:
         def progress(done: int, _total: int) -> None:
             bar.update(done - bar.n)
 
-        try:
-            return train_bpe(texts, vocab_size, special_tokens=special_tokens, pattern=PATTERNS[pattern],
-                             progress=progress)
-        except TokenizerError as error:
-            raise ConfigError(str(error)) from None
+        return train_bpe(texts, vocab_size, special_tokens=special_tokens, pattern=PATTERNS[pattern],
+                         progress=progress)
 
 
 def train(cfg: TrainTokenizerConfig) -> Path:
@@ -84,22 +81,15 @@ def train(cfg: TrainTokenizerConfig) -> Path:
     return path
 
 
-def _load(path: Path):
-    try:
-        return load_tokenizer(path)
-    except TokenizerError as error:
-        raise ConfigError(str(error)) from None
-
-
 def encode(cfg: EncodeConfig) -> None:
-    tokenizer = _load(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     lines = [cfg.text] if cfg.text is not None else [line.rstrip("\n") for line in sys.stdin]
     for line in lines:
         print(json.dumps(tokenizer.encode(line, add_special_tokens=cfg.add_special_tokens)))
 
 
 def decode(cfg: DecodeConfig) -> None:
-    tokenizer = _load(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     try:
         ids = [int(t) for t in cfg.ids.replace(",", " ").replace("[", " ").replace("]", " ").split()]
         print(tokenizer.decode(ids, skip_special_tokens=cfg.skip_special_tokens))

@@ -1,19 +1,26 @@
 """Chat templates: render {"role", "content"} messages with a Jinja template, as transformers does, and
 mark which tokens belong to assistant turns (the tokens an SFT loss is computed on).
 
-The template comes from ``tokenizer_config.json`` ("chat_template") or is the built-in ChatML default.
-Rendering uses a sandboxed Jinja environment with the same settings as transformers (trim_blocks,
-lstrip_blocks, ``raise_exception``), so a model's own template renders identically.
+Models keep their template in one of three places, read in this order (``find_chat_template``):
+``chat_template.jinja`` (transformers >= 5), ``tokenizer_config.json`` ("chat_template": a string, or a
+list of named templates of which "default" is used) and, for GGUF files, ``tokenizer.chat_template``
+(passed in by the GGUF reader). ChatML is the fallback only when a model has none, and the caller is told
+(``ChatTemplate.source == "builtin ChatML"``). Rendering uses a sandboxed Jinja environment with
+transformers' settings (trim_blocks, lstrip_blocks, loop controls, ``raise_exception``, ``tojson``,
+``strftime_now``, the ``{% generation %}`` block), so a model's own template renders identically.
 """
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
+import jinja2.ext
+import jinja2.nodes
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from lmstack.tokenizers.bpe import TokenizerError
+from lmstack.errors import TokenizerError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -21,32 +28,95 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+BUILTIN_SOURCE = "builtin ChatML"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat template and where it came from (a file path, "GGUF tokenizer.chat_template", or the builtin)."""
+
+    text: str
+    source: str
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source == BUILTIN_SOURCE
 
 
 def _raise(message: str):
-    raise TokenizerError(f"chat template: {message}")
+    raise TemplateError(message)
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}``: marks assistant text for training; renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, _GenerationBlock])
     env.globals["raise_exception"] = _raise
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson
     return env
 
 
-def load_chat_template(directory) -> str | None:
-    """The "chat_template" of ``directory/tokenizer_config.json`` (the "default" one if several), or None."""
-    path = Path(directory) / "tokenizer_config.json"
-    if not path.is_file():
-        return None
+def find_chat_template(directory, gguf_template: str | None = None) -> ChatTemplate:
+    """The model's chat template: chat_template.jinja, then tokenizer_config.json, then ``gguf_template``;
+    the builtin ChatML template only when there is none (check ``.is_builtin`` to tell the user).
+
+    Raises:
+        TokenizerError: a template file exists but cannot be read or holds no template string.
+    """
+    directory = Path(directory) if directory is not None else None
+    if directory is not None:
+        jinja_path = directory / "chat_template.jinja"
+        if jinja_path.is_file():
+            try:
+                return ChatTemplate(jinja_path.read_text(encoding="utf-8"), str(jinja_path))
+            except (OSError, UnicodeDecodeError) as error:
+                raise TokenizerError(f"{jinja_path}: cannot read ({error})") from None
+        config_path = directory / "tokenizer_config.json"
+        if config_path.is_file():
+            template = _template_from_config(config_path)
+            if template is not None:
+                return ChatTemplate(template, str(config_path))
+    if gguf_template:
+        return ChatTemplate(gguf_template, "GGUF tokenizer.chat_template")
+    return ChatTemplate(CHATML_TEMPLATE, BUILTIN_SOURCE)
+
+
+def _template_from_config(path: Path) -> str | None:
     try:
-        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-    except (OSError, json.JSONDecodeError) as error:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TokenizerError(f"{path}: cannot read ({error})") from None
+    template = config.get("chat_template") if isinstance(config, dict) else None
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
-        named = {t["name"]: t["template"] for t in template}
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{path}: chat_template must be a string or a list of named templates")
     return template
+
+
+def load_chat_template(directory) -> str | None:
+    """The template stored in ``directory`` (chat_template.jinja or tokenizer_config.json), or None."""
+    found = find_chat_template(directory)
+    return None if found.is_builtin else found.text
 
 
 def render_chat(messages: list[dict], template: str | None = None, add_generation_prompt: bool = False,
@@ -58,6 +128,8 @@ def render_chat(messages: list[dict], template: str | None = None, add_generatio
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
     except TemplateError as error:
         raise TokenizerError(f"chat template: {error}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as error:  # bad data in the template
+        raise TokenizerError(f"chat template failed to render ({type(error).__name__}: {error})") from None
 
 
 @dataclass

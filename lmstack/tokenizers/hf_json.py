@@ -1,157 +1,142 @@
-"""Hugging Face tokenizer files for byte-level BPE: ``tokenizer.json`` (read and write) and GPT-2's
-``vocab.json`` + ``merges.txt`` (read).
+"""Hugging Face tokenizer files, read and written here and nowhere else: ``tokenizer.json`` (any pipeline of
+the components in normalizers / pre_tokenizers / bpe_model / unigram / wordpiece / post_processors /
+decoders), GPT-2's ``vocab.json`` + ``merges.txt`` and BERT's ``vocab.txt``.
 
-Supported tokenizer.json pieces, as GPT-2, Llama 3 and Qwen2 use them: normalizer None / NFC / NFD / NFKC
-/ NFKD / Lowercase (or a Sequence of them); pre-tokenizer ByteLevel, or Split(regex, Isolated) followed
-by ByteLevel(use_regex=false); model BPE (merges as "a b" strings or [a, b] pairs, ignore_merges);
-post-processor ByteLevel and TemplateProcessing (single-sequence special tokens); decoder ByteLevel.
-Anything else raises TokenizerError naming the field.
+A tokenizer.json whose pipeline is exactly BERT's (BertNormalizer, BertPreTokenizer, WordPiece) loads as a
+WordPieceTokenizer, which also gives pairs, truncation and character offsets; everything else loads as a
+``Tokenizer`` pipeline. Unsupported components and malformed files raise TokenizerError naming the file
+and the component.
 """
 
 from pathlib import Path
 from typing import Any
 
-import regex
-
-from lmstack.fileio import read_json_object, write_json
-from lmstack.tokenizers.bpe import AddedToken, BPETokenizer, TokenizerError
+from lmstack.errors import TokenizerError
+from lmstack.fileio import read_json_object
+from lmstack.tokenizers.bpe_model import BPE
+from lmstack.tokenizers.decoders import build_decoder
+from lmstack.tokenizers.normalizers import build_normalizer
+from lmstack.tokenizers.pipeline import AddedToken, Tokenizer
+from lmstack.tokenizers.post_processors import build_post_processor
+from lmstack.tokenizers.pre_tokenizers import build_pre_tokenizer
 from lmstack.tokenizers.pretokenize import GPT2_PATTERN
+from lmstack.tokenizers.unigram import Unigram
+from lmstack.tokenizers.wordpiece import WordPiece, WordPieceTokenizer
 
 
 def read_json_file(path: Path) -> dict[str, Any]:
     return read_json_object(path, TokenizerError)
 
 
-def load_tokenizer_json(path: Path) -> BPETokenizer:
-    """Read a byte-level BPE ``tokenizer.json``."""
-    data = read_json_file(path)
+def load_tokenizer_json(path: Path) -> Tokenizer | WordPieceTokenizer:
+    """Read a ``tokenizer.json``."""
+    return tokenizer_from_json(read_json_file(path), source=str(path))
+
+
+def tokenizer_from_json(data: dict[str, Any], source: str = "tokenizer.json") -> Tokenizer | WordPieceTokenizer:
+    """The tokenizer a tokenizer.json object describes; errors name ``source``."""
     try:
-        if isinstance(data.get("model"), dict) and data["model"].get("type") == "WordPiece":
-            return load_wordpiece_json(data, Path(path))
-        return _from_hf(data)
-    except (KeyError, TypeError, ValueError) as error:
-        if isinstance(error, TokenizerError):
-            raise TokenizerError(f"{path}: {error}") from None
-        raise TokenizerError(f"{path}: malformed tokenizer.json ({type(error).__name__}: {error})") from None
+        if _is_bert(data):
+            return _wordpiece_tokenizer(data)
+        return _pipeline(data)
+    except TokenizerError as error:
+        raise TokenizerError(f"{source}: {error}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        raise TokenizerError(f"{source}: malformed tokenizer.json ({type(error).__name__}: {error})") from None
 
 
-def _from_hf(data: dict[str, Any]) -> BPETokenizer:
-    model = data["model"]
-    if model.get("type", "BPE") != "BPE":
-        raise TokenizerError(f"model.type {model.get('type')!r} is not supported here (byte-level BPE only)")
-    for option in ("continuing_subword_prefix", "end_of_word_suffix"):
-        if model.get(option):
-            raise TokenizerError(f"model.{option} is not supported for byte-level BPE")
-    if model.get("dropout"):
-        raise TokenizerError("model.dropout (BPE dropout) is not supported")
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    if any(len(m) != 2 for m in merges):
-        raise TokenizerError("model.merges must hold pairs")
-    pattern, add_prefix_space = _read_pre_tokenizer(data.get("pre_tokenizer"))
-    prefix, suffix = _read_post_processor(data.get("post_processor"), data)
-    _check_decoder(data.get("decoder"))
-    added = [AddedToken(t["content"], int(t["id"]), bool(t.get("special", False))) for t in data.get("added_tokens") or []]
-    return BPETokenizer(vocab={str(k): int(v) for k, v in model["vocab"].items()}, merges=merges, pattern=pattern,
-                        added_tokens=added, normalizers=_read_normalizers(data.get("normalizer")),
-                        add_prefix_space=add_prefix_space, ignore_merges=bool(model.get("ignore_merges", False)),
-                        prefix_tokens=prefix, suffix_tokens=suffix, hf_json=data)
+def _pipeline(data: dict[str, Any]) -> Tokenizer:
+    model = _model(data.get("model"))
+    added = _added_tokens(data.get("added_tokens") or [])
+    contents = {t.content: t.id for t in added}
+    return Tokenizer(model, normalizer=build_normalizer(data.get("normalizer")),
+                     pre_tokenizer=build_pre_tokenizer(data.get("pre_tokenizer")),
+                     post_processor=build_post_processor(data.get("post_processor"),
+                                                         lambda t: contents.get(t, model.vocab.get(t))),
+                     decoder=build_decoder(data.get("decoder")), added_tokens=added, hf_json=data)
 
 
-def _read_normalizers(spec: dict | None) -> tuple[str, ...]:
-    if spec is None:
-        return ()
-    if spec["type"] == "Sequence":
-        return tuple(name for part in spec["normalizers"] for name in _read_normalizers(part))
-    return (spec["type"],)
+def _model(spec: dict | None):
+    if not isinstance(spec, dict):
+        raise TokenizerError("model must be an object")
+    kind = spec.get("type")
+    if kind is None:  # older files leave the type out; the fields tell
+        kind = "BPE" if "merges" in spec else "Unigram" if isinstance(spec.get("vocab"), list) else "WordPiece"
+    if kind == "BPE":
+        if spec.get("dropout"):
+            raise TokenizerError("model.dropout (BPE dropout) is not supported")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec.get("merges") or []]
+        if any(len(m) != 2 for m in merges):
+            raise TokenizerError("model.merges must hold pairs")
+        return BPE(_vocab(spec["vocab"]), merges, unk_token=spec.get("unk_token"),
+                   continuing_subword_prefix=spec.get("continuing_subword_prefix"),
+                   end_of_word_suffix=spec.get("end_of_word_suffix"), fuse_unk=bool(spec.get("fuse_unk", False)),
+                   byte_fallback=bool(spec.get("byte_fallback", False)),
+                   ignore_merges=bool(spec.get("ignore_merges", False)))
+    if kind == "Unigram":
+        pieces = [(str(piece), float(score)) for piece, score in spec["vocab"]]
+        unk = spec.get("unk_id")
+        return Unigram(pieces, None if unk is None else int(unk), bool(spec.get("byte_fallback", False)))
+    if kind == "WordPiece":
+        return WordPiece(_vocab(spec["vocab"]), spec.get("unk_token") or "[UNK]",
+                         spec.get("continuing_subword_prefix") or "##",
+                         int(spec.get("max_input_chars_per_word", 100)))
+    raise TokenizerError(f"model type {kind!r} is not supported (supported: BPE, Unigram, WordPiece)")
 
 
-def _read_pre_tokenizer(spec: dict | None) -> tuple[str, bool]:
-    """(splitting regex, add_prefix_space) from ByteLevel or Sequence[Split, ByteLevel]."""
-    if spec is None:
-        raise TokenizerError("pre_tokenizer is missing; byte-level BPE needs a ByteLevel pre-tokenizer")
-    if spec["type"] == "ByteLevel":
-        if not spec.get("use_regex", True):
-            raise TokenizerError("a ByteLevel pre_tokenizer with use_regex=false needs a Split before it")
-        return GPT2_PATTERN, bool(spec.get("add_prefix_space", False))
-    if spec["type"] == "Sequence":
-        parts = spec["pretokenizers"]
-        if len(parts) == 2 and parts[0]["type"] == "Split" and parts[1]["type"] == "ByteLevel":
-            split = parts[0]
-            if split.get("behavior", "Isolated") != "Isolated" or split.get("invert", False):
-                raise TokenizerError("pre_tokenizer Split must use behavior Isolated without invert")
-            pattern = split["pattern"].get("Regex") or _literal(split["pattern"]["String"])
-            return pattern, bool(parts[1].get("add_prefix_space", False))
-    raise TokenizerError(f"pre_tokenizer {spec['type']!r} is not supported here")
+def _vocab(vocab: dict) -> dict[str, int]:
+    """token -> id, checked: ids are unique non-negative integers."""
+    if not isinstance(vocab, dict):
+        raise TokenizerError("model.vocab must be an object of token -> id")
+    out, seen = {}, {}
+    for token, i in vocab.items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise TokenizerError(f"model.vocab: token {token!r} has id {i!r}; ids must be non-negative integers")
+        if i in seen:
+            raise TokenizerError(f"model.vocab: tokens {seen[i]!r} and {token!r} share id {i}")
+        seen[i] = token
+        out[str(token)] = i
+    return out
 
 
-def _literal(text: str) -> str:
-    return regex.escape(text)
+def _added_tokens(items: list[dict]) -> list[AddedToken]:
+    tokens = []
+    for item in items:
+        special = bool(item.get("special", False))
+        tokens.append(AddedToken(str(item["content"]), int(item["id"]), special, bool(item.get("lstrip", False)),
+                                 bool(item.get("rstrip", False)), bool(item.get("single_word", False)),
+                                 bool(item.get("normalized", not special))))
+    return tokens
 
 
-def _read_post_processor(spec: dict | None, data: dict) -> tuple[list[int], list[int]]:
-    """Special-token ids a single sequence gets before and after it."""
-    if spec is None or spec["type"] in ("ByteLevel",):
-        return [], []
-    if spec["type"] == "Sequence":
-        found = [_read_post_processor(p, data) for p in spec["processors"]]
-        return [i for f in found for i in f[0]], [i for f in found for i in f[1]]
-    if spec["type"] != "TemplateProcessing":
-        raise TokenizerError(f"post_processor {spec['type']!r} is not supported here")
-    ids = {name: token["ids"] for name, token in spec.get("special_tokens", {}).items()}
-    prefix, suffix, seen_sequence = [], [], False
-    for item in spec["single"]:
-        if "Sequence" in item:
-            seen_sequence = True
-        elif "SpecialToken" in item:
-            (prefix if not seen_sequence else suffix).extend(ids[item["SpecialToken"]["id"]])
-    return prefix, suffix
+# --- writing a fresh tokenizer.json -----------------------------------------------------------------------
 
-
-def _check_decoder(spec: dict | None) -> None:
-    if spec is not None and spec["type"] != "ByteLevel":
-        raise TokenizerError(f"decoder {spec['type']!r} is not supported here (ByteLevel only)")
-
-
-def save_tokenizer_json(tokenizer: BPETokenizer, directory) -> Path:
-    """Write ``directory/tokenizer.json`` in the format the ``tokenizers`` library reads."""
-    data = dict(tokenizer.hf_json) if tokenizer.hf_json is not None else _fresh_json(tokenizer)
-    model = dict(data.get("model", {}))
-    model.update(type="BPE", vocab=tokenizer.vocab, merges=[list(m) for m in tokenizer.merges],
-                 ignore_merges=tokenizer.ignore_merges)
-    data["model"] = model
-    data["added_tokens"] = [{"id": t.id, "content": t.content, "single_word": False, "lstrip": False,
-                             "rstrip": False, "normalized": False, "special": t.special} for t in tokenizer.added_tokens]
-    path = Path(directory) / "tokenizer.json"
-    write_json(path, data)
-    return path
-
-
-def _fresh_json(tokenizer: BPETokenizer) -> dict[str, Any]:
-    if tokenizer.pattern == GPT2_PATTERN:
-        pre = {"type": "ByteLevel", "add_prefix_space": tokenizer.add_prefix_space, "trim_offsets": True,
-               "use_regex": True}
+def byte_level_bpe_json(vocab: dict[str, int], merges: list[tuple[str, str]], pattern: str,
+                        special_tokens: list[str]) -> dict[str, Any]:
+    """The tokenizer.json of a byte-level BPE tokenizer: GPT-2's ByteLevel pre-tokenizer, or a Split on
+    ``pattern`` followed by ByteLevel without its own regex (Llama 3 / Qwen2 style)."""
+    if pattern == GPT2_PATTERN:
+        pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     else:
         pre = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": tokenizer.add_prefix_space, "trim_offsets": False,
-             "use_regex": False}]}
-    normalizer = None
-    if tokenizer.normalizers:
-        parts = [{"type": n} for n in tokenizer.normalizers]
-        normalizer = parts[0] if len(parts) == 1 else {"type": "Sequence", "normalizers": parts}
-    return {"version": "1.0", "truncation": None, "padding": None, "normalizer": normalizer, "pre_tokenizer": pre,
-            "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                                                "use_regex": True},
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    added = [{"id": vocab[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for t in special_tokens]
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": pre, "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False}}
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": vocab, "merges": [list(m) for m in merges]}}
 
 
-def load_vocab_merges(vocab_path: Path, merges_path: Path) -> BPETokenizer:
+def load_vocab_merges(vocab_path: Path, merges_path: Path) -> Tokenizer:
     """GPT-2's original files: vocab.json (token -> id) and merges.txt ("#version" header, "a b" lines)."""
-    vocab = read_json_file(vocab_path)
+    vocab = _vocab(read_json_file(vocab_path))
     try:
         lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise TokenizerError(f"{merges_path}: cannot read ({error})") from None
     merges = []
     for number, line in enumerate(lines, 1):
@@ -161,34 +146,35 @@ def load_vocab_merges(vocab_path: Path, merges_path: Path) -> BPETokenizer:
         if len(pair) != 2:
             raise TokenizerError(f"{merges_path}:{number}: expected two symbols separated by one space")
         merges.append(pair)
-    added = [AddedToken(t, i) for t, i in vocab.items() if t.startswith("<|") and t.endswith("|>")]
-    return BPETokenizer(vocab={str(k): int(v) for k, v in vocab.items()}, merges=merges, added_tokens=added)
+    specials = [t for t in vocab if t.startswith("<|") and t.endswith("|>")]
+    return tokenizer_from_json(byte_level_bpe_json(vocab, merges, GPT2_PATTERN, specials), source=str(merges_path))
 
 
 # --- WordPiece (BERT) ---------------------------------------------------------------------------------------
 
-def load_wordpiece_json(data: dict[str, Any], path: Path):
-    """A BERT tokenizer.json: BertNormalizer + BertPreTokenizer + WordPiece (+ CLS/SEP template)."""
-    from lmstack.tokenizers.wordpiece import WordPieceTokenizer
+def _is_bert(data: dict[str, Any]) -> bool:
+    model, normalizer = data.get("model") or {}, data.get("normalizer") or {"type": "BertNormalizer"}
+    pre = data.get("pre_tokenizer") or {"type": "BertPreTokenizer"}
+    return (isinstance(model, dict) and model.get("type") == "WordPiece" and normalizer.get("type") == "BertNormalizer"
+            and pre.get("type") == "BertPreTokenizer")
 
-    model = data["model"]
-    normalizer = data.get("normalizer") or {}
-    if normalizer and normalizer.get("type") != "BertNormalizer":
-        raise TokenizerError(f"{path}: WordPiece with normalizer {normalizer.get('type')!r} is not supported")
-    if (data.get("pre_tokenizer") or {}).get("type", "BertPreTokenizer") != "BertPreTokenizer":
-        raise TokenizerError(f"{path}: WordPiece needs the BertPreTokenizer")
-    return WordPieceTokenizer(
-        vocab={str(k): int(v) for k, v in model["vocab"].items()}, lowercase=normalizer.get("lowercase", True),
+
+def _wordpiece_tokenizer(data: dict[str, Any]) -> WordPieceTokenizer:
+    """A BERT tokenizer.json: BertNormalizer + BertPreTokenizer + WordPiece (+ CLS/SEP template)."""
+    model, normalizer = data["model"], data.get("normalizer") or {}
+    tokenizer = WordPieceTokenizer(
+        vocab=_vocab(model["vocab"]), lowercase=normalizer.get("lowercase", True),
         strip_accents=normalizer.get("strip_accents"), handle_chinese_chars=normalizer.get("handle_chinese_chars", True),
         clean_text=normalizer.get("clean_text", True), unk_token=model.get("unk_token") or "[UNK]",
         max_input_chars_per_word=int(model.get("max_input_chars_per_word", 100)),
         continuing_subword_prefix=model.get("continuing_subword_prefix") or "##")
+    # Saved afresh rather than as read: padding / truncation settings of the file are per call here.
+    tokenizer.hf_json = wordpiece_json(tokenizer)
+    return tokenizer
 
 
-def load_vocab_txt(path: Path):
+def load_vocab_txt(path: Path) -> WordPieceTokenizer:
     """BERT's vocab.txt (one token per line, id = line number), with options from tokenizer_config.json."""
-    from lmstack.tokenizers.wordpiece import WordPieceTokenizer
-
     try:
         tokens = Path(path).read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as error:
@@ -200,21 +186,17 @@ def load_vocab_txt(path: Path):
         vocab.setdefault(token, i)
     config_path = Path(path).with_name("tokenizer_config.json")
     config = read_json_file(config_path) if config_path.is_file() else {}
-    return WordPieceTokenizer(vocab=vocab, lowercase=config.get("do_lower_case", True),
-                              strip_accents=config.get("strip_accents"),
-                              handle_chinese_chars=config.get("tokenize_chinese_chars", True),
-                              **{k: config[k] for k in ("unk_token", "cls_token", "sep_token", "pad_token", "mask_token")
-                                 if isinstance(config.get(k), str)})
+    tokenizer = WordPieceTokenizer(
+        vocab=vocab, lowercase=config.get("do_lower_case", True), strip_accents=config.get("strip_accents"),
+        handle_chinese_chars=config.get("tokenize_chinese_chars", True),
+        **{k: config[k] for k in ("unk_token", "cls_token", "sep_token", "pad_token", "mask_token")
+           if isinstance(config.get(k), str)})
+    tokenizer.hf_json = wordpiece_json(tokenizer)
+    return tokenizer
 
 
-def save_wordpiece_json(tokenizer, directory) -> Path:
-    """Write vocab.txt and a tokenizer.json the tokenizers library reads as the same BERT tokenizer."""
-    from lmstack.fileio import atomic_path
-
-    directory = Path(directory)
-    ordered = [t for t, _ in sorted(tokenizer.vocab.items(), key=lambda item: item[1])]
-    with atomic_path(directory / "vocab.txt") as tmp:
-        tmp.write_text("\n".join(ordered) + "\n", encoding="utf-8")
+def wordpiece_json(tokenizer: WordPieceTokenizer) -> dict[str, Any]:
+    """The tokenizer.json the tokenizers library reads as the same BERT tokenizer."""
     specials = [t for t in (tokenizer.pad_token, tokenizer.unk_token, tokenizer.cls_token, tokenizer.sep_token,
                             tokenizer.mask_token) if t in tokenizer.vocab]
     cls_, sep = tokenizer.cls_token, tokenizer.sep_token
@@ -226,7 +208,7 @@ def save_wordpiece_json(tokenizer, directory) -> Path:
                  {"SpecialToken": {"id": sep, "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
                  {"SpecialToken": {"id": sep, "type_id": 1}}],
         "special_tokens": {t: {"id": t, "ids": [tokenizer.vocab[t]], "tokens": [t]} for t in (cls_, sep)}}
-    data = {"version": "1.0", "truncation": None, "padding": None,
+    return {"version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": tokenizer.vocab[t], "content": t, "single_word": False, "lstrip": False,
                               "rstrip": False, "normalized": False, "special": True} for t in specials],
             "normalizer": {"type": "BertNormalizer", "clean_text": tokenizer.clean_text,
@@ -237,6 +219,3 @@ def save_wordpiece_json(tokenizer, directory) -> Path:
             "model": {"type": "WordPiece", "unk_token": tokenizer.unk_token,
                       "continuing_subword_prefix": tokenizer.continuing_subword_prefix,
                       "max_input_chars_per_word": tokenizer.max_input_chars_per_word, "vocab": tokenizer.vocab}}
-    path = directory / "tokenizer.json"
-    write_json(path, data)
-    return path

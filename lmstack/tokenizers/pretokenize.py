@@ -55,10 +55,15 @@ def split_isolated(text: str, pattern: str) -> list[str]:
     return pieces
 
 
+@functools.cache
+def _byte_char_table() -> dict[int, str]:
+    return {byte: char for byte, char in bytes_to_unicode().items()}
+
+
 def to_byte_chars(piece: str) -> str:
-    """UTF-8 bytes of ``piece`` as byte-level characters."""
-    table = bytes_to_unicode()
-    return "".join(table[b] for b in piece.encode("utf-8"))
+    """UTF-8 bytes of ``piece`` as byte-level characters (bytes seen as Latin-1 code points, then mapped
+    by one C-level ``str.translate``)."""
+    return piece.encode("utf-8").decode("latin-1").translate(_byte_char_table())
 
 
 def from_byte_chars(chars: str) -> bytes:

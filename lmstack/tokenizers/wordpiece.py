@@ -11,31 +11,15 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmstack.tokenizers.bpe import TokenizerError
+from lmstack.errors import TokenizerError
+from lmstack.fileio import atomic_path, write_json
+from lmstack.tokenizers.decoders import cleanup_tokenization as _cleanup
+from lmstack.tokenizers.text import is_bert_control as _is_control
+from lmstack.tokenizers.text import is_bert_punctuation as _is_punctuation
+from lmstack.tokenizers.text import is_bert_whitespace as _is_whitespace
+from lmstack.tokenizers.text import is_cjk as _is_cjk
 
 Span = tuple[int, int]
-_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
-
-
-def _is_control(char: str) -> bool:
-    return char not in "\t\n\r" and unicodedata.category(char).startswith("C")
-
-
-def _is_whitespace(char: str) -> bool:
-    return char in " \t\n\r" or unicodedata.category(char) == "Zs" or char.isspace()
-
-
-def _is_punctuation(char: str) -> bool:
-    code = ord(char)
-    if 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126:
-        return True  # ASCII symbols count as punctuation for BERT, e.g. "$" and "^"
-    return unicodedata.category(char).startswith("P")
-
-
-def _is_cjk(char: str) -> bool:
-    code = ord(char)
-    return any(lo <= code <= hi for lo, hi in _CJK_RANGES)
 
 
 @dataclass
@@ -62,6 +46,7 @@ class WordPieceTokenizer:
     mask_token: str = "[MASK]"
     max_input_chars_per_word: int = 100
     continuing_subword_prefix: str = "##"
+    hf_json: dict | None = field(default=None, repr=False)  # the tokenizer.json form (hf_json.wordpiece_json)
     id_to_token: dict[int, str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -107,22 +92,8 @@ class WordPieceTokenizer:
         return tokens
 
     def _wordpiece(self, word: str) -> list[tuple[Span, int]]:
-        """Greedy longest-match-first pieces of one word as ((start, end) within the word, id)."""
-        if len(word) > self.max_input_chars_per_word:
-            return [((0, len(word)), self.vocab[self.unk_token])]
-        pieces, start = [], 0
-        while start < len(word):
-            end = len(word)
-            while end > start:
-                candidate = word[start:end] if start == 0 else self.continuing_subword_prefix + word[start:end]
-                if candidate in self.vocab:
-                    pieces.append(((start, end), self.vocab[candidate]))
-                    break
-                end -= 1
-            else:
-                return [((0, len(word)), self.vocab[self.unk_token])]
-            start = end
-        return pieces
+        return wordpiece_pieces(word, self.vocab, self.vocab[self.unk_token], self.continuing_subword_prefix,
+                                self.max_input_chars_per_word)
 
     # --- public API ---------------------------------------------------------------------------------------
 
@@ -182,10 +153,17 @@ class WordPieceTokenizer:
         return _cleanup(" ".join(words))
 
     def save(self, directory) -> Path:
-        """Write ``directory/vocab.txt`` and ``directory/tokenizer.json`` (atomically)."""
-        from lmstack.tokenizers.hf_json import save_wordpiece_json
-
-        return save_wordpiece_json(self, directory)
+        """Write ``directory/vocab.txt`` and ``directory/tokenizer.json`` (atomically); returns the latter."""
+        directory = Path(directory)
+        ordered = [t for t, _ in sorted(self.vocab.items(), key=lambda item: item[1])]
+        with atomic_path(directory / "vocab.txt") as tmp:
+            tmp.write_text("\n".join(ordered) + "\n", encoding="utf-8")
+        if self.hf_json is None:
+            raise TokenizerError("this WordPieceTokenizer was built in memory without its tokenizer.json form; "
+                                 "set hf_json = lmstack.tokenizers.hf_json.wordpiece_json(tokenizer) to save it")
+        path = directory / "tokenizer.json"
+        write_json(path, self.hf_json)
+        return path
 
     # --- helpers --------------------------------------------------------------------------------------------
 
@@ -212,6 +190,41 @@ class WordPieceTokenizer:
                 "token_type_ids": encoded["token_type_ids"] + [0] * missing,
                 "attention_mask": encoded["attention_mask"] + [0] * missing,
                 "offset_mapping": encoded["offset_mapping"] + [(0, 0)] * missing}
+
+
+def wordpiece_pieces(word: str, vocab: dict[str, int], unk_id: int, prefix: str,
+                     max_chars: int) -> list[tuple[Span, int]]:
+    """Greedy longest-match-first pieces of one word as ((start, end) within the word, id); the whole word
+    is the unknown token when it is longer than ``max_chars`` or some stretch matches nothing."""
+    if len(word) > max_chars:
+        return [((0, len(word)), unk_id)]
+    pieces, start = [], 0
+    while start < len(word):
+        end = len(word)
+        while end > start:
+            candidate = word[start:end] if start == 0 else prefix + word[start:end]
+            if candidate in vocab:
+                pieces.append(((start, end), vocab[candidate]))
+                break
+            end -= 1
+        else:
+            return [((0, len(word)), unk_id)]
+        start = end
+    return pieces
+
+
+class WordPiece:
+    """The WordPiece model of the tokenizer.json pipeline: one pre-tokenized word -> ids."""
+
+    def __init__(self, vocab: dict[str, int], unk_token: str = "[UNK]", continuing_subword_prefix: str = "##",
+                 max_input_chars_per_word: int = 100) -> None:
+        if unk_token not in vocab:
+            raise TokenizerError(f"model.unk_token {unk_token!r} is not in the vocabulary")
+        self.vocab, self.unk_id, self.prefix = vocab, vocab[unk_token], continuing_subword_prefix
+        self.max_chars = max_input_chars_per_word
+
+    def tokenize(self, word: str) -> list[int]:
+        return [i for _, i in wordpiece_pieces(word, self.vocab, self.unk_id, self.prefix, self.max_chars)]
 
 
 def _split_words(chars: list[tuple[str, int]]) -> list[Span]:
@@ -262,11 +275,3 @@ def _truncate(first: list, second: list | None, budget: int, strategy: str) -> t
         long_ = short + budget % 2
     keep_first, keep_second = (short, long_) if n1 <= n2 else (long_, short)
     return first[:keep_first], second[:keep_second]
-
-
-def _cleanup(text: str) -> str:
-    """The tokenizers library's WordPiece decoder clean-up (spaces before punctuation and contractions)."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-        text = text.replace(before, after)
-    return text

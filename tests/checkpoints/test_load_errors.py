@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmstack.errors import CheckpointError, ConfigError, LmstackError
-from lmstack.models import build_model, load_hf, save_hf
+from lmstack.models import build_model
+from lmstack.checkpoints import load_hf, save_hf
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from lmstack import fileio
 from lmstack.checkpoints import io as ckpt_io
 from lmstack.errors import ConfigError
-from lmstack.models import build_model, load_hf, save_hf
+from lmstack.models import build_model
+from lmstack.checkpoints import load_hf, save_hf
 
 IDS = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
 

@@ -11,7 +11,7 @@ from lmstack.models import DecoderConfig, build_model
 class ByteTokenizer:
     """ids 0..255 are bytes; enough to test text streaming and stop strings."""
 
-    def decode(self, ids):
+    def decode(self, ids, skip_special_tokens=False):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 

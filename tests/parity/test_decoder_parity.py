@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from lmstack.models import load_hf, save_hf
+from lmstack.checkpoints import load_hf, save_hf
 from lmstack.nn import set_attention_backend
 from tests.parity.hf_reference import hf_logits, load_reference, make_hf_model, save_hf_model, transformers
 

@@ -5,7 +5,7 @@ padded batches with two segments, fp32 within 1e-4; and save_hf output loading b
 import pytest
 import torch
 
-from lmstack.models import load_hf, save_hf
+from lmstack.checkpoints import load_hf, save_hf
 from lmstack.models.encoder import Encoder
 from tests.parity.hf_reference import randomize_, transformers
 

@@ -6,8 +6,8 @@ import torch
 
 from lmstack.generate import GenerationConfig, LogitsPipeline, generate, repetition_penalty, top_k_filter, \
     top_p_filter
-from lmstack.models import load_hf
-from lmstack.nn.skinny_linear import load_kernel, use_skinny_linears_
+from lmstack.checkpoints import load_hf
+from lmstack.kernels import load_cpu_kernels, use_skinny_linears_
 from tests.parity.hf_reference import make_hf_model, save_hf_model, transformers
 
 V = 64
@@ -28,12 +28,12 @@ FAMILIES = {
                 ids=lambda p: p[0] + ("-fused" if p[1] else ""), scope="module")
 def pair(request, tmp_path_factory):
     """(transformers model, lmstack model); "-fused" runs lmstack with the CPU kernels, whose decode steps
-    go through the fused C++ step (lmstack/generate/fused_step.py)."""
+    go through the fused C++ step (lmstack/kernels/fused_step.py)."""
     family, fused = request.param
     ref = make_hf_model(FAMILIES[family]())
     ours = load_hf(save_hf_model(ref, tmp_path_factory.mktemp(family)))
     if fused:
-        if load_kernel() is None:
+        if load_cpu_kernels() is None:
             pytest.skip("the CPU kernels cannot be built here")
         use_skinny_linears_(ours)
     return ref, ours

@@ -2,7 +2,7 @@
 
 import torch
 
-from lmstack.models import load_hf
+from lmstack.checkpoints import load_hf
 from lmstack.train import causal_lm_loss, next_token_targets
 from tests.parity.hf_reference import make_hf_model, save_hf_model, transformers
 

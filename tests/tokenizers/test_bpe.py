@@ -59,8 +59,11 @@ def test_loading_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(TokenizerError, match="tokenizer.json: not valid JSON"):
         load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "vocab": {}}}))
+    with pytest.raises(TokenizerError, match="model type 'WordLevel' is not supported"):
+        load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
-    with pytest.raises(TokenizerError, match="model.type 'Unigram' is not supported"):
+    with pytest.raises(TokenizerError, match="a Unigram model needs at least one piece"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE"}}))
     with pytest.raises(TokenizerError, match="malformed tokenizer.json"):

@@ -3,46 +3,19 @@
 One decoding step multiplies every weight matrix by a handful of rows, so its speed is how fast the
 weights stream from memory. ``csrc/skinny_linear.cpp`` (AVX2 + OpenMP) reads each weight row once for
 all rows of the input and reaches the machine's streaming bandwidth where BLAS GEMM reaches about half.
-It is compiled on first use with torch's extension builder (needs a C++ compiler and ninja; cached);
-where it cannot be built, with autograd on, or for other shapes, dtypes and devices, SkinnyLinear is plain
-F.linear.
+It is compiled once per machine on first use (``kernels.build``: needs a C++ compiler and ninja); where it
+cannot be built, with autograd on, or for other shapes, dtypes and devices, SkinnyLinear is plain F.linear.
 Results equal F.linear up to float summation order (~1e-6 relative).
 """
-
-import functools
-import hashlib
-import logging
-import mmap
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
+from lmstack.kernels.build import load_cpu_kernels
+from lmstack.nn.memory import hugepage_tensors, hugepages_available, in_hugepages
+
 MAX_ROWS = 8  # the kernels are specialised for 1 to 8 rows
-
-
-_SOURCES = ("extension.cpp", "skinny_linear.cpp", "decode_step.cpp")
-
-
-@functools.cache
-def load_kernel():
-    """The compiled extension module (``skinny_linear``, ``decode_step``), or None if this machine cannot
-    build or run it."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        csrc = Path(__file__).with_name("csrc")
-        # The build is cached by name: hash every source and header into it so an edit means a rebuild.
-        digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(csrc.iterdir()) if f.is_file())).hexdigest()
-        return load(f"lmstack_cpu_kernels_{digest[:12]}", [str(csrc / name) for name in _SOURCES],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as error:  # no compiler, no ninja, ...: fall back to F.linear
-        log.warning("CPU decoding kernels unavailable (%s); using F.linear", error)
-        return None
 
 
 class SkinnyLinear(nn.Module):
@@ -62,13 +35,13 @@ class SkinnyLinear(nn.Module):
         if rows > MAX_ROWS or rows == 0 or not self._kernel_applies(x):
             return F.linear(x, self.weight, self.bias)
         bias = self._no_bias if self.bias is None else self.bias
-        out = load_kernel().skinny_linear(x.reshape(rows, self.in_features).contiguous(), self.weight, bias)
+        out = load_cpu_kernels().skinny_linear(x.reshape(rows, self.in_features).contiguous(), self.weight, bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
         """No autograd (inference), fp32 on CPU, a contiguous weight, and a built kernel."""
         weight = self.weight
-        return (load_kernel() is not None and not torch.is_grad_enabled() and x.dtype is torch.float32
+        return (load_cpu_kernels() is not None and not torch.is_grad_enabled() and x.dtype is torch.float32
                 and x.device.type == "cpu" and weight.dtype is torch.float32 and weight.device.type == "cpu"
                 and weight.is_contiguous())
 
@@ -95,27 +68,15 @@ def use_skinny_linears_(model: nn.Module, hugepages: bool = True) -> nn.Module:
     return model
 
 
-_HUGE_PAGE = 2 * 2**20
-
-
 @torch.no_grad()
 def move_to_hugepages_(params: list[nn.Parameter]) -> None:
-    """Copy CPU fp32 parameters into one anonymous mapping advised to use transparent huge pages.
-
-    Each Parameter keeps its identity (only ``.data`` moves), so tied weights stay tied. A no-op where
-    the platform has no MADV_HUGEPAGE.
-    """
-    unique = list({id(p): p for p in params if p.device.type == "cpu" and p.dtype == torch.float32}.values())
-    if not unique or not hasattr(mmap, "MADV_HUGEPAGE"):
+    """Copy CPU fp32 parameters into one huge-page mapping (``lmstack.nn.memory``), skipping those already
+    there. Each Parameter keeps its identity (only ``.data`` moves), so tied weights stay tied. A no-op
+    where the platform has no MADV_HUGEPAGE."""
+    unique = list({id(p): p for p in params if p.device.type == "cpu" and p.dtype == torch.float32
+                   and not in_hugepages(p)}.values())
+    if not unique or not hugepages_available():
         return
-    spans = [-(-p.numel() * 4 // _HUGE_PAGE) * _HUGE_PAGE for p in unique]  # each starts on a 2 MiB boundary
-    # Private anonymous memory: a shared mapping (mmap's default) is shmem, which THP leaves alone.
-    arena = mmap.mmap(-1, sum(spans) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arena.madvise(mmap.MADV_HUGEPAGE)
-    memory = torch.frombuffer(arena, dtype=torch.uint8)  # keeps the mapping alive as long as any view
-    offset = -memory.data_ptr() % _HUGE_PAGE
-    for param, span in zip(unique, spans):
-        view = memory[offset:offset + param.numel() * 4].view(torch.float32).view(param.shape)
+    for param, view in zip(unique, hugepage_tensors([tuple(p.shape) for p in unique])):
         view.copy_(param.data)
         param.data = view
-        offset += span

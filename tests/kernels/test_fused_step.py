@@ -8,13 +8,13 @@ from torch import nn
 
 from lmstack.generate import GenerationConfig, generate
 from lmstack.generate.engine import CausalLMEngine
-from lmstack.generate.fused_step import FusedDecodeStep, fused_step_blocker
+from lmstack.kernels.fused_step import FusedDecodeStep, fused_step_blocker
 from lmstack.models import build_model
 from lmstack.models.config import DecoderConfig
 from lmstack.nn.kv_cache import StaticKVCache
-from lmstack.nn.skinny_linear import load_kernel, use_skinny_linears_
+from lmstack.kernels import load_cpu_kernels, use_skinny_linears_
 
-pytestmark = pytest.mark.skipif(load_kernel() is None, reason="the CPU kernels cannot be built here")
+pytestmark = pytest.mark.skipif(load_cpu_kernels() is None, reason="the CPU kernels cannot be built here")
 
 BASE = dict(vocab_size=96, dim=48, n_layers=2, n_heads=6, ffn_dim=80, max_seq_len=64)
 CONFIGS = {

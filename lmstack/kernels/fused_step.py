@@ -2,7 +2,7 @@
 
 A batch-1 decode step is memory-bound: it should cost the time to stream every weight once. In eager
 PyTorch a 12-layer model also pays ~150 operator dispatches per step, during which the memory bus sits
-idle (measured: ~25% of the step for GPT-2-124M). ``csrc/decode_step.cpp`` runs the blocks, the final
+idle (measured: ~25% of the step for GPT-2-124M). ``kernels/csrc/decode_step.cpp`` runs the blocks, the final
 norm and the LM head in one call with the skinny-matmul kernels; embeddings, positions and RoPE angles
 stay in Python, where each family differs.
 
@@ -20,7 +20,8 @@ from lmstack.nn.attention import Attention
 from lmstack.nn.kv_cache import StaticKVCache
 from lmstack.nn.mlp import MLP, GatedMLP
 from lmstack.nn.norms import RMSNorm
-from lmstack.nn.skinny_linear import MAX_ROWS, SkinnyLinear, load_kernel
+from lmstack.kernels.build import load_cpu_kernels
+from lmstack.kernels.skinny_linear import MAX_ROWS, SkinnyLinear
 
 # Values of the Epilogue enum in csrc/skinny_kernels.h.
 _ACTIVATION_CODES = {"gelu": 2, "gelu_tanh": 3, "silu": 4, "relu": 5}
@@ -34,8 +35,6 @@ def fused_step_blocker(model: nn.Module, batch_size: int) -> str | None:
     config = model.config
     if not 1 <= batch_size <= MAX_ROWS:
         return f"{batch_size} rows (the kernels take 1 to {MAX_ROWS})"
-    if load_kernel() is None:
-        return "the C++ kernels are not built on this machine"
     if config.position == "alibi":
         return "ALiBi positions"
     if config.activation not in _ACTIVATION_CODES:
@@ -50,6 +49,9 @@ def fused_step_blocker(model: nn.Module, batch_size: int) -> str | None:
         reason = _layer_blocker(layer)
         if reason:
             return f"layer {layer.layer_idx}: {reason}"
+    # Last: only a model already set up for the kernels may trigger their (first-use) build.
+    if load_cpu_kernels() is None:
+        return "the C++ kernels cannot be built on this machine"
     return None
 
 
@@ -84,7 +86,7 @@ class FusedDecodeStep:
 
     def __init__(self, model: Decoder) -> None:
         self.model = model
-        self.kernel = load_kernel()
+        self.kernel = load_cpu_kernels()
         config = model.config
         self.weights = [t for layer in model.layers for t in self._layer_weights(layer)]
         self.weights += [model.norm.weight, _or_none(getattr(model.norm, "bias", None)), model.lm_head.weight]

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 
 from lmstack.generate import GenerationConfig, generate
 from lmstack.models import build_model
-from lmstack.nn.skinny_linear import SkinnyLinear, load_kernel, use_skinny_linears_
+from lmstack.nn.memory import hugepage_tensors, in_hugepages
+from lmstack.kernels import SkinnyLinear, load_cpu_kernels, use_skinny_linears_
 
 
 def test_kernel_builds_where_a_compiler_exists():
     if shutil.which("g++") is None:
         pytest.skip("no C++ compiler on this machine: SkinnyLinear falls back to F.linear")
-    assert load_kernel() is not None
+    assert load_cpu_kernels() is not None
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
@@ -50,11 +51,24 @@ def test_transform_keeps_state_dict_ties_and_uses_huge_pages():
     assert list(model.state_dict()) == names
     assert model.lm_head.weight is model.embed_tokens.weight
     assert isinstance(model.layers[0].attn.q_proj, SkinnyLinear)
-    pointer = model.layers[0].mlp.fc_in.weight.data_ptr()
+    weights = [m.weight for m in model.modules() if isinstance(m, SkinnyLinear)]
+    assert all(in_hugepages(w) and w.data_ptr() % 4096 == 0 for w in weights)
+    pointer = min(w.data_ptr() for w in weights)
     assert pointer % (2 * 2**20) == 0  # the arena is 2 MiB aligned
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and re.search(r"\[(madvise|always)\]", thp.read_text()):
         assert _huge_page_kib(pointer) > 0, "the weight arena should be backed by transparent huge pages"
+
+
+def test_weights_already_in_huge_pages_are_not_copied_again():
+    model = build_model("tiny-llama", seed=0).eval()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    with torch.no_grad():
+        for linear, place in zip(linears, hugepage_tensors([tuple(m.weight.shape) for m in linears])):
+            linear.weight.data = place.copy_(linear.weight)
+    pointers = [m.weight.data_ptr() for m in linears]
+    use_skinny_linears_(model)
+    assert [m.weight.data_ptr() for m in model.modules() if isinstance(m, SkinnyLinear)] == pointers
 
 
 def _huge_page_kib(pointer: int) -> int:

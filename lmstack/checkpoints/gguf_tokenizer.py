@@ -1,0 +1,144 @@
+"""The tokenizer, chat template and stop tokens embedded in a GGUF file, as tokenizer.json-shaped data.
+
+``gguf_tokenizer_json`` returns the object a tokenizer.json would hold (``lmstack.tokenizers`` builds it,
+``lmstack convert`` writes it), so GGUF tokenizers go through the same pipeline as every other:
+
+- ``tokenizer.ggml.model == "gpt2"``: byte-level BPE from ``tokens`` and ``merges``; the pre-tokenizer is
+  the one ``tokenizer.ggml.pre`` names (llama.cpp's table, as the published tokenizer.json files spell it).
+- ``"llama"``: SentencePiece-style BPE with byte fallback; merges are derived from the pieces' scores as
+  transformers' SentencePiece converter derives them.
+
+Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain added tokens.
+"""
+
+from typing import Any
+
+from lmstack.errors import CheckpointError
+
+CONTROL, USER_DEFINED = 3, 4
+_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def _byte_level(use_regex: bool = True) -> dict:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
+
+
+def _split_then_bytes(pattern: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        _byte_level(use_regex=False)]}
+
+
+_DIGITS_THEN_BYTES = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                             _byte_level()]}
+# tokenizer.ggml.pre -> (normalizer, pre_tokenizer, ignore_merges), as each family's tokenizer.json has them
+PRE_TOKENIZERS: dict[str, tuple[dict | None, dict, bool]] = {
+    **{name: (None, _byte_level(), False) for name in ("default", "gpt2", "gpt-2", "mpt", "olmo", "jais")},
+    **{name: (None, _split_then_bytes(_LLAMA3_REGEX), True) for name in ("llama3", "llama-v3", "llama-bpe")},
+    **{name: ({"type": "NFC"}, _split_then_bytes(_QWEN2_REGEX), False) for name in ("qwen2", "stablelm2")},
+    **{name: (None, _DIGITS_THEN_BYTES, False) for name in ("smollm", "starcoder", "refact", "command-r",
+                                                             "codeshell")},
+}
+
+
+def gguf_tokenizer_json(metadata: dict[str, Any], source: str) -> dict[str, Any]:
+    """The tokenizer.json object for the tokenizer in a GGUF file's metadata.
+
+    Raises:
+        CheckpointError: no tokenizer, an unknown tokenizer model or pre-tokenizer name, or malformed fields.
+    """
+    model = metadata.get("tokenizer.ggml.model")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if model is None or not tokens:
+        raise CheckpointError(f"{source}: the GGUF file holds no tokenizer (tokenizer.ggml.model / tokens)")
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise CheckpointError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    if model == "gpt2":
+        data = _byte_level_bpe(metadata, tokens, source)
+    elif model == "llama":
+        data = _sentencepiece_bpe(metadata, tokens, types, source)
+    else:
+        raise CheckpointError(f"{source}: tokenizer model {model!r} is not supported (supported: gpt2, llama)")
+    data["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": kind == CONTROL}
+                            for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (CONTROL, USER_DEFINED)]
+    data["post_processor"] = _template(metadata, tokens)
+    return {"version": "1.0", "truncation": None, "padding": None, **data}
+
+
+def _byte_level_bpe(metadata: dict, tokens: list[str], source: str) -> dict:
+    pre_name = metadata.get("tokenizer.ggml.pre", "default")
+    if pre_name not in PRE_TOKENIZERS:
+        raise CheckpointError(f"{source}: tokenizer.ggml.pre {pre_name!r} names a pre-tokenizer lmstack does not "
+                              f"know (known: {', '.join(sorted(PRE_TOKENIZERS))})")
+    normalizer, pre, ignore_merges = PRE_TOKENIZERS[pre_name]
+    merges = metadata.get("tokenizer.ggml.merges") or []
+    return {"normalizer": normalizer, "pre_tokenizer": pre,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": ignore_merges, "vocab": _vocab(tokens, source),
+                      "merges": [m.split(" ") for m in merges]}}
+
+
+def _sentencepiece_bpe(metadata: dict, tokens: list[str], types: list[int], source: str) -> dict:
+    scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    vocab = _vocab(tokens, source)
+    unk = metadata.get("tokenizer.ggml.unknown_token_id")
+    prefix = [{"type": "Prepend", "prepend": "\u2581"}] if metadata.get("tokenizer.ggml.add_space_prefix", True) else []
+    return {"normalizer": {"type": "Sequence", "normalizers": prefix + [
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+            "pre_tokenizer": None,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])},
+            "model": {"type": "BPE", "dropout": None, "unk_token": tokens[unk] if unk is not None else None,
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                      "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
+                      "merges": score_merges(tokens, scores)}}
+
+
+def score_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
+    """BPE merges from SentencePiece scores, as transformers' SentencePieceExtractor derives them: every
+    split of a piece into two pieces is a merge, ranked by the merged piece's score (higher first)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for merged, score in zip(tokens, scores):
+        local = [(merged[:k], merged[k:], score) for k in range(1, len(merged))
+                 if merged[:k] in vocab and merged[k:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: m[2], reverse=True)  # stable: ties keep the order above
+    return [[left, right] for left, right, _ in merges]
+
+
+def _vocab(tokens: list[str], source: str) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)  # duplicates (rare, unused slots) keep their first id
+    return vocab
+
+
+def _template(metadata: dict, tokens: list[str]) -> dict | None:
+    """BOS / EOS around a sequence when the file says so (tokenizer.ggml.add_bos_token / add_eos_token)."""
+    single, specials = [{"Sequence": {"id": "A", "type_id": 0}}], {}
+    for flag, key, where in (("add_bos_token", "bos_token_id", 0), ("add_eos_token", "eos_token_id", None)):
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        if metadata.get(f"tokenizer.ggml.{flag}") and token_id is not None:
+            token = tokens[token_id]
+            item = {"SpecialToken": {"id": token, "type_id": 0}}
+            single.insert(0, item) if where == 0 else single.append(item)
+            specials[token] = {"id": token, "ids": [token_id], "tokens": [token]}
+    if not specials:
+        return None
+    return {"type": "TemplateProcessing", "single": single, "pair": single, "special_tokens": specials}
+
+
+def gguf_stop_ids(metadata: dict[str, Any]) -> list[int]:
+    """Token ids that end a turn: EOS and EOT / EOM as the file names them."""
+    ids = [metadata.get(f"tokenizer.ggml.{key}") for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int)))

@@ -1,0 +1,52 @@
+"""Weight memory backed by 2 MiB transparent huge pages, for CPU inference.
+
+A decoding step streams ~every weight once; with 4 KiB pages (or weights still mapped from a file)
+address translation, not DRAM, becomes the limit (measured: ~20% slower decoding). ``hugepage_tensors``
+carves float32 tensors out of one private anonymous mapping advised for huge pages and faulted in by a
+multi-threaded ``zero_`` up front (taking the faults one at a time during a copy was several times slower
+here, and a single ``MADV_POPULATE_WRITE`` call about 2x slower, on 2 cores).
+Loaders that produce weights tensor by tensor (GGUF dequantisation) write straight into it, so the
+weights are never held twice; ``in_hugepages`` tells a later caller not to copy them again.
+"""
+
+import mmap
+
+import torch
+
+HUGE_PAGE = 2 * 2**20
+_ALIGN = 4096  # each tensor starts on a page boundary
+_ARENAS: list[tuple[int, int]] = []  # (start, end) addresses of the mappings made here
+
+
+def hugepages_available() -> bool:
+    return hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def hugepage_tensors(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Uninitialised float32 CPU tensors of ``shapes``, all in one huge-page mapping (kept alive by them)."""
+    spans = [-(-max(1, _numel(s)) * 4 // _ALIGN) * _ALIGN for s in shapes]
+    # Private anonymous memory: a shared mapping (mmap's default) is shmem, which THP leaves alone.
+    arena = mmap.mmap(-1, sum(spans) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arena.madvise(mmap.MADV_HUGEPAGE)
+    memory = torch.frombuffer(arena, dtype=torch.uint8)  # every view keeps the mapping alive
+    memory.zero_()  # fault the pages in on all threads at once (faster here than MADV_POPULATE_WRITE)
+    offset = -memory.data_ptr() % HUGE_PAGE
+    _ARENAS.append((memory.data_ptr(), memory.data_ptr() + memory.numel()))
+    tensors = []
+    for shape, span in zip(shapes, spans):
+        tensors.append(memory[offset:offset + _numel(shape) * 4].view(torch.float32).view(shape))
+        offset += span
+    return tensors
+
+
+def in_hugepages(tensor: torch.Tensor) -> bool:
+    """True if ``tensor``'s data lies in a mapping made by ``hugepage_tensors``."""
+    address = tensor.data_ptr()
+    return any(start <= address < end for start, end in _ARENAS)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,27 @@
+"""The priority-queue BPE merge equals the quadratic reference loop, on real merges and adversarial runs."""
+
+import random
+
+from lmstack.tokenizers import train_bpe
+from lmstack.tokenizers.bpe_model import merge_by_rescanning
+from lmstack.tokenizers.pretokenize import to_byte_chars
+from tests.tokenizers.corpus import HELD_OUT, TRAIN
+
+
+def test_heap_merge_equals_rescanning_on_words_and_long_runs():
+    model = train_bpe(TRAIN * 3, 600).model
+    rng = random.Random(0)
+    words = [to_byte_chars(w) for text in HELD_OUT + TRAIN for w in text.split()]
+    alphabet = "aeinst the"
+    words += ["".join(rng.choice(alphabet) for _ in range(rng.randint(50, 400))) for _ in range(20)]
+    words += ["a" * 257, "ab" * 300, " " * 100]
+    for word in words:
+        initial = model.initial_symbols(word)
+        assert model.merge(initial) == merge_by_rescanning(model.table, initial), word[:40]
+
+
+def test_unknown_characters_are_dropped_without_unk_token():
+    """As tokenizers does when a BPE model has neither unk_token nor byte_fallback."""
+    model = train_bpe(TRAIN, 300).model
+    model.vocab = {k: v for k, v in model.vocab.items() if k != "a"}
+    assert model.initial_symbols("bab") == [model.vocab["b"], model.vocab["b"]]
