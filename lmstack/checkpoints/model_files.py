@@ -7,6 +7,7 @@ template and the tokens that end a turn, from a Hugging Face-format directory or
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from lmstack.checkpoints import is_gguf, load_model
 from lmstack.errors import CheckpointError
+from lmstack.nn.memory import move_to_hugepages_
 from lmstack.tokenizers import ChatTemplate, NoTokenizerError, find_chat_template, load_tokenizer, tokenizer_from_json
 
 # Special tokens that end an assistant turn in the major chat formats, stopped at when the vocabulary has them.
@@ -33,9 +35,11 @@ class ModelFiles:
     stop_ids: list[int] = field(default_factory=list)  # generation ends at any of these
 
 
-def open_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype = "auto") -> ModelFiles:
+def open_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
+               hugepages: bool = False) -> ModelFiles:
     """Load the model at ``path`` (directory or .gguf) with its tokenizer, chat template and stop tokens.
+    With ``hugepages``, the linear layers' CPU weights are moved into huge-page memory (for decoding),
+    while the tokenizer is being built.
 
     Raises:
         CheckpointError, ConfigError, TokenizerError: unreadable files, naming them.
@@ -46,16 +50,26 @@ def open_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         from lmstack.checkpoints.gguf_tokenizer import gguf_stop_ids, gguf_tokenizer_json
 
         file = read_gguf(path)
-        model, metadata = load_gguf(file, device=device, dtype=dtype), file.metadata
-        tokenizer = tokenizer_from_json(gguf_tokenizer_json(metadata, str(path)), source=str(path))
+        metadata = file.metadata
+        # The tokenizer is built (pure Python) while the weights dequantise (numpy, which releases the GIL).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tokenizer = pool.submit(lambda: tokenizer_from_json(gguf_tokenizer_json(metadata, str(path)),
+                                                                source=str(path)))
+            model = load_gguf(file, device=device, dtype=dtype)
+            tokenizer = tokenizer.result()
         template = find_chat_template(None, metadata.get("tokenizer.chat_template"))
         stops = gguf_stop_ids(metadata)
     else:
         model = load_model(path, device=device, dtype=dtype)
-        try:
-            tokenizer = load_tokenizer(path)
-        except NoTokenizerError:
-            tokenizer = None
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the copy releases the GIL; tokenizer building holds it
+            if hugepages:
+                moving = pool.submit(move_to_hugepages_, [m.weight for m in model.modules() if isinstance(m, nn.Linear)])
+            try:
+                tokenizer = load_tokenizer(path)
+            except NoTokenizerError:
+                tokenizer = None
+            if hugepages:
+                moving.result()
         template = find_chat_template(path)
         stops = _generation_config_eos(path)
     stops += _as_list(getattr(model.config, "eos_token_id", None))

@@ -9,6 +9,7 @@
 """
 
 from lmstack.kernels.build import load_cpu_kernels
-from lmstack.kernels.skinny_linear import MAX_ROWS, SkinnyLinear, move_to_hugepages_, use_skinny_linears_
+from lmstack.kernels.skinny_linear import MAX_ROWS, SkinnyLinear, use_skinny_linears_
+from lmstack.nn.memory import move_to_hugepages_
 
 __all__ = ["MAX_ROWS", "SkinnyLinear", "load_cpu_kernels", "move_to_hugepages_", "use_skinny_linears_"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.kernels.build import load_cpu_kernels
-from lmstack.nn.memory import hugepage_tensors, hugepages_available, in_hugepages
+from lmstack.nn.memory import move_to_hugepages_
 
 MAX_ROWS = 8  # the kernels are specialised for 1 to 8 rows
 
@@ -66,17 +66,3 @@ def use_skinny_linears_(model: nn.Module, hugepages: bool = True) -> nn.Module:
     if hugepages:
         move_to_hugepages_([s.weight for s in skinny])
     return model
-
-
-@torch.no_grad()
-def move_to_hugepages_(params: list[nn.Parameter]) -> None:
-    """Copy CPU fp32 parameters into one huge-page mapping (``lmstack.nn.memory``), skipping those already
-    there. Each Parameter keeps its identity (only ``.data`` moves), so tied weights stay tied. A no-op
-    where the platform has no MADV_HUGEPAGE."""
-    unique = list({id(p): p for p in params if p.device.type == "cpu" and p.dtype == torch.float32
-                   and not in_hugepages(p)}.values())
-    if not unique or not hugepages_available():
-        return
-    for param, view in zip(unique, hugepage_tensors([tuple(p.shape) for p in unique])):
-        view.copy_(param.data)
-        param.data = view

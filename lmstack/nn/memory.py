@@ -26,7 +26,9 @@ def hugepage_tensors(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     """Uninitialised float32 CPU tensors of ``shapes``, all in one huge-page mapping (kept alive by them)."""
     spans = [-(-max(1, _numel(s)) * 4 // _ALIGN) * _ALIGN for s in shapes]
     # Private anonymous memory: a shared mapping (mmap's default) is shmem, which THP leaves alone.
-    arena = mmap.mmap(-1, sum(spans) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # Whole huge pages from the first 2 MiB boundary on: one page of slack for the alignment.
+    size = -(-sum(spans) // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE
+    arena = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     arena.madvise(mmap.MADV_HUGEPAGE)
     memory = torch.frombuffer(arena, dtype=torch.uint8)  # every view keeps the mapping alive
     memory.zero_()  # fault the pages in on all threads at once (faster here than MADV_POPULATE_WRITE)
@@ -37,6 +39,20 @@ def hugepage_tensors(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
         tensors.append(memory[offset:offset + _numel(shape) * 4].view(torch.float32).view(shape))
         offset += span
     return tensors
+
+
+@torch.no_grad()
+def move_to_hugepages_(params: list[torch.nn.Parameter]) -> None:
+    """Copy CPU fp32 parameters into one huge-page mapping, skipping those already in one. Each Parameter
+    keeps its identity (only ``.data`` moves), so tied weights stay tied. A no-op where the platform has
+    no MADV_HUGEPAGE."""
+    unique = list({id(p): p for p in params if p.device.type == "cpu" and p.dtype == torch.float32
+                   and not in_hugepages(p)}.values())
+    if not unique or not hugepages_available():
+        return
+    for param, view in zip(unique, hugepage_tensors([tuple(p.shape) for p in unique])):
+        view.copy_(param.data)
+        param.data = view
 
 
 def in_hugepages(tensor: torch.Tensor) -> bool:

@@ -85,7 +85,7 @@ class ChatSession:
 
 
 def run(cfg: ChatConfig) -> list[dict]:
-    files = open_model(resolve_model_dir(cfg.model))
+    files = open_model(resolve_model_dir(cfg.model), hugepages=cfg.fast_kernels)
     if files.tokenizer is None:
         raise ConfigError(f"{cfg.model}: chat needs a tokenizer (tokenizer.json, vocab.json + merges.txt, or a "
                           "GGUF file's own)")

@@ -43,7 +43,7 @@ def prompt_tensor(cfg: GenerateJobConfig, tokenizer) -> torch.Tensor:
 
 
 def run(cfg: GenerateJobConfig) -> torch.Tensor:
-    files = open_model(resolve_model_dir(cfg.model))
+    files = open_model(resolve_model_dir(cfg.model), hugepages=cfg.fast_kernels)
     model, tokenizer = files.model, files.tokenizer
     ids = prompt_tensor(cfg, tokenizer)
     vocab = model.config.vocab_size

@@ -68,7 +68,7 @@ def _common_lines(model) -> list[str]:
         attention = f"{cfg.n_heads} heads, {cfg.n_kv_heads} key/value heads, head_dim {cfg.head_dim}"
         if cfg.sliding_window is not None:
             attention += f", sliding window {cfg.sliding_window}"
-        lines += [f"kind            decoder (causal language model)",
+        lines += ["kind            decoder (causal language model)",
                   f"context length  {cfg.max_seq_len:,} tokens",
                   f"shape           {cfg.n_layers} layers, width {cfg.dim}, feed-forward {cfg.ffn_dim} ({cfg.mlp}, "
                   f"{cfg.activation}), vocabulary {cfg.vocab_size:,}",
@@ -85,7 +85,7 @@ def _common_lines(model) -> list[str]:
                   f"attention       {cfg.n_heads} heads", "positions       learned",
                   f"norm            layernorm, post-norm (eps {cfg.norm_eps:g})"]
     elif isinstance(cfg, EncoderDecoderConfig):
-        lines += [f"kind            encoder-decoder (T5)",
+        lines += ["kind            encoder-decoder (T5)",
                   f"shape           {cfg.n_layers} encoder + {cfg.n_decoder_layers} decoder layers, width {cfg.dim}, "
                   f"feed-forward {cfg.ffn_dim} ({cfg.mlp}, {cfg.activation}), vocabulary {cfg.vocab_size:,}",
                   f"attention       {cfg.n_heads} heads, head_dim {cfg.head_dim}",

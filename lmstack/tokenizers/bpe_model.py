@@ -13,6 +13,7 @@ import heapq
 from lmstack.errors import TokenizerError
 
 _CACHE_LIMIT = 200_000
+NATIVE_FROM = 64  # pieces of at least this many symbols go to the compiled merge (when it can be built)
 
 
 class BPE:
@@ -27,13 +28,15 @@ class BPE:
         fuse_unk: consecutive unknown characters become one unknown token.
         byte_fallback: unknown characters become their UTF-8 bytes as ``<0xXX>`` tokens (Llama 2, Mistral).
         ignore_merges: a piece that is itself a token is taken whole (Llama 3).
+        native: merge long pieces with the compiled merge (``native_bpe``; same ids), built on first need.
     Raises:
         TokenizerError: a merge or the unknown token names something not in the vocabulary.
     """
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, unk_token: str | None = None,
                  continuing_subword_prefix: str | None = None, end_of_word_suffix: str | None = None,
-                 fuse_unk: bool = False, byte_fallback: bool = False, ignore_merges: bool = False) -> None:
+                 fuse_unk: bool = False, byte_fallback: bool = False, ignore_merges: bool = False,
+                 native: bool = True) -> None:
         self.vocab, self.merges = vocab, merges
         self.unk_token, self.fuse_unk, self.byte_fallback = unk_token, fuse_unk, byte_fallback
         self.prefix, self.suffix = continuing_subword_prefix or "", end_of_word_suffix or ""
@@ -50,6 +53,7 @@ class BPE:
                                          "vocabulary")
             self.table[vocab[left], vocab[right]] = (rank, vocab[merged])
         self._cache: dict[str, list[int]] = {}
+        self.native, self._native = native, None
 
     def tokenize(self, piece: str) -> list[int]:
         """Token ids of one pre-tokenized piece."""
@@ -58,7 +62,9 @@ class BPE:
             if self.ignore_merges and piece in self.vocab:
                 ids = [self.vocab[piece]]
             else:
-                ids = self.merge(self.initial_symbols(piece))
+                symbols = self.initial_symbols(piece)
+                ids = self._native_merge(symbols) if self.native and len(symbols) >= NATIVE_FROM else \
+                    self.merge(symbols)
             if len(self._cache) < _CACHE_LIMIT:
                 self._cache[piece] = ids
         return ids
@@ -85,6 +91,13 @@ class BPE:
                     ids.append(vocab[self.unk_token])
                 unk_run = True
         return ids
+
+    def _native_merge(self, ids: list[int]) -> list[int]:
+        if self._native is None:
+            from lmstack.tokenizers.native_bpe import native_merger
+
+            self._native = native_merger(self.table) or False  # False: unavailable, do not try again
+        return self._native.merge(ids) if self._native else self.merge(ids)
 
     def merge(self, ids: list[int]) -> list[int]:
         """Apply merges to a symbol sequence: lowest rank first, leftmost first (a min-heap of candidates)."""

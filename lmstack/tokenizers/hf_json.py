@@ -48,11 +48,9 @@ def tokenizer_from_json(data: dict[str, Any], source: str = "tokenizer.json") ->
 def _pipeline(data: dict[str, Any]) -> Tokenizer:
     model = _model(data.get("model"))
     added = _added_tokens(data.get("added_tokens") or [])
-    contents = {t.content: t.id for t in added}
     return Tokenizer(model, normalizer=build_normalizer(data.get("normalizer")),
                      pre_tokenizer=build_pre_tokenizer(data.get("pre_tokenizer")),
-                     post_processor=build_post_processor(data.get("post_processor"),
-                                                         lambda t: contents.get(t, model.vocab.get(t))),
+                     post_processor=build_post_processor(data.get("post_processor")),
                      decoder=build_decoder(data.get("decoder")), added_tokens=added, hf_json=data)
 
 

@@ -1,12 +1,11 @@
 """Post-processors of the tokenizer.json pipeline: the special tokens placed around one sequence or a pair.
 
-``build_post_processor(spec, token_id)`` returns a PostProcessor whose ``apply(a, b)`` gives the final ids
+``build_post_processor(spec)`` returns a PostProcessor whose ``apply(a, b)`` gives the final ids
 and token-type ids. Supported: TemplateProcessing, BertProcessing, RobertaProcessing, ByteLevel (no ids of
 its own), Sequence. Anything else raises TokenizerError naming it.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 from lmstack.errors import TokenizerError
 
@@ -41,8 +40,8 @@ class PostProcessor:
         return before, after
 
 
-def build_post_processor(spec: dict | None, token_id: Callable[[str], int | None]) -> PostProcessor:
-    """The PostProcessor ``spec`` describes; ``token_id`` looks up special tokens named by content."""
+def build_post_processor(spec: dict | None) -> PostProcessor:
+    """The PostProcessor ``spec`` (a tokenizer.json "post_processor" object) describes."""
     if spec is None:
         return PostProcessor()
     if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
@@ -53,7 +52,7 @@ def build_post_processor(spec: dict | None, token_id: Callable[[str], int | None
     if kind == "TemplateProcessing":
         return _template(spec)
     if kind in ("BertProcessing", "RobertaProcessing"):
-        (cls_token, cls_id), (sep_token, sep_id) = spec["cls"], spec["sep"]
+        (_, cls_id), (_, sep_id) = spec["cls"], spec["sep"]  # [token, id] pairs
         cls_, sep = [int(cls_id)], [int(sep_id)]
         second_sep = sep + sep if kind == "RobertaProcessing" else sep
         b_type = 1 if kind == "BertProcessing" else 0
@@ -61,7 +60,7 @@ def build_post_processor(spec: dict | None, token_id: Callable[[str], int | None
                              pair=[("special", cls_, 0), ("sequence", "A", 0), ("special", second_sep, 0),
                                    ("sequence", "B", b_type), ("special", sep, b_type)])
     if kind == "Sequence":
-        processors = [build_post_processor(p, token_id) for p in spec.get("processors") or []]
+        processors = [build_post_processor(p) for p in spec.get("processors") or []]
         templated = [p for p in processors if p != PostProcessor()]
         if len(templated) > 1:
             raise TokenizerError("post_processor Sequence with more than one template-adding processor is not "

@@ -137,3 +137,13 @@ def test_bad_prompts_are_named(model):
         generate(model, torch.zeros(1, 60, dtype=torch.long), GenerationConfig(max_new_tokens=10))
     with pytest.raises(ConfigError, match="not beam search"):
         stream(model, torch.zeros(1, 3, dtype=torch.long), GenerationConfig(num_beams=2))
+
+
+def test_special_tokens_are_hidden_from_streamed_text_unless_asked():
+    from lmstack.tokenizers import train_bpe
+    from tests.tokenizers.corpus import TRAIN
+
+    tok = train_bpe(TRAIN, 300, special_tokens=["<|im_start|>", "<|im_end|>"])
+    ids = tok.encode("hi <|im_start|>there", add_special_tokens=False)
+    assert "".join(text_deltas(iter(ids), tok, stop_ids=set(), skip_special_tokens=True)) == "hi there"
+    assert "<|im_start|>" in "".join(text_deltas(iter(ids), tok, stop_ids=set()))

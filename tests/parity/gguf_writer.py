@@ -71,7 +71,7 @@ def gguf_tensors(hf_model, arch: str) -> dict[str, np.ndarray]:
 
 
 def write_gguf(path, hf_model, arch: str, kind: str = "F32", seed: int = 0, tokenizer: dict | None = None,
-               name: str | None = None) -> None:
+               name: str | None = None, tokens: bool = True) -> None:
     """Write ``hf_model`` as a GGUF file of architecture ``arch`` with 2-D weights stored as ``kind``.
     llama.cpp writes Mistral models as ``llama`` (transformers tells them apart by general.name "mistral")."""
     rng = np.random.default_rng(seed)
@@ -97,7 +97,8 @@ def write_gguf(path, hf_model, arch: str, kind: str = "F32", seed: int = 0, toke
         if arch in ("llama", "mistral"):
             writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])  # transformers takes GPT-2's vocab size from it
+    if tokens:  # transformers takes GPT-2's vocab size from it
+        writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
     for key, value in (tokenizer or {}).items():
         writer.add_key_value(key, *value)
     for name, w in gguf_tensors(hf_model, arch).items():

@@ -3,6 +3,7 @@ transformers' own GGUF loading (``from_pretrained(dir, gguf_file=...)``) on Smol
 GGUF files written here from random-init models of each architecture and quant type."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,40 @@ def test_container_reader_equals_the_gguf_package(smollm2, tmp_path):
             kind, shape, data = want_tensors[name]
             assert (tensor.kind, tensor.shape) == (kind, shape)
             assert np.array_equal(tensor.data, data)
+
+
+def _tokenizer_metadata(vocab_size: int) -> dict:
+    """GGUF tokenizer fields of a byte-level BPE trained here (SmolLM-style digits pre-tokenizer)."""
+    from lmstack.tokenizers import train_bpe
+    from tests.tokenizers.corpus import TRAIN
+
+    tok = train_bpe(TRAIN * 2, vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokens = [tok.id_to_token[i] for i in range(tok.vocab_size)]
+    types = [3 if i in tok.special_ids else 1 for i in range(tok.vocab_size)]
+    V = gguf.GGUFValueType
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    return {"tokenizer.ggml.model": ("gpt2", V.STRING), "tokenizer.ggml.pre": ("smollm", V.STRING),
+            "tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING), "tokenizer.ggml.token_type": (types, V.ARRAY, V.INT32),
+            "tokenizer.ggml.merges": ([f"{a} {b}" for a, b in tok.merges], V.ARRAY, V.STRING),
+            "tokenizer.ggml.bos_token_id": (1, V.UINT32), "tokenizer.ggml.eos_token_id": (2, V.UINT32),
+            "tokenizer.chat_template": (template, V.STRING)}
+
+
+def test_convert_writes_an_hf_folder_transformers_and_tokenizers_read(tmp_path):
+    from lmstack.cli import main
+
+    hf = hf_reference("llama", dim=64, ffn=128, vocab=320)
+    path, out = tmp_path / "tiny.gguf", tmp_path / "hf"
+    write_gguf(path, hf, "llama", "Q8_0", tokenizer=_tokenizer_metadata(320), tokens=False)
+    assert main(["convert", str(path), str(out)]) == 0
+    ids = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = load_gguf(path)(ids)
+        got = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    reference = pytest.importorskip("tokenizers").Tokenizer.from_file(str(out / "tokenizer.json"))
+    ours = tokenizer_from_json(gguf_tokenizer_json(read_gguf(path).metadata, str(path)))
+    for text in ("Hello 12345 world", "<|im_start|>user\nHi<|im_end|>", "naïve — 中文"):
+        assert reference.encode(text).ids == ours.encode(text)
+    assert "<|im_start|>" in (out / "chat_template.jinja").read_text()
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2

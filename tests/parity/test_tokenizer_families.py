@@ -18,8 +18,7 @@ from lmstack.tokenizers.pretokenize import CL100K_PATTERN
 from tests.tokenizers.corpus import HELD_OUT, TRAIN
 
 tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import (AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors,  # noqa: E402
-                        trainers)
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 
 QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")

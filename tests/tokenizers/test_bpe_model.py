@@ -4,6 +4,7 @@ import random
 
 from lmstack.tokenizers import train_bpe
 from lmstack.tokenizers.bpe_model import merge_by_rescanning
+from lmstack.tokenizers.native_bpe import native_merger
 from lmstack.tokenizers.pretokenize import to_byte_chars
 from tests.tokenizers.corpus import HELD_OUT, TRAIN
 
@@ -15,9 +16,13 @@ def test_heap_merge_equals_rescanning_on_words_and_long_runs():
     alphabet = "aeinst the"
     words += ["".join(rng.choice(alphabet) for _ in range(rng.randint(50, 400))) for _ in range(20)]
     words += ["a" * 257, "ab" * 300, " " * 100]
+    native = native_merger(model.table)
     for word in words:
         initial = model.initial_symbols(word)
-        assert model.merge(initial) == merge_by_rescanning(model.table, initial), word[:40]
+        want = merge_by_rescanning(model.table, initial)
+        assert model.merge(initial) == want, word[:40]
+        if native is not None:
+            assert native.merge(initial) == want, word[:40]
 
 
 def test_unknown_characters_are_dropped_without_unk_token():
@@ -25,3 +30,10 @@ def test_unknown_characters_are_dropped_without_unk_token():
     model = train_bpe(TRAIN, 300).model
     model.vocab = {k: v for k, v in model.vocab.items() if k != "a"}
     assert model.initial_symbols("bab") == [model.vocab["b"], model.vocab["b"]]
+
+
+def test_the_compiled_merge_is_built_and_used_for_long_pieces():
+    model = train_bpe(TRAIN * 3, 600).model
+    piece = to_byte_chars(" ".join(TRAIN))  # one long piece, as a tokenizer without pre-tokenizer sees it
+    assert model.tokenize(piece) == merge_by_rescanning(model.table, model.initial_symbols(piece))
+    assert model._native, "the compiled merge should be available on this machine (a C++ compiler is)"
