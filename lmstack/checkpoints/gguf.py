@@ -48,6 +48,14 @@ class GGUFTensor:
     shape: tuple[int, ...]
     data: np.ndarray
 
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Dequantise straight into ``out`` (contiguous float32 CPU, this tensor's shape): no temporary."""
+        if tuple(out.shape) != self.shape or out.dtype != torch.float32 or not out.is_contiguous():
+            raise CheckpointError(f"tensor {self.name!r} of shape {list(self.shape)} cannot fill "
+                                  f"{list(out.shape)} {out.dtype}")
+        dequantize(self.data, self.kind, out.numel(), out=out.numpy().reshape(-1))
+        return out
+
     def to_torch(self) -> torch.Tensor:
         n = int(np.prod(self.shape)) if self.shape else 1
         values = dequantize(self.data, self.kind, n).reshape(self.shape)
@@ -223,23 +231,36 @@ def _third(i: int, t: torch.Tensor) -> torch.Tensor:
     return t.chunk(3, dim=0)[i]
 
 
-def gguf_state_dict(file: GGUFFile, config,
-                    store: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The model's state dict (our names, float32) from the GGUF tensors; ``store(name, value)`` may put each
-    value where it belongs (and return it there). Tensors are dequantised on torch's thread count in
-    parallel (numpy releases the GIL), at most two per thread in flight, so temporaries stay small."""
-    state, plan = {}, gguf_tensor_plan(file, config)
+def gguf_state_dict(file: GGUFFile, config, places: dict[str, torch.Tensor] | None = None,
+                    check: Callable[[str, tuple[int, ...]], None] | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict (our names, float32) from the GGUF tensors.
+
+    With ``places`` (our name -> preallocated float32 CPU tensor), each value is written there: a tensor
+    that needs no fix-up is dequantised straight into its place, the others (llama q/k, GPT-2's qkv) via
+    a temporary. ``check(name, shape)`` validates each value before it is written. Without places, the
+    remaining tensors are dequantised on torch's thread count, at most two per thread in flight.
+    """
+    state, plan, places = {}, gguf_tensor_plan(file, config), places or {}
+    check = check or (lambda name, shape: None)
+    pending: deque = deque()
     workers = max(1, torch.get_num_threads())
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
         for source in [*plan, None]:
             if source is not None:
+                targets = plan[source]
+                if len(targets) == 1 and targets[0][1] is _same and targets[0][0] in places:
+                    ours = targets[0][0]
+                    check(ours, file.tensors[source].shape)
+                    state[ours] = file.tensors[source].dequantize_into(places[ours])  # multi-threaded inside
+                    continue
                 pending.append((source, pool.submit(file.tensors[source].to_torch)))
             while pending and (source is None or len(pending) > 2 * workers):
                 name, future = pending.popleft()
                 value = future.result()
                 for ours, fix in plan[name]:
-                    state[ours] = store(ours, fix(value)) if store is not None else fix(value).contiguous()
+                    fixed = fix(value)
+                    check(ours, tuple(fixed.shape))
+                    state[ours] = places[ours].copy_(fixed) if ours in places else fixed.contiguous()
     return state
 
 
@@ -268,20 +289,21 @@ def load_gguf(path: "str | os.PathLike | GGUFFile", *, device: str | torch.devic
     device = torch.device(device)
     target = resolve_dtype(dtype, device, torch.float32)
     places = {}
-    if device.type == "cpu" and target == torch.float32 and hugepages_available():
-        places = dict(zip(expected, hugepage_tensors(list(expected.values()))))
+    if device.type == "cpu" and target == torch.float32:
+        shapes = list(expected.values())
+        made = hugepage_tensors(shapes) if hugepages_available() else [torch.empty(s) for s in shapes]
+        places = dict(zip(expected, made))
 
-    def store(name: str, value: torch.Tensor) -> torch.Tensor:
+    def check(name: str, shape: tuple[int, ...]) -> None:
         if name not in expected:
             raise CheckpointError(f"{file.path}: tensor for {name!r} has no place in this model")
-        if tuple(value.shape) != expected[name]:
-            raise CheckpointError(f"{file.path}: tensor for {name!r} has shape {list(value.shape)}, the metadata "
+        if tuple(shape) != expected[name]:
+            raise CheckpointError(f"{file.path}: tensor for {name!r} has shape {list(shape)}, the metadata "
                                   f"implies {list(expected[name])}")
-        if name in places:
-            return places[name].copy_(value)
-        return value.to(device=device, dtype=target, copy=True)
 
-    state = gguf_state_dict(file, config, store)
+    state = gguf_state_dict(file, config, places, check)
+    if not places:  # another device or dtype
+        state = {name: value.to(device=device, dtype=target) for name, value in state.items()}
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{file.path}: missing tensors for {missing[:5]} that the metadata implies")

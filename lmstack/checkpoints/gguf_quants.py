@@ -8,12 +8,22 @@ float16 and packed integer codes. Block sizes in elements / bytes:
 
 Every function takes ``blocks`` (n_blocks, bytes per block) uint8 and returns (n_blocks, elements) float32,
 computed in the same order of float32 operations as ggml, so results equal ``gguf.quants.dequantize``
-bit for bit (tested). numpy only: no torch, no reference library.
+bit for bit (tested). numpy only: no torch, no reference library. ``csrc/dequant.cpp`` is the same
+arithmetic compiled (OpenMP, no fused multiply-adds), used by ``dequantize`` where it can be built and
+tested equal to these.
 """
+
+import ctypes
+import functools
+import sys
+from pathlib import Path
 
 import numpy as np
 
 from lmstack.errors import CheckpointError
+from lmstack.native import shared_library
+
+_CSRC = Path(__file__).with_name("csrc")
 
 QK_K = 256
 
@@ -142,13 +152,47 @@ FLOAT_FORMATS = {"F32": np.float32, "F16": np.float16}
 SUPPORTED = ("F32", "F16", "BF16", *BLOCK_FORMATS)
 
 
-def dequantize(data: np.ndarray, kind: str, n_elements: int) -> np.ndarray:
-    """A GGUF tensor's raw data (bytes, or already-typed float arrays) -> flat float32 of ``n_elements``.
+@functools.cache
+def _native():
+    """The compiled dequantisers (``csrc/dequant.cpp``, ctypes; built once per machine), or None."""
+    try:
+        lib = ctypes.CDLL(str(shared_library("lmstack_dequant", [_CSRC / "dequant.cpp"],
+                                             ("-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"))))
+    except Exception as error:  # no compiler: the numpy dequantisers serve
+        print(f"lmstack: compiled dequantisers unavailable ({type(error).__name__}); using numpy", file=sys.stderr)
+        return None
+    lib.dequantize.restype = ctypes.c_int
+    lib.dequantize.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    return lib
+
+
+def dequantize(data: np.ndarray, kind: str, n_elements: int, out: np.ndarray | None = None,
+               native: bool = True) -> np.ndarray:
+    """A GGUF tensor's raw data (bytes, or already-typed float arrays) -> flat float32 of ``n_elements``,
+    written into ``out`` (a contiguous float32 array of that size) when given. Block formats use the
+    compiled dequantisers when ``native`` and they can be built (equal results), else the numpy ones.
 
     Raises:
         CheckpointError: an unsupported format, or data whose size does not match ``n_elements``.
     """
     raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if native and kind in BLOCK_FORMATS and _native() is not None:
+        per_block, nbytes, _ = BLOCK_FORMATS[kind]
+        if n_elements % per_block or raw.size != n_elements // per_block * nbytes:
+            raise CheckpointError(f"{kind} data of {raw.size} bytes does not hold {n_elements} elements")
+        target = out if out is not None else np.empty(n_elements, dtype=np.float32)
+        if target.dtype != np.float32 or target.size != n_elements or not target.flags.c_contiguous:
+            raise ValueError("out must be a contiguous float32 array of n_elements")
+        _native().dequantize(kind.encode(), raw.ctypes.data, raw.size // nbytes, target.ctypes.data)
+        return target.reshape(-1)
+    values = _dequantize_numpy(raw, kind, n_elements)
+    if out is not None:
+        np.copyto(out.reshape(-1), values)
+        return out.reshape(-1)
+    return values
+
+
+def _dequantize_numpy(raw: np.ndarray, kind: str, n_elements: int) -> np.ndarray:
     if kind in FLOAT_FORMATS:
         values = raw.view(FLOAT_FORMATS[kind]).astype(np.float32, copy=False)
     elif kind == "BF16":  # the high half of a float32

@@ -79,8 +79,11 @@ class ChatSession:
 
     def _render(self) -> str:
         tokenizer, config = self.files.tokenizer, self.files.model.config
-        names = {key: tokenizer.id_to_token.get(getattr(config, f"{key}_id", None) or -1, "")
-                 for key in ("bos_token", "eos_token")}
+        names = {}  # the template may write them ("{{ bos_token }}"): the model's own, or nothing
+        for key in ("bos_token", "eos_token"):
+            token_id = getattr(config, f"{key}_id", None)
+            token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
+            names[key] = tokenizer.id_to_token.get(token_id, "") if isinstance(token_id, int) else ""
         return render_chat(self.messages, self.files.chat_template.text, add_generation_prompt=True, **names)
 
 

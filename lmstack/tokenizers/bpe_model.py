@@ -13,7 +13,7 @@ import heapq
 from lmstack.errors import TokenizerError
 
 _CACHE_LIMIT = 200_000
-NATIVE_FROM = 64  # pieces of at least this many symbols go to the compiled merge (when it can be built)
+NATIVE_FROM = 64  # pieces of at least this many characters go to the compiled code (when it can be built)
 
 
 class BPE:
@@ -53,7 +53,7 @@ class BPE:
                                          "vocabulary")
             self.table[vocab[left], vocab[right]] = (rank, vocab[merged])
         self._cache: dict[str, list[int]] = {}
-        self.native, self._native = native, None
+        self.native, self._native, self._native_encodes = native, None, False
 
     def tokenize(self, piece: str) -> list[int]:
         """Token ids of one pre-tokenized piece."""
@@ -61,10 +61,11 @@ class BPE:
         if ids is None:
             if self.ignore_merges and piece in self.vocab:
                 ids = [self.vocab[piece]]
+            elif self.native and len(piece) >= NATIVE_FROM and self._native_ready():
+                ids = self._native.encode(piece) if self._native_encodes else \
+                    self._native.merge(self.initial_symbols(piece))
             else:
-                symbols = self.initial_symbols(piece)
-                ids = self._native_merge(symbols) if self.native and len(symbols) >= NATIVE_FROM else \
-                    self.merge(symbols)
+                ids = self.merge(self.initial_symbols(piece))
             if len(self._cache) < _CACHE_LIMIT:
                 self._cache[piece] = ids
         return ids
@@ -92,12 +93,18 @@ class BPE:
                 unk_run = True
         return ids
 
-    def _native_merge(self, ids: list[int]) -> list[int]:
+    def _native_ready(self) -> bool:
+        """Build the compiled merger on first need (False, not None, once it proved unavailable)."""
         if self._native is None:
             from lmstack.tokenizers.native_bpe import native_merger
 
-            self._native = native_merger(self.table) or False  # False: unavailable, do not try again
-        return self._native.merge(ids) if self._native else self.merge(ids)
+            self._native = native_merger(self.table) or False
+            # Whole pieces in C++ too, where the symbols need no prefix or suffix.
+            self._native_encodes = bool(self._native) and not self.prefix and not self.suffix
+            if self._native_encodes:
+                self._native.set_vocabulary(self.vocab, self.vocab.get(self.unk_token) if self.unk_token else None,
+                                            self.fuse_unk, self.byte_fallback)
+        return bool(self._native)
 
     def merge(self, ids: list[int]) -> list[int]:
         """Apply merges to a symbol sequence: lowest rank first, leftmost first (a min-heap of candidates)."""

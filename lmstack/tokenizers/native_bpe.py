@@ -8,6 +8,7 @@ pure-Python merge is used.
 
 import ctypes
 import functools
+import itertools
 import sys
 from array import array
 from pathlib import Path
@@ -31,6 +32,10 @@ def _library():
     lib.bpe_table_free.argtypes = [ctypes.c_void_p]
     lib.bpe_merge.restype = ctypes.c_int64
     lib.bpe_merge.argtypes = [ctypes.c_void_p, _INT32_P, ctypes.c_int64]
+    lib.bpe_table_set_vocab.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64), _INT32_P,
+                                        ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
+    lib.bpe_encode.restype = ctypes.c_int64
+    lib.bpe_encode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, _INT32_P]
     return lib
 
 
@@ -40,7 +45,9 @@ def _pointer(values: array):
 
 
 class NativeMerger:
-    """A merge table held in C++; ``merge(ids)`` equals ``BPE.merge(ids)``."""
+    """A merge table held in C++; ``merge(ids)`` equals ``BPE.merge(ids)``. With ``set_vocabulary``,
+    ``encode(piece)`` equals ``BPE.merge(BPE.initial_symbols(piece))`` for models without
+    continuing-subword prefix or end-of-word suffix."""
 
     def __init__(self, table: dict[tuple[int, int], tuple[int, int]]) -> None:
         self._lib = _library()
@@ -55,6 +62,19 @@ class NativeMerger:
         values = array("i", ids)
         n = self._lib.bpe_merge(self._handle, _pointer(values), len(values))
         return values[:n].tolist()
+
+    def set_vocabulary(self, vocab: dict[str, int], unk_id: int | None, fuse_unk: bool, byte_fallback: bool) -> None:
+        encoded = [token.encode("utf-8") for token in vocab]
+        offsets = (ctypes.c_int64 * (len(encoded) + 1))(0, *itertools.accumulate(map(len, encoded)))
+        ids = array("i", vocab.values())
+        self._lib.bpe_table_set_vocab(self._handle, b"".join(encoded), offsets, _pointer(ids), len(encoded),
+                                      -1 if unk_id is None else unk_id, int(fuse_unk), int(byte_fallback))
+
+    def encode(self, piece: str) -> list[int]:
+        data = piece.encode("utf-8")
+        out = array("i", bytes(4 * len(data)))
+        n = self._lib.bpe_encode(self._handle, data, len(data), _pointer(out))
+        return out[:n].tolist()
 
     def __del__(self) -> None:
         handle = getattr(self, "_handle", None)

@@ -28,8 +28,9 @@ def smollm2_file() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("kind", [*BLOCK_FORMATS, "F16", "BF16"])
-def test_dequantisers_equal_the_gguf_package(kind):
+def test_dequantisers_equal_the_gguf_package(kind, native):
     rng = np.random.default_rng(1)
     if kind in BLOCK_FORMATS:
         per, _ = BLOCK_FORMATS[kind][:2]
@@ -43,8 +44,11 @@ def test_dequantisers_equal_the_gguf_package(kind):
             gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16)
         n = values.size
     want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]).reshape(-1)
-    got = dequantize(raw, kind, n)
+    got = dequantize(raw, kind, n, native=native)
     assert got.dtype == np.float32 and np.array_equal(got, want, equal_nan=True)
+    into = np.full(n, 7.0, dtype=np.float32)
+    dequantize(raw, kind, n, out=into, native=native)
+    assert np.array_equal(into, want, equal_nan=True)
 
 
 def _reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:

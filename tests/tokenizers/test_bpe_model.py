@@ -37,3 +37,22 @@ def test_the_compiled_merge_is_built_and_used_for_long_pieces():
     piece = to_byte_chars(" ".join(TRAIN))  # one long piece, as a tokenizer without pre-tokenizer sees it
     assert model.tokenize(piece) == merge_by_rescanning(model.table, model.initial_symbols(piece))
     assert model._native, "the compiled merge should be available on this machine (a C++ compiler is)"
+
+
+def test_compiled_encode_equals_python_with_byte_fallback_and_unknowns():
+    """Whole pieces in C++ (initial symbols + merges) against the Python path, on a vocabulary missing
+    characters: byte fallback where all bytes exist, else the (fused) unknown token."""
+    from lmstack.tokenizers.bpe_model import BPE
+
+    base = train_bpe(TRAIN * 3, 600).model
+    vocab = {token: i for token, i in base.vocab.items() if len(token) > 1 or token.isascii()}
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(0xC0, 0x100)})
+    vocab["<unk>"] = len(vocab) + 300
+    merges = [(a, b) for a, b in base.merges if a in vocab and b in vocab and a + b in vocab]
+    text = "".join(TRAIN) * 2 + " é ü 中文 🙂"
+    for byte_fallback in (True, False):
+        for fuse in (True, False):
+            python = BPE(vocab, merges, unk_token="<unk>", byte_fallback=byte_fallback, fuse_unk=fuse, native=False)
+            compiled = BPE(vocab, merges, unk_token="<unk>", byte_fallback=byte_fallback, fuse_unk=fuse)
+            assert compiled.tokenize(text) == python.tokenize(text)
+            assert compiled._native_encodes

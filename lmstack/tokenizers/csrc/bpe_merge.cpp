@@ -1,9 +1,14 @@
 // BPE merging of one symbol sequence, the algorithm of lmstack/tokenizers/bpe_model.py (BPE.merge) in C++:
 // a min-heap of (rank, position, merged id) candidates over a linked list of symbols; stale candidates
 // (a neighbour merged since they were queued) are skipped when popped. Plain C ABI, loaded with ctypes.
+//
+// bpe_encode also does BPE.initial_symbols first (one symbol per UTF-8 character; a character the
+// vocabulary lacks becomes its <0xXX> byte tokens with byte fallback, else the unknown token, fused when
+// asked, else nothing), for models without continuing-subword prefix or end-of-word suffix.
 #include <cstdint>
 #include <functional>
 #include <queue>
+#include <string>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
@@ -11,7 +16,15 @@
 namespace {
 struct Table {
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges;  // (left, right) -> (rank, merged)
+  std::unordered_map<std::string, int32_t> vocab;                   // token (UTF-8) -> id
+  int32_t unk = -1;                                                 // -1: none
+  bool fuse_unk = false, byte_fallback = false;
+  int32_t byte_ids[256];                                            // <0xXX> ids, -1 where absent
 };
+
+inline int utf8_length(unsigned char lead) {
+  return lead < 0x80 ? 1 : (lead >> 5) == 6 ? 2 : (lead >> 4) == 14 ? 3 : (lead >> 3) == 30 ? 4 : 1;
+}
 
 inline uint64_t pair_key(int32_t left, int32_t right) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
@@ -29,6 +42,24 @@ void* bpe_table_new(const int32_t* left, const int32_t* right, const int32_t* ra
 }
 
 void bpe_table_free(void* table) { delete static_cast<Table*>(table); }
+
+// tokens: n_tokens UTF-8 strings concatenated, offsets[i]..offsets[i+1] is token i with id ids[i].
+void bpe_table_set_vocab(void* handle, const char* tokens, const int64_t* offsets, const int32_t* ids,
+                         int64_t n_tokens, int32_t unk, int32_t fuse_unk, int32_t byte_fallback) {
+  auto* table = static_cast<Table*>(handle);
+  table->vocab.reserve(static_cast<size_t>(n_tokens) * 2);
+  for (int64_t i = 0; i < n_tokens; ++i)
+    table->vocab.emplace(std::string(tokens + offsets[i], tokens + offsets[i + 1]), ids[i]);
+  table->unk = unk;
+  table->fuse_unk = fuse_unk != 0;
+  table->byte_fallback = byte_fallback != 0;
+  static const char hex[] = "0123456789ABCDEF";
+  for (int b = 0; b < 256; ++b) {
+    std::string name = std::string("<0x") + hex[b >> 4] + hex[b & 15] + ">";
+    auto it = table->vocab.find(name);
+    table->byte_ids[b] = it == table->vocab.end() ? -1 : it->second;
+  }
+}
 
 // Merges ids[0..n) in place; returns the number of symbols left.
 int64_t bpe_merge(const void* handle, int32_t* ids, int64_t n) {
@@ -71,5 +102,33 @@ int64_t bpe_merge(const void* handle, int32_t* ids, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     if (alive[i]) ids[out++] = ids[i];
   return out;
+}
+
+// Initial symbols of the UTF-8 text, then merges, into out (room for nbytes ids: at most one per byte).
+int64_t bpe_encode(const void* handle, const char* text, int64_t nbytes, int32_t* out) {
+  const auto* table = static_cast<const Table*>(handle);
+  int64_t n = 0;
+  bool unk_run = false;
+  for (int64_t i = 0; i < nbytes;) {
+    int len = utf8_length(static_cast<unsigned char>(text[i]));
+    if (i + len > nbytes) len = static_cast<int>(nbytes - i);
+    auto it = table->vocab.find(std::string(text + i, text + i + len));
+    if (it != table->vocab.end()) {
+      out[n++] = it->second;
+      unk_run = false;
+    } else {
+      bool covered = table->byte_fallback;
+      for (int k = 0; covered && k < len; ++k) covered = table->byte_ids[static_cast<unsigned char>(text[i + k])] >= 0;
+      if (covered) {
+        for (int k = 0; k < len; ++k) out[n++] = table->byte_ids[static_cast<unsigned char>(text[i + k])];
+        unk_run = false;
+      } else if (table->unk >= 0) {
+        if (!(table->fuse_unk && unk_run)) out[n++] = table->unk;
+        unk_run = true;
+      }
+    }
+    i += len;
+  }
+  return bpe_merge(handle, out, n);
 }
 }
