@@ -14,7 +14,7 @@ ALLOWED = {
     "native": set(),
     "nn": set(),
     "models": {"nn"},
-    "checkpoints": {"models", "nn", "fileio", "tokenizers"},  # a checkpoint holds its tokenizer
+    "checkpoints": {"models", "nn", "fileio", "tokenizers", "native"},  # a checkpoint holds its tokenizer
     "generate": {"models", "nn", "kernels"},
     "kernels": {"models", "nn", "native"},
     "recipes": {"nn", "models", "checkpoints", "generate", "config", "tokenizers", "data", "train", "rag", "eval",

@@ -35,8 +35,6 @@ from lmstack.models.registry import FAMILIES
 from lmstack.nn.memory import hugepage_tensors, hugepages_available
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
-# llama.cpp token types (llama_token_type)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 @dataclass

@@ -5,8 +5,8 @@
 
 - ``tokenizer.ggml.model == "gpt2"``: byte-level BPE from ``tokens`` and ``merges``; the pre-tokenizer is
   the one ``tokenizer.ggml.pre`` names (llama.cpp's table, as the published tokenizer.json files spell it).
-- ``"llama"``: SentencePiece-style BPE with byte fallback; merges are derived from the pieces' scores as
-  transformers' SentencePiece converter derives them.
+- ``"llama"``: SentencePiece-style BPE with byte fallback, laid out as transformers' LlamaTokenizer; merges
+  are derived from the pieces' scores as transformers derives them.
 
 Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain added tokens.
 """
@@ -87,20 +87,19 @@ def _byte_level_bpe(metadata: dict, tokens: list[str], source: str) -> dict:
 
 
 def _sentencepiece_bpe(metadata: dict, tokens: list[str], types: list[int], source: str) -> dict:
+    """As transformers' LlamaTokenizer lays it out: "▁" for spaces and one before the text
+    (Metaspace, prepend_scheme "first"), BPE with byte fallback, merges from the scores."""
     scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-    vocab = _vocab(tokens, source)
-    unk = metadata.get("tokenizer.ggml.unknown_token_id")
-    prefix = [{"type": "Prepend", "prepend": "\u2581"}] if metadata.get("tokenizer.ggml.add_space_prefix", True) else []
-    return {"normalizer": {"type": "Sequence", "normalizers": prefix + [
-                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
-            "pre_tokenizer": None,
+    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    return {"normalizer": None,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first" if prefix
+                              else "never", "split": False},
             "decoder": {"type": "Sequence", "decoders": [
                 {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
                 {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])},
-            "model": {"type": "BPE", "dropout": None, "unk_token": tokens[unk] if unk is not None else None,
-                      "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
-                      "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
-                      "merges": score_merges(tokens, scores)}}
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                      "vocab": _vocab(tokens, source), "merges": score_merges(tokens, scores)}}
 
 
 def score_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
@@ -108,27 +107,28 @@ def score_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
     split of a piece into two pieces is a merge, ranked by the merged piece's score (higher first)."""
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
-    for merged, score in zip(tokens, scores):
+    for merged, score in dict(zip(tokens, scores)).items():
         local = [(merged[:k], merged[k:], score) for k in range(1, len(merged))
                  if merged[:k] in vocab and merged[k:] in vocab]
         merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
-    merges.sort(key=lambda m: m[2], reverse=True)  # stable: ties keep the order above
+    # best score first, then longer left and right parts; stable for the rest (transformers' order)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [[left, right] for left, right, _ in merges]
 
 
 def _vocab(tokens: list[str], source: str) -> dict[str, int]:
-    vocab: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-        vocab.setdefault(token, i)  # duplicates (rare, unused slots) keep their first id
-    return vocab
+    """token -> id; a token listed twice (rare: unused slots) keeps its last id, as transformers reads it."""
+    return {token: i for i, token in enumerate(tokens)}
 
 
 def _template(metadata: dict, tokens: list[str]) -> dict | None:
     """BOS / EOS around a sequence when the file says so (tokenizer.ggml.add_bos_token / add_eos_token)."""
     single, specials = [{"Sequence": {"id": "A", "type_id": 0}}], {}
+    # SentencePiece vocabularies that do not say get BOS, as llama.cpp (and transformers) add it there.
+    defaults = {"add_bos_token": metadata.get("tokenizer.ggml.model") == "llama", "add_eos_token": False}
     for flag, key, where in (("add_bos_token", "bos_token_id", 0), ("add_eos_token", "eos_token_id", None)):
         token_id = metadata.get(f"tokenizer.ggml.{key}")
-        if metadata.get(f"tokenizer.ggml.{flag}") and token_id is not None:
+        if metadata.get(f"tokenizer.ggml.{flag}", defaults[flag]) and token_id is not None:
             token = tokens[token_id]
             item = {"SpecialToken": {"id": token, "type_id": 0}}
             single.insert(0, item) if where == 0 else single.append(item)

@@ -29,15 +29,6 @@ class PostProcessor:
             types += [type_id] * len(part)
         return ids, types
 
-    def prefix_suffix(self) -> tuple[list[int], list[int]]:
-        """Special ids before and after a single sequence."""
-        before, after, seen = [], [], False
-        for kind, value, _ in self.single:
-            if kind == "sequence":
-                seen = True
-            else:
-                (after if seen else before).extend(value)
-        return before, after
 
 
 def build_post_processor(spec: dict | None) -> PostProcessor:

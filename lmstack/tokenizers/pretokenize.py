@@ -41,29 +41,10 @@ def compile_pattern(pattern: str) -> regex.Pattern:
     return regex.compile(pattern)
 
 
-def split_isolated(text: str, pattern: str) -> list[str]:
-    """Every regex match is a piece, and so is every stretch of text between matches (HF "Isolated")."""
-    pieces, last = [], 0
-    for match in compile_pattern(pattern).finditer(text):
-        if match.start() > last:
-            pieces.append(text[last:match.start()])
-        if match.end() > match.start():
-            pieces.append(match.group())
-        last = match.end()
-    if last < len(text):
-        pieces.append(text[last:])
-    return pieces
-
-
-@functools.cache
-def _byte_char_table() -> dict[int, str]:
-    return {byte: char for byte, char in bytes_to_unicode().items()}
-
-
 def to_byte_chars(piece: str) -> str:
     """UTF-8 bytes of ``piece`` as byte-level characters (bytes seen as Latin-1 code points, then mapped
     by one C-level ``str.translate``)."""
-    return piece.encode("utf-8").decode("latin-1").translate(_byte_char_table())
+    return piece.encode("utf-8").decode("latin-1").translate(bytes_to_unicode())
 
 
 def from_byte_chars(chars: str) -> bytes:

@@ -17,10 +17,6 @@ _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700,
                (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 
 
-def is_whitespace(char: str) -> bool:
-    return char in WHITESPACE
-
-
 def strip_whitespace(text: str, left: bool = True, right: bool = True) -> str:
     start, end = 0, len(text)
     while left and start < end and text[start] in WHITESPACE:

@@ -199,3 +199,36 @@ def test_convert_writes_an_hf_folder_transformers_and_tokenizers_read(tmp_path):
         assert reference.encode(text).ids == ours.encode(text)
     assert "<|im_start|>" in (out / "chat_template.jinja").read_text()
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+def test_sentencepiece_gguf_tokenizer_equals_transformers(tmp_path):
+    """A `tokenizer.ggml.model = "llama"` file (tokens, scores, token types; no merges): ids and text as
+    transformers' GGUF tokenizer gives them (merges derived from the scores, byte fallback, BOS)."""
+    import tokenizers
+    from tokenizers import decoders, models, normalizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    from tests.tokenizers.corpus import TRAIN
+
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(TRAIN * 4, trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>",
+                                                                                         *byte_tokens],
+                                                           limit_alphabet=100, show_progress=False))
+    vocab = tok.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    types = [2 if t == "<unk>" else 3 if t in ("<s>", "</s>") else 6 if t in byte_tokens else 1 for t in tokens]
+    V = gguf.GGUFValueType
+    metadata = {"tokenizer.ggml.model": ("llama", V.STRING), "tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING),
+                "tokenizer.ggml.scores": ([-float(i) for i in range(len(tokens))], V.ARRAY, V.FLOAT32),
+                "tokenizer.ggml.token_type": (types, V.ARRAY, V.INT32), "tokenizer.ggml.bos_token_id": (1, V.UINT32),
+                "tokenizer.ggml.eos_token_id": (2, V.UINT32), "tokenizer.ggml.unknown_token_id": (0, V.UINT32)}
+    path = tmp_path / "spm.gguf"
+    write_gguf(path, hf_reference("llama", vocab=len(tokens)), "llama", "F32", tokenizer=metadata, tokens=False)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ours = tokenizer_from_json(gguf_tokenizer_json(read_gguf(path).metadata, str(path)))
+    for text in ["Hello world", " leading space", "The quick brown fox.", "naïve café 中文 🙂", "a  b\n\tc", "</s>x<s>"]:
+        assert ours.encode(text) == ref(text)["input_ids"], text
+        ids = ref(text)["input_ids"]
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), text
