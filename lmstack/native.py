@@ -75,6 +75,9 @@ def build_artifact(key: str, filename: str, build: Callable[[Path], Path]) -> Pa
         shutil.copy2(built, staging / filename)
         (staging / f"{filename}.sha256").write_text(_file_hash(staging / filename))
         final = root / key
+        if cached_artifact(key, filename) is not None:  # another process finished the same build first
+            shutil.rmtree(staging, ignore_errors=True)
+            return final / filename
         if final.exists():
             shutil.rmtree(final)  # an unverified or damaged earlier copy
         os.replace(staging, final)

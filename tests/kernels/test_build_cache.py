@@ -48,3 +48,20 @@ def test_cache_root_is_private(cache):
 def test_the_key_covers_sources_and_toolchain():
     key = build.build_key()
     assert len(key) == 20 and key == build.build_key()
+
+
+def test_a_plain_library_is_built_once_into_a_fresh_cache_and_verified(cache):
+    from pathlib import Path
+
+    from lmstack.native import cached_artifact, shared_library
+
+    source = Path(build.__file__).parents[1] / "tokenizers" / "csrc" / "bpe_merge.cpp"
+    first = shared_library("lmstack_bpe_merge", [source])
+    assert first.is_file() and first.parent.parent == cache
+    assert (first.parent / f"{first.name}.sha256").is_file()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no build or staging folders left
+    assert shared_library("lmstack_bpe_merge", [source]) == first  # from the cache this time
+    first.write_bytes(first.read_bytes() + b"tampered")
+    assert cached_artifact(first.parent.name, first.name) is None
+    rebuilt = shared_library("lmstack_bpe_merge", [source])
+    assert cached_artifact(rebuilt.parent.name, rebuilt.name) == rebuilt
