@@ -86,9 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(_job_config(args))
     except LmstackError as error:
-        print(f"lmstack {args.job_name}: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(args.job_name, str(error))
+    except OSError as error:  # a path that cannot be read or written: name it, no traceback
+        where = f"{error.filename}: " if error.filename else ""
+        return _fail(args.job_name, f"{where}{error.strerror or error}")
+    except UnicodeError as error:
+        return _fail(args.job_name, f"text is not valid UTF-8 ({error})")
     return 0
+
+
+def _fail(job: str, message: str) -> int:
+    print(f"lmstack {job}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -94,8 +94,28 @@ def from_namespace(cls: type, namespace: argparse.Namespace, prefix: str = "") -
         if dataclasses.is_dataclass(kind):
             values[f.name] = from_namespace(kind, namespace, prefix=f"{prefix}{f.name}.")
         else:
-            values[f.name] = getattr(namespace, prefix + f.name)
+            value = getattr(namespace, prefix + f.name)
+            values[f.name] = check_text(value, prefix + f.name) if isinstance(value, str) else value
     return cls(**values)
+
+
+def check_text(value: str, key: str) -> str:
+    """``value`` if it is valid Unicode text; command-line bytes that are not UTF-8 reach Python as lone
+    surrogates, which would fail far from here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key}: the value is not valid UTF-8 text") from None
+    return value
+
+
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int | None, key: str = "seed") -> None:
+    """Seeds are integers in [0, 2**32): every generator and data order derived from them stays in range."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"{key}={seed!r} must be an integer in [0, {MAX_SEED}]")
 
 
 # --- dataclass <-> dict <-> YAML, with dotted overrides -------------------------------------------------------
@@ -162,7 +182,7 @@ def _coerce_scalar(kind: Any, value: Any, path: str) -> Any:
             return float(value)
     elif kind is str:
         if isinstance(value, str):
-            return value
+            return check_text(value, path)
     elif kind is Path:
         if isinstance(value, (str, Path)):
             return Path(value)

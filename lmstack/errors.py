@@ -17,5 +17,9 @@ class DataError(LmstackError, ValueError):
     """A corpus or tokenized dataset is missing, empty, malformed, or does not match the model."""
 
 
+class NumericalError(LmstackError):
+    """A computation produced NaN or inf: non-finite weights, or a diverged training run."""
+
+
 class TokenizerError(LmstackError, ValueError):
     """A tokenizer file, component or argument is invalid; the message names it."""

@@ -40,13 +40,31 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key repeats (json.loads would silently keep the last value)."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return data
+
+
 def read_json_object(path: Path, error: type[Exception]) -> dict[str, Any]:
     """Parse a JSON object from ``path``; problems raise ``error`` with a message naming the file."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as duplicate:
+        raise error(f"{path}: key {duplicate.args[0]!r} appears twice in one object") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
         raise error(f"{path}: not valid JSON ({problem})") from None
     if not isinstance(data, dict):

@@ -122,6 +122,11 @@ def hf_config_from_gguf(file: GGUFFile) -> dict[str, Any]:
     specials = {name: file.metadata.get(f"tokenizer.ggml.{key}") for name, key in
                 (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id"))}
     tied = "output.weight" not in file.tensors
+    stored = 1 + max((int(name.split(".")[1]) for name in file.tensors if name.startswith("blk.")
+                      and name.split(".")[1].isdigit()), default=-1)
+    if isinstance(file.get("block_count"), int) and file.get("block_count") > stored:
+        raise ConfigError(f"{file.path}: the metadata says {file.get('block_count')} blocks, but the file holds "
+                          f"tensors for {stored}")
     required = {"block_count", "embedding_length", "attention.head_count"}
     missing = sorted(k for k in required if file.get(k) is None)
     if missing:

@@ -7,6 +7,7 @@ shapes against the safetensors headers (no data read yet) -> stream tensors thro
 """
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def inspect_hf(path: str | os.PathLike) -> CheckpointPlan:
     except (ConfigError, TypeError) as error:
         raise ConfigError(f"{config_path}: {error}") from None
     tensors = _normalize_names(index_checkpoint(directory), family)
+    _check_layer_count(config_path, config, tensors)
     model = family.build_empty(config)
     full_plan = family.hf_plan(list(model.state_dict()))  # tied copies included
     if _stored_copy_differs(model, full_plan, tensors):
@@ -112,6 +114,16 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign=True replaced the shared Parameter objects: share them again
     return model.eval()
+
+
+def _check_layer_count(config_path: Path, config, tensors: dict[str, TensorInfo]) -> None:
+    """Refuse a config.json claiming more layers than the files store, before a model of that size is built
+    (n_layer = 50,000,000 would otherwise hang building modules)."""
+    claimed = max(getattr(config, "n_layers", 0) or 0, getattr(config, "n_decoder_layers", 0) or 0)
+    stored = 1 + max((int(i) for name in tensors for i in re.findall(r"\.(\d+)\.", name)), default=-1)
+    if claimed > stored:
+        raise CheckpointError(f"{config_path}: the config says {claimed} layers, but the weights hold tensors for "
+                              f"{stored}")
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device, stored: torch.dtype) -> torch.dtype:

@@ -99,8 +99,12 @@ def index_checkpoint(directory: Path) -> dict[str, TensorInfo]:
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: no 'weight_map' object")
         infos: dict[str, TensorInfo] = {}
-        for shard in sorted(set(weight_map.values())):
-            infos.update(read_safetensors_header(directory / shard))
+        shards = {}
+        for shard in weight_map.values():
+            path = _shard_path(directory, index_path, shard)  # checks the name before it is used at all
+            shards[shard] = path
+        for shard in sorted(shards):
+            infos.update(read_safetensors_header(shards[shard]))
         for name, shard in weight_map.items():
             if name not in infos or infos[name].file.name != shard:
                 raise CheckpointError(f"{index_path}: tensor {name!r} is listed in {shard} but not stored there")
@@ -111,6 +115,21 @@ def index_checkpoint(directory: Path) -> dict[str, TensorInfo]:
     hint = " (PyTorch .bin checkpoints are not read: they need unpickling; convert them to safetensors)" \
         if any(name.endswith((".bin", ".pt", ".pth")) for name in found) else ""
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}{hint}; found {found}")
+
+
+def _shard_path(directory: Path, index_path: Path, shard) -> Path:
+    """The shard file an index names, refused before it is opened if the name is not a plain relative path
+    that stays inside the checkpoint directory once symlinks are resolved."""
+    if not isinstance(shard, str) or not shard or Path(shard).is_absolute():
+        raise CheckpointError(f"{index_path}: shard name {shard!r} must be a file name inside the checkpoint")
+    path = directory / shard
+    try:
+        inside = path.resolve().is_relative_to(directory.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        raise CheckpointError(f"{index_path}: shard name {shard!r} leads outside the checkpoint directory")
+    return path
 
 
 def load_tensors(file: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:

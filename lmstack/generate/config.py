@@ -57,6 +57,8 @@ class GenerationConfig:
                               f"for num_return_sequences={self.num_return_sequences}")
         if not self.repetition_penalty > 0:
             raise ConfigError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ConfigError(f"seed={self.seed} must be in [0, 2**64)")
         if self.early_stopping not in (True, False, "never"):
             raise ConfigError(f"early_stopping={self.early_stopping!r} must be True, False or 'never'")
 

@@ -9,11 +9,21 @@ from typing import Callable, Iterator
 
 import torch
 
+from lmstack.errors import NumericalError
 from lmstack.generate.config import GenerationConfig
 from lmstack.generate.processors import LogitsPipeline
 
 # (sequences so far (N, S), newest tokens (N,)) -> (N,) bool: the row should stop here
 StopCheck = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_finite(logits: torch.Tensor) -> torch.Tensor:
+    """The prompt's logits, refused if any is NaN or inf (a model with non-finite weights would otherwise
+    sample an error or pick an arbitrary token). Checked once per call, on the prefill."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NumericalError("the model produced non-finite logits for the prompt; its weights probably hold NaN "
+                             "or inf (lmstack info reports such tensors)")
+    return logits
 
 
 def sample_tokens(engine, input_ids: torch.Tensor, config: GenerationConfig, process: LogitsPipeline,
@@ -27,7 +37,7 @@ def sample_tokens(engine, input_ids: torch.Tensor, config: GenerationConfig, pro
     sequences = torch.empty(B, T + config.max_new_tokens, dtype=torch.long, device=input_ids.device)
     sequences[:, :T] = input_ids
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
-    logits = engine.prefill()
+    logits = check_finite(engine.prefill())
     for step in range(config.max_new_tokens):
         length = T + step
         scores = process(sequences[:, :length], logits)
@@ -74,7 +84,7 @@ def beam_search(engine, input_ids: torch.Tensor, config: GenerationConfig, proce
     done = _Finished(running.clone(), torch.full((B, K), -1e9, device=device), running_origin.clone(),
                      torch.zeros(B, K, dtype=torch.bool, device=device))
     improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
-    logits = engine.prefill()
+    logits = check_finite(engine.prefill())
     for length in range(T, max_length):
         log_probs = process(running.view(B * K, max_length)[:, :length], logits.log_softmax(dim=-1))
         V = log_probs.shape[-1]

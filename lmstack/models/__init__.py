@@ -7,6 +7,7 @@
 
 import torch
 
+from lmstack.errors import ConfigError
 from lmstack.models.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from lmstack.models.decoder import Block, Decoder
 from lmstack.models.encoder import Encoder, EncoderOutput
@@ -16,6 +17,17 @@ from lmstack.models.registry import FAMILIES, Family, family_for_config, family_
 
 
 MODEL_CLASSES = {DecoderConfig: Decoder, EncoderConfig: Encoder, EncoderDecoderConfig: EncoderDecoder}
+
+
+def check_exportable(config) -> None:
+    """Raise ConfigError if ``config`` cannot be written as a Hugging Face config.json that transformers
+    reads back as the same model (e.g. a GPT-2 whose width is not n_heads x head_dim)."""
+    from lmstack.models import hf_configs
+
+    family = family_for_config(config)
+    reason = hf_configs.expressible(family.config_from_hf, family.config_to_hf, config)
+    if reason is not None:
+        raise ConfigError(f"a {family.model_type} checkpoint cannot hold this config: {reason}")
 
 
 def build_model(config: str | DecoderConfig | EncoderConfig | EncoderDecoderConfig, *,
@@ -32,5 +44,5 @@ def build_model(config: str | DecoderConfig | EncoderConfig | EncoderDecoderConf
 
 
 __all__ = ["Block", "Decoder", "DecoderConfig", "Encoder", "EncoderConfig", "EncoderDecoder", "EncoderDecoderConfig",
-           "EncoderOutput", "MODEL_CLASSES", "FAMILIES", "Family", "PUBLISHED_PARAMETERS", "build_model",
+           "EncoderOutput", "MODEL_CLASSES", "FAMILIES", "Family", "PUBLISHED_PARAMETERS", "build_model", "check_exportable",
            "family_for_config", "family_for_hf_config", "get_preset", "preset_names"]

@@ -88,6 +88,9 @@ def gpt2_from_hf(c: dict[str, Any]) -> DecoderConfig:
     if c.get("scale_attn_weights", True) is False:
         raise ConfigError("scale_attn_weights=false is not supported")
     dim = _get(c, "n_embd", 768)
+    heads = _get(c, "n_head", 12)
+    if isinstance(dim, int) and isinstance(heads, int) and heads > 0 and dim % heads:
+        raise ConfigError(f"n_embd={dim} must be a multiple of n_head={heads} (GPT-2 splits the width into heads)")
     return DecoderConfig(
         vocab_size=_get(c, "vocab_size", 50257), dim=dim, n_layers=_get(c, "n_layer", 12),
         n_heads=_get(c, "n_head", 12), ffn_dim=_get(c, "n_inner", None) or 4 * dim,

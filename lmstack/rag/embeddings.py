@@ -67,6 +67,8 @@ class SentenceEncoder:
         """
         if isinstance(texts, str):
             raise ConfigError("encode takes a list of texts; wrap a single text in a list")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = torch.empty(len(texts), self.dim)
         starts = range(0, len(texts), batch_size)

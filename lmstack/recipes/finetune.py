@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from lmstack.checkpoints.hf import load_hf, save_hf
-from lmstack.config import field, save_yaml
+from lmstack.config import check_seed, field, save_yaml
 from lmstack.data.labeled import (encode_sequences, encode_tagged, eval_example_batches, label_ids, label_set,
                                   read_rows, ExampleBatches)
 from lmstack.errors import ConfigError
@@ -70,6 +70,9 @@ class FinetuneConfig:
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection, help="model")
     data: FinetuneDataSection = field(default_factory=FinetuneDataSection, help="data")
     train: TrainConfig = field(default_factory=TrainConfig, help="training")
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
 
 
 def run(cfg: FinetuneConfig) -> dict:

@@ -21,11 +21,11 @@ import torch
 
 from lmstack.checkpoints.hf import load_hf, save_hf
 from lmstack.checkpoints.train_state import checkpoint_dirs, latest_checkpoint
-from lmstack.config import field, load_yaml, save_yaml, to_dict
+from lmstack.config import check_seed, field, load_yaml, save_yaml, to_dict
 from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, read_meta, resolve_sources, \
     split_documents, write_token_shards
 from lmstack.errors import CheckpointError, ConfigError, DataError
-from lmstack.models import DecoderConfig, build_model
+from lmstack.models import DecoderConfig, build_model, check_exportable
 from lmstack.recipes.denoising import denoising_task, model_for_objective, special_tokens_for
 from lmstack.models.presets import get_preset
 from lmstack.recipes.tokenizer import train_bpe_with_progress
@@ -90,6 +90,9 @@ class PretrainConfig:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection, help="tokenizer")
     data: DataSection = field(default_factory=DataSection, help="data")
     train: TrainConfig = field(default_factory=TrainConfig, help="training")
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
 
 
 @dataclass
@@ -247,6 +250,7 @@ def _model(cfg: PretrainConfig, tokenizer_vocab: int, eos_id: int) -> torch.nn.M
             if preset.n_kv_heads == preset.n_heads:
                 overrides.setdefault("n_kv_heads", None)
             config = dataclasses.replace(preset, **overrides, vocab_size=vocab, eos_token_id=eos_id, bos_token_id=eos_id)
+            check_exportable(config)  # the run ends with save_hf: refuse now, not after training
         except ConfigError as error:
             raise ConfigError(f"model: {error}") from None
         model = build_model(config, seed=cfg.seed).train()

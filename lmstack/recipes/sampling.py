@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass
 
-from lmstack.config import field
+from lmstack.config import check_seed, field
+from lmstack.errors import ConfigError
 from lmstack.generate import GenerationConfig
 from lmstack.kernels import use_skinny_linears_
 
@@ -22,6 +23,11 @@ class SamplingOptions:
     show_special: bool = field(False, help="print special tokens (<|im_end|>, ...) instead of hiding them")
     fast_kernels: bool = field(True, help="use lmstack's memory-bandwidth-bound CPU decoding kernels (compiled "
                                           "once per machine on first use, about 2 minutes)")
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
 
 
 def to_generation_config(cfg: SamplingOptions, *, num_beams: int = 1,

@@ -11,9 +11,13 @@ transformers' settings (trim_blocks, lstrip_blocks, loop controls, ``raise_excep
 """
 
 import json
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import jinja2.ext
 import jinja2.nodes
@@ -65,9 +69,28 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+MAX_OUTPUT_CHARS = 4_000_000  # a rendered prompt longer than this is a runaway template
+TIME_LIMIT_SECONDS = 5.0
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with ``*`` and ``**`` checked before they build a huge string, list or number."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            sized, count = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if isinstance(sized, (str, list, tuple)) and isinstance(count, int) and len(sized) * count > MAX_OUTPUT_CHARS:
+                raise TemplateError(f"a repetition of {len(sized)} x {count} exceeds the output limit")
+        if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+            raise TemplateError(f"the exponent {right} is too large")
+        return super().call_binop(context, operator, left, right)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols, _GenerationBlock])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+                          extensions=[jinja2.ext.loopcontrols, _GenerationBlock])
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.filters["tojson"] = _tojson
@@ -125,11 +148,39 @@ def render_chat(messages: list[dict], template: str | None = None, add_generatio
     _check_messages(messages)
     try:
         compiled = _environment().from_string(template or CHATML_TEMPLATE)
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        with _time_limit(TIME_LIMIT_SECONDS):
+            pieces, size = [], 0
+            for piece in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                           **variables):
+                size += len(piece)
+                if size > MAX_OUTPUT_CHARS:
+                    raise TemplateError(f"the output passed {MAX_OUTPUT_CHARS:,} characters")
+                pieces.append(piece)
+        return "".join(pieces)
     except TemplateError as error:
         raise TokenizerError(f"chat template: {error}") from None
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as error:  # bad data in the template
         raise TokenizerError(f"chat template failed to render ({type(error).__name__}: {error})") from None
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Interrupt rendering after ``seconds`` (a template's loops are Python loops: a timer signal stops them).
+    Only in the main thread, where signals are delivered; elsewhere the output limit still applies."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TemplateError(f"rendering took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass

@@ -48,6 +48,7 @@ def tokenizer_from_json(data: dict[str, Any], source: str = "tokenizer.json") ->
 def _pipeline(data: dict[str, Any]) -> Tokenizer:
     model = _model(data.get("model"))
     added = _added_tokens(data.get("added_tokens") or [])
+    _check_ids(model.vocab, added)
     return Tokenizer(model, normalizer=build_normalizer(data.get("normalizer")),
                      pre_tokenizer=build_pre_tokenizer(data.get("pre_tokenizer")),
                      post_processor=build_post_processor(data.get("post_processor")),
@@ -95,6 +96,22 @@ def _vocab(vocab: dict) -> dict[str, int]:
         seen[i] = token
         out[str(token)] = i
     return out
+
+
+def _check_ids(vocab: dict[str, int], added: list[AddedToken]) -> None:
+    """Every id names one token, and ids run over [0, number of tokens): a stray huge id would make every
+    embedding table sized from the tokenizer absurd."""
+    tokens = dict(zip(vocab.values(), vocab))
+    for token in added:
+        if token.id < 0:
+            raise TokenizerError(f"added token {token.content!r} has negative id {token.id}")
+        if tokens.get(token.id, token.content) != token.content:
+            raise TokenizerError(f"added token {token.content!r} has id {token.id}, which the vocabulary gives "
+                                 f"to {tokens[token.id]!r}")
+        tokens.setdefault(token.id, token.content)
+    if tokens and max(tokens) >= len(tokens):
+        raise TokenizerError(f"token id {max(tokens)} is out of range: the file holds {len(tokens)} tokens, so ids "
+                             f"must lie in [0, {len(tokens)})")
 
 
 def _added_tokens(items: list[dict]) -> list[AddedToken]:
