@@ -210,3 +210,34 @@ def test_saved_files_get_the_umask_mode(model_dir, tmp_path):
     os.umask(mask)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name  # tokenizer files come along too
+
+
+def test_training_stops_at_the_first_non_finite_loss_keeping_the_last_good_checkpoint(tmp_path):
+    from lmstack.checkpoints.train_state import latest_checkpoint
+    from tests.train.test_train import TINY, _data, _trainer
+
+    model = build_model(TINY, seed=0)
+    trainer = _trainer(tmp_path, _data(tmp_path), model, max_steps=6)
+    trainer.config.checkpoint_every = 2
+    objective = trainer.objective
+
+    def poisoned(train_model, batch):  # the loss goes NaN from step 4 on
+        loss, metrics = objective(train_model, batch)
+        return (loss * float("nan") if trainer.step >= 3 else loss), metrics
+
+    trainer.objective = poisoned
+    with pytest.raises(NumericalError, match="became nan at step 4"):
+        trainer.fit()
+    assert latest_checkpoint(trainer.run_dir).name == "step-0000002"
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step never updated the weights
+
+
+def test_convert_deletes_only_the_previous_saves_weights_and_takes_byte_sizes(model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["convert", str(model_dir), str(out), "--max-shard-size", "100000"]) == 0  # bytes, as offered
+    assert (out / "model.safetensors.index.json").is_file()
+    (out / "model-extra.safetensors").write_bytes(b"someone else's file")
+    assert main(["convert", str(model_dir), str(out)]) == 0  # one file now: the old shards go, nothing else
+    names = sorted(p.name for p in out.iterdir())
+    assert "model-extra.safetensors" in names and "model.safetensors" in names
+    assert not [n for n in names if n.startswith("model-0")] and "model.safetensors.index.json" not in names

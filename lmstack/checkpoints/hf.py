@@ -286,6 +286,7 @@ def _write_checkpoint(directory: Path, hf_config: dict, shards: list[dict[str, t
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory}: exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
+    previous = _previous_weight_files(directory)
     metadata = {"format": "pt"}
     if len(shards) == 1:
         names = [SINGLE_FILE]
@@ -298,12 +299,20 @@ def _write_checkpoint(directory: Path, hf_config: dict, shards: list[dict[str, t
         weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
         write_json(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
     write_json(directory / CONFIG_FILE, hf_config)
-    _remove_stale_weights(directory, keep=set(names) | ({INDEX_FILE} if len(shards) > 1 else set()))
+    keep = set(names) | ({INDEX_FILE} if len(shards) > 1 else set())
+    for name in previous - keep:  # the earlier save's files this one replaces; nothing else is touched
+        (directory / name).unlink(missing_ok=True)
     return directory
 
 
-def _remove_stale_weights(directory: Path, keep: set[str]) -> None:
-    """Drop weight files of an earlier save (e.g. shards after saving as one file), never other files."""
-    for file in directory.glob("model*.safetensors*"):
-        if file.name not in keep and (file.name == INDEX_FILE or file.name.endswith(".safetensors")):
-            file.unlink()
+def _previous_weight_files(directory: Path) -> set[str]:
+    """The weight files an earlier save left: model.safetensors, or an index and the shards it names."""
+    files = {SINGLE_FILE} if (directory / SINGLE_FILE).is_file() else set()
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = read_json(index).get("weight_map") or {}
+        except CheckpointError:
+            weight_map = {}
+        files |= {INDEX_FILE} | {s for s in weight_map.values() if isinstance(s, str) and "/" not in s}
+    return files

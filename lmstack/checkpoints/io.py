@@ -158,6 +158,8 @@ def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     text = size.strip().upper()
+    if text.isdigit():  # a number of bytes, as the error below offers
+        return int(text)
     units = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
     for unit, factor in units.items():
         if text.endswith(unit):

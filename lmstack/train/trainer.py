@@ -28,7 +28,7 @@ from tqdm import tqdm
 from lmstack.checkpoints.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmstack.config import field
 from lmstack.data.packing import PackedBlocks
-from lmstack.errors import CheckpointError, ConfigError
+from lmstack.errors import CheckpointError, ConfigError, NumericalError
 from lmstack.fileio import atomic_path
 from lmstack.train.objectives import IGNORE_INDEX, causal_lm_loss, evaluating
 from lmstack.train.optim import WarmupCosine, build_optimizer
@@ -203,8 +203,13 @@ class Trainer:
             batch = to_device(self.train_data.next_batch(), self.device)
             with _autocast(self.device, self.autocast):
                 loss, metrics = self.objective(self.train_model, batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):  # stop before the update: the weights and the checkpoints stay good
+                raise NumericalError(f"the training loss became {value} at step {self.step + 1}; the weights were "
+                                     f"not updated, and the last checkpoint in {self.run_dir} is from before it "
+                                     "(lower the learning rate or enable gradient clipping)")
             (loss / self.config.grad_accum).backward()
-            total += float(loss.detach())
+            total += value
             tokens += metrics["tokens"]
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
