@@ -6,10 +6,42 @@ write never leaves a half-written file where a good one was.
 
 import json
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+_ORPHAN = re.compile(r"^\.(?:tmp-.+|old-.+|.+\.tmp)-(\d+)$")  # what a killed write leaves: .NAME.tmp-PID, ...
+
+
+def sweep_orphans(directory: Path) -> list[Path]:
+    """Remove the temporaries that writes killed mid-way left in ``directory`` (``.tmp-step-...-PID``,
+    ``.old-...-PID``, ``.data.tmp-PID``), those whose process no longer runs; returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in directory.iterdir():
+        match = _ORPHAN.match(entry.name)
+        if match and not _process_alive(int(match[1])):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def _umask() -> int:

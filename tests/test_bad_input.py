@@ -241,3 +241,32 @@ def test_convert_deletes_only_the_previous_saves_weights_and_takes_byte_sizes(mo
     names = sorted(p.name for p in out.iterdir())
     assert "model-extra.safetensors" in names and "model.safetensors" in names
     assert not [n for n in names if n.startswith("model-0")] and "model.safetensors.index.json" not in names
+
+
+# --- #12.7: run directories -----------------------------------------------------------------------------------
+
+def test_orphaned_temporaries_of_killed_runs_are_swept(tmp_path):
+    from lmstack.fileio import sweep_orphans
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid that has exited
+    (tmp_path / f".tmp-step-0000040-{dead}").mkdir()
+    (tmp_path / f".data.tmp-{dead}").mkdir()
+    (tmp_path / f".old-step-0000020-{dead}").mkdir()
+    (tmp_path / f".tmp-step-0000050-{os.getpid()}").mkdir()  # a live writer's: kept
+    (tmp_path / "step-0000020").mkdir()
+    removed = sorted(p.name for p in sweep_orphans(tmp_path))
+    assert removed == sorted([f".data.tmp-{dead}", f".old-step-0000020-{dead}", f".tmp-step-0000040-{dead}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".tmp-step-0000050-{os.getpid()}", "step-0000020"]
+
+
+def test_resume_accepts_the_same_run_by_a_relative_path_or_after_a_move(tmp_path, monkeypatch, capsys):
+    config = str(ROOT / "configs/pretrain/tiny.yaml")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", config, "--out", str(run), "--train.max_steps", "2",
+                 "--train.checkpoint_every", "1", "--train.progress", "false"]) == 0
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--config", config, "--out", "moved", "--resume", "--train.max_steps", "3",
+                 "--train.checkpoint_every", "1", "--train.progress", "false"]) == 0, capsys.readouterr().err

@@ -25,6 +25,7 @@ from lmstack.config import check_seed, field, load_yaml, save_yaml, to_dict
 from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, read_meta, resolve_sources, \
     split_documents, write_token_shards
 from lmstack.errors import CheckpointError, ConfigError, DataError
+from lmstack.fileio import sweep_orphans
 from lmstack.models import DecoderConfig, build_model, check_exportable
 from lmstack.recipes.denoising import denoising_task, model_for_objective, special_tokens_for
 from lmstack.models.presets import get_preset
@@ -104,7 +105,7 @@ class PretrainResult:
 
 
 # Keys that may change when resuming (how long and how often); anything else must match the saved run.
-_RESUMABLE_CHANGES = ("config", "resume", "train.max_steps", "train.eval_every", "train.eval_batches",
+_RESUMABLE_CHANGES = ("config", "resume", "out", "train.max_steps", "train.eval_every", "train.eval_batches",
                       "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.compile")
 
 
@@ -176,6 +177,7 @@ def _prepare_run_dir(cfg: PretrainConfig) -> Path:
         raise ConfigError(f"{out} already holds checkpoints of a run: pass --resume to continue it, or choose "
                           f"another --out (nothing was overwritten)")
     out.mkdir(parents=True, exist_ok=True)
+    sweep_orphans(out)  # a tokenized-data temporary of a killed run
     save_yaml(cfg, out / "config.yaml")
     return out
 

@@ -29,7 +29,7 @@ from lmstack.checkpoints.train_state import latest_checkpoint, load_checkpoint, 
 from lmstack.config import field
 from lmstack.data.packing import PackedBlocks
 from lmstack.errors import CheckpointError, ConfigError, NumericalError
-from lmstack.fileio import atomic_path
+from lmstack.fileio import atomic_path, sweep_orphans
 from lmstack.train.objectives import IGNORE_INDEX, causal_lm_loss, evaluating
 from lmstack.train.optim import WarmupCosine, build_optimizer
 
@@ -169,6 +169,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         """Train to ``max_steps`` (from the latest checkpoint with ``resume``); returns the last step's record."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        sweep_orphans(self.run_dir / "checkpoints")  # temporaries of a run killed mid-save
         if resume:
             self._resume()
         else:
