@@ -270,3 +270,18 @@ def test_resume_accepts_the_same_run_by_a_relative_path_or_after_a_move(tmp_path
     monkeypatch.chdir(tmp_path)
     assert main(["pretrain", "--config", config, "--out", "moved", "--resume", "--train.max_steps", "3",
                  "--train.checkpoint_every", "1", "--train.progress", "false"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("text,label\ngood film,pos\nbad film\n", "row 2 has no value for 'label'"),
+    ("text,label\ngood film,pos\nbad film,\n", "row 2 has no value for 'label'"),
+    (b"text,label\ncaf\xe9,pos\n", "not UTF-8 text"),
+])
+def test_fine_tuning_rows_with_missing_labels_or_bad_bytes(tmp_path, content, message):
+    from lmstack.data.labeled import read_rows
+    from lmstack.errors import DataError
+
+    path = tmp_path / "train.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=message):
+        read_rows(path, ["text", "label"])

@@ -27,6 +27,20 @@ def read_rows(path: str | Path, columns: list[str]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    try:
+        rows = _read(path, columns)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    for n, row in enumerate(rows, 1):
+        empty = [c for c in columns if row.get(c) is None or row.get(c) == ""]
+        if empty:  # a missing cell would otherwise become the text (or class) "None"
+            raise DataError(f"{path}: row {n} has no value for {empty[0]!r}")
+    return rows
+
+
+def _read(path: Path, columns: list[str]) -> list[dict]:
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -48,8 +62,6 @@ def read_rows(path: str | Path, columns: list[str]) -> list[dict]:
                 raise DataError(f"{path}:{n}: no field {missing[0]!r} (the row has {sorted(rows[-1])})")
     else:
         raise DataError(f"{path}: expected a .csv or .jsonl file")
-    if not rows:
-        raise DataError(f"{path}: no rows")
     return rows
 
 
