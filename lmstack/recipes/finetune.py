@@ -28,6 +28,7 @@ from lmstack.models.config import LABELED_HEADS
 from lmstack.recipes.bundled import resolve_model_dir
 from lmstack.tokenizers import WordPieceTokenizer, load_tokenizer
 from lmstack.train import TrainConfig, Trainer
+from lmstack.train.run_dir import prepare_run_dir
 from lmstack.train.classify import ClassificationObjective
 from lmstack.train.plots import plot_loss_curve
 from lmstack.train.trainer import resolve_device
@@ -87,9 +88,7 @@ def run(cfg: FinetuneConfig) -> dict:
     for name, value in (("--out", cfg.out), ("model.path", cfg.model.path), ("data.train", cfg.data.train)):
         if value is None:
             raise ConfigError(f"{name} is required")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
+    out = prepare_run_dir(cfg, "finetune.yaml")  # pretrain's rules: one run per directory, resumed as it was
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(model_dir)
     if not isinstance(tokenizer, WordPieceTokenizer):

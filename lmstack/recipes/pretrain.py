@@ -20,18 +20,17 @@ from typing import Literal
 import torch
 
 from lmstack.checkpoints.hf import load_hf, save_hf
-from lmstack.checkpoints.train_state import checkpoint_dirs, latest_checkpoint
-from lmstack.config import check_seed, field, load_yaml, save_yaml, to_dict
+from lmstack.config import check_seed, field, save_yaml
 from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, read_meta, resolve_sources, \
     split_documents, write_token_shards
-from lmstack.errors import CheckpointError, ConfigError, DataError
-from lmstack.fileio import sweep_orphans
+from lmstack.errors import ConfigError, DataError
 from lmstack.models import DecoderConfig, build_model, check_exportable
 from lmstack.recipes.denoising import denoising_task, model_for_objective, special_tokens_for
 from lmstack.models.presets import get_preset
 from lmstack.recipes.tokenizer import train_bpe_with_progress
 from lmstack.tokenizers import Tokenizer, load_tokenizer
 from lmstack.train import CausalLMObjective, TrainConfig, Trainer
+from lmstack.train.run_dir import prepare_run_dir
 from lmstack.train.plots import plot_loss_curve
 from lmstack.train.trainer import resolve_device
 
@@ -104,10 +103,6 @@ class PretrainResult:
     seconds: float
 
 
-# Keys that may change when resuming (how long and how often); anything else must match the saved run.
-_RESUMABLE_CHANGES = ("config", "resume", "out", "train.max_steps", "train.eval_every", "train.eval_batches",
-                      "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.compile")
-
 
 def run(cfg: PretrainConfig) -> PretrainResult:
     """Run the whole pretraining job described by ``cfg``; see the module docstring for the outputs.
@@ -119,7 +114,7 @@ def run(cfg: PretrainConfig) -> PretrainResult:
         CheckpointError: --resume without a checkpoint, or a corrupted one.
     """
     started = time.perf_counter()
-    out = _prepare_run_dir(cfg)
+    out = prepare_run_dir(cfg, "pretrain.yaml")
     files = resolve_sources(cfg.data.sources)
     documents = read_documents(files, cfg.data.text_field)
     train_docs, held_docs = split_documents(documents, cfg.data.held_out, cfg.seed)
@@ -160,41 +155,6 @@ def run(cfg: PretrainConfig) -> PretrainResult:
                         if k in final)
     print(f"step {final.get('step', trainer.step)}: {summary}\nmodel: {model_dir}\nloss curve: {out / 'loss.png'}")
     return PretrainResult(out, model_dir, final, time.perf_counter() - started)
-
-
-def _prepare_run_dir(cfg: PretrainConfig) -> Path:
-    """Create --out, refusing to mix runs, and save the resolved config (checked against the saved one on resume)."""
-    if cfg.out is None:
-        raise ConfigError("--out is required (the run directory)")
-    out = Path(cfg.out)
-    if cfg.resume:
-        latest = latest_checkpoint(out)
-        if latest is None:
-            raise CheckpointError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-        if (latest / "pretrain.yaml").exists():
-            _check_resumable(cfg, latest / "pretrain.yaml")
-    elif checkpoint_dirs(out):
-        raise ConfigError(f"{out} already holds checkpoints of a run: pass --resume to continue it, or choose "
-                          f"another --out (nothing was overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
-    sweep_orphans(out)  # a tokenized-data temporary of a killed run
-    save_yaml(cfg, out / "config.yaml")
-    return out
-
-
-def _check_resumable(cfg: PretrainConfig, saved_path: Path) -> None:
-    def flat(data: dict, prefix: str = "") -> dict:
-        items = {}
-        for key, value in data.items():
-            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-        return items
-
-    now, before = flat(to_dict(cfg)), flat(load_yaml(saved_path))
-    changed = sorted(k for k in now.keys() | before.keys()
-                     if now.get(k) != before.get(k) and k not in _RESUMABLE_CHANGES)
-    if changed:
-        detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ConfigError(f"--resume with a changed config ({detail}); only how long and how often may change")
 
 
 def _tokenizer(cfg: PretrainConfig, out: Path, train_texts: list[str]) -> Tokenizer:

@@ -89,3 +89,14 @@ def test_decoder_checkpoint_is_refused(tmp_path, capsys):
     load_tokenizer(MODEL_DIR).save(tmp_path / "dec")
     err = _fail(["--config", SENTIMENT, "--out", str(tmp_path / "o"), "--model.path", str(tmp_path / "dec")], capsys)
     assert "needs an encoder checkpoint" in err
+
+
+def test_finetune_follows_pretrains_run_directory_rules(sentiment_run, capsys):
+    """A second run into the same --out is refused (nothing overwritten); --resume refuses a changed
+    learning rate rather than training on with the old one while config.yaml records the new."""
+    assert main(["finetune", "--config", SENTIMENT, "--out", str(sentiment_run), "--train.max_steps", "30",
+                 *QUIET]) == 2
+    assert "already holds checkpoints of a run: pass --resume" in capsys.readouterr().err
+    assert main(["finetune", "--config", SENTIMENT, "--out", str(sentiment_run), "--resume", "--train.max_steps", "31",
+                 "--train.eval_every", "15", "--train.lr", "0.5", *QUIET]) == 2
+    assert "--resume with a changed config (train.lr" in capsys.readouterr().err
