@@ -51,7 +51,8 @@ def open_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
 
         file = read_gguf(path)
         metadata = file.metadata
-        # The tokenizer is built (pure Python) while the weights dequantise (numpy, which releases the GIL).
+        # The tokenizer is built (pure Python) while the weights dequantise (compiled code or numpy, both of
+        # which release the GIL).
         with ThreadPoolExecutor(max_workers=1) as pool:
             tokenizer = pool.submit(lambda: tokenizer_from_json(gguf_tokenizer_json(metadata, str(path)),
                                                                 source=str(path)))
