@@ -285,3 +285,14 @@ def test_fine_tuning_rows_with_missing_labels_or_bad_bytes(tmp_path, content, me
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(DataError, match=message):
         read_rows(path, ["text", "label"])
+
+
+def test_loading_reports_weights_holding_nan(copy, caplog):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(copy / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("inf")
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="lmstack"):
+        load_hf(copy)
+    assert "1 tensor(s) hold NaN or inf values: ['norm.weight']" in caplog.text

@@ -29,7 +29,7 @@ from torch import nn
 
 from lmstack.checkpoints.gguf_quants import SUPPORTED, dequantize
 from lmstack.checkpoints.gguf_reader import parse_gguf
-from lmstack.checkpoints.hf import resolve_dtype, tied_aliases
+from lmstack.checkpoints.hf import report_non_finite, resolve_dtype, tied_aliases
 from lmstack.errors import CheckpointError, ConfigError
 from lmstack.models.registry import FAMILIES
 from lmstack.nn.memory import hugepage_tensors, hugepages_available
@@ -310,6 +310,7 @@ def load_gguf(path: "str | os.PathLike | GGUFFile", *, device: str | torch.devic
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{file.path}: missing tensors for {missing[:5]} that the metadata implies")
+    report_non_finite(state, file.path)
     for alias, source in aliases.items():
         state[alias] = state[source]
     model.load_state_dict(state, strict=True, assign=True)

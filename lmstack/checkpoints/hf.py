@@ -6,6 +6,8 @@ shapes against the safetensors headers (no data read yet) -> stream tensors thro
 ``load_state_dict(assign=True, strict=True)``. Saving is the same map in reverse.
 """
 
+import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from lmstack.errors import CheckpointError, ConfigError
 from lmstack.models import hf_configs
 from lmstack.models.registry import Family, TensorRule, family_for_config, family_for_hf_config
 
+log = logging.getLogger("lmstack")
 CONFIG_FILE = "config.json"
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -109,6 +112,7 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
             for name, value in zip(ours, rule.to_ours(tensor)):
                 state[name] = value.to(device=device, dtype=target)
     model = checkpoint.model
+    report_non_finite(state, checkpoint.directory)
     for alias, source in tied_aliases(model).items():
         state[alias] = state[source]
     model.load_state_dict(state, strict=True, assign=True)
@@ -124,6 +128,17 @@ def _check_layer_count(config_path: Path, config, tensors: dict[str, TensorInfo]
     if claimed > stored:
         raise CheckpointError(f"{config_path}: the config says {claimed} layers, but the weights hold tensors for "
                               f"{stored}")
+
+
+def report_non_finite(state: dict[str, torch.Tensor], source) -> list[str]:
+    """Warn (log) about tensors holding NaN or inf: such weights load, but everything they compute is
+    garbage (generation then refuses with a NumericalError). Returns their names."""
+    # A sum is NaN or inf if any element is (for weights of sane size), and unlike isfinite it allocates
+    # nothing: a full-size mask costs more than the check itself (first touch of fresh memory).
+    bad = [name for name, t in state.items() if t.is_floating_point() and not math.isfinite(float(t.sum()))]
+    if bad:
+        log.warning("%s: %d tensor(s) hold NaN or inf values: %s", source, len(bad), _few(bad))
+    return bad
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device, stored: torch.dtype) -> torch.dtype:
