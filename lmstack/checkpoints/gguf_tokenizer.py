@@ -14,13 +14,10 @@ Control tokens (type 3) become special added tokens, user-defined ones (type 4) 
 from typing import Any
 
 from lmstack.errors import CheckpointError
+from lmstack.tokenizers.hf_json import bpe_model_json
+from lmstack.tokenizers.pretokenize import CL100K_PATTERN, QWEN2_PATTERN
 
 CONTROL, USER_DEFINED = 3, 4
-_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-_QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 def _byte_level(use_regex: bool = True) -> dict:
@@ -38,8 +35,8 @@ _DIGITS_THEN_BYTES = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "
 # tokenizer.ggml.pre -> (normalizer, pre_tokenizer, ignore_merges), as each family's tokenizer.json has them
 PRE_TOKENIZERS: dict[str, tuple[dict | None, dict, bool]] = {
     **{name: (None, _byte_level(), False) for name in ("default", "gpt2", "gpt-2", "mpt", "olmo", "jais")},
-    **{name: (None, _split_then_bytes(_LLAMA3_REGEX), True) for name in ("llama3", "llama-v3", "llama-bpe")},
-    **{name: ({"type": "NFC"}, _split_then_bytes(_QWEN2_REGEX), False) for name in ("qwen2", "stablelm2")},
+    **{name: (None, _split_then_bytes(CL100K_PATTERN), True) for name in ("llama3", "llama-v3", "llama-bpe")},
+    **{name: ({"type": "NFC"}, _split_then_bytes(QWEN2_PATTERN), False) for name in ("qwen2", "stablelm2")},
     **{name: (None, _DIGITS_THEN_BYTES, False) for name in ("smollm", "starcoder", "refact", "command-r",
                                                              "codeshell")},
 }
@@ -80,10 +77,7 @@ def _byte_level_bpe(metadata: dict, tokens: list[str], source: str) -> dict:
     merges = metadata.get("tokenizer.ggml.merges") or []
     return {"normalizer": normalizer, "pre_tokenizer": pre,
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": ignore_merges, "vocab": _vocab(tokens, source),
-                      "merges": [m.split(" ") for m in merges]}}
+            "model": bpe_model_json(_vocab(tokens), [m.split(" ") for m in merges], ignore_merges=ignore_merges)}
 
 
 def _sentencepiece_bpe(metadata: dict, tokens: list[str], types: list[int], source: str) -> dict:
@@ -97,9 +91,7 @@ def _sentencepiece_bpe(metadata: dict, tokens: list[str], types: list[int], sour
             "decoder": {"type": "Sequence", "decoders": [
                 {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
                 {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                      "vocab": _vocab(tokens, source), "merges": score_merges(tokens, scores)}}
+            "model": bpe_model_json(_vocab(tokens), score_merges(tokens, scores), fuse_unk=True, byte_fallback=True)}
 
 
 def score_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
@@ -116,7 +108,7 @@ def score_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
     return [[left, right] for left, right, _ in merges]
 
 
-def _vocab(tokens: list[str], source: str) -> dict[str, int]:
+def _vocab(tokens: list[str]) -> dict[str, int]:
     """token -> id; a token listed twice (rare: unused slots) keeps its last id, as transformers reads it."""
     return {token: i for i, token in enumerate(tokens)}
 

@@ -141,9 +141,15 @@ def byte_level_bpe_json(vocab: dict[str, int], merges: list[tuple[str, str]], pa
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
             "pre_tokenizer": pre, "post_processor": None,
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": False, "vocab": vocab, "merges": [list(m) for m in merges]}}
+            "model": bpe_model_json(vocab, merges)}
+
+
+def bpe_model_json(vocab: dict[str, int], merges: list, *, unk_token: str | None = None, fuse_unk: bool = False,
+                   byte_fallback: bool = False, ignore_merges: bool = False) -> dict[str, Any]:
+    """The "model" object of a BPE tokenizer.json (merges as [left, right] pairs)."""
+    return {"type": "BPE", "dropout": None, "unk_token": unk_token, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": fuse_unk, "byte_fallback": byte_fallback,
+            "ignore_merges": ignore_merges, "vocab": vocab, "merges": [list(m) for m in merges]}
 
 
 def load_vocab_merges(vocab_path: Path, merges_path: Path) -> Tokenizer:

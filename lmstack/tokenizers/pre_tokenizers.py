@@ -46,9 +46,6 @@ class PreTokenizer:
     split: SplitFn
     byte_level: bool = False
 
-    def __call__(self, text: str, opens_input: bool = True) -> list[str]:
-        return [piece for piece, _ in self.split([(text, 0)], opens_input)]
-
 
 def build_pre_tokenizer(spec: dict | None) -> PreTokenizer:
     """The PreTokenizer ``spec`` (a tokenizer.json "pre_tokenizer" object) describes; None keeps text whole."""
@@ -57,13 +54,7 @@ def build_pre_tokenizer(spec: dict | None) -> PreTokenizer:
     steps = _flatten(spec)
     functions = [_build_step(step) for step in steps]
     byte_level = any(step["type"] == "ByteLevel" for step in steps)
-
-    def split(pieces: list[Piece], opens_input: bool) -> list[Piece]:
-        for function in functions:
-            pieces = function(pieces, opens_input)
-        return pieces
-
-    return PreTokenizer(functions[0] if len(functions) == 1 else split, byte_level)
+    return PreTokenizer(functions[0] if len(functions) == 1 else _chain(functions), byte_level)
 
 
 def _flatten(spec: dict) -> list[dict]:

@@ -14,14 +14,12 @@ import pytest
 from lmstack.data.sources import shakespeare_files
 from lmstack.tokenizers import WordPieceTokenizer, load_tokenizer
 from lmstack.tokenizers.decoders import cleanup_tokenization
-from lmstack.tokenizers.pretokenize import CL100K_PATTERN
+from lmstack.tokenizers.pretokenize import CL100K_PATTERN, QWEN2_PATTERN
 from tests.tokenizers.corpus import HELD_OUT, TRAIN
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 
-QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 BYTES = [f"<0x{b:02X}>" for b in range(256)]
 CODE = ['def f(x):\n\treturn {"a": [1, 2, 3]}  # 42\n', "for (int i = 0; i < 10; ++i) { sum += a[i]; }",
         "x=1;y=22;z=333;w=4444;  \n\n\n  \t\t end", "SELECT * FROM t WHERE id IN (1,2,3);"]
