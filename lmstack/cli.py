@@ -1,7 +1,8 @@
 """The `lmstack` command: one subcommand per job, each a recipe's ``run`` with its config's fields as flags.
 
-Recipes are imported only for the job being run (`lmstack chat ...` never imports the training stack);
-`lmstack --help` imports them all to list them.
+Flags come from the job's config dataclass (``lmstack/recipes/configs/<job>.py``, no torch), so help and
+argument or config errors answer at once; the recipe (``lmstack/recipes/<job>.py``) is imported only to run
+the one job asked for (`lmstack chat ...` never imports the training stack).
 """
 
 import argparse
@@ -13,7 +14,7 @@ from lmstack import __version__
 from lmstack.config import add_arguments, from_namespace, resolve
 from lmstack.errors import LmstackError
 
-# job name -> (recipe module, run function, config dataclass), or a dict of sub-jobs
+# job name -> (module in recipes/ and recipes/configs/, run function, config dataclass), or a dict of sub-jobs
 JOBS = {
     "quickstart": ("quickstart", "run", "QuickstartConfig"),
     "info": ("info", "run", "InfoConfig"),
@@ -31,9 +32,12 @@ JOBS = {
 }
 
 
-def _resolve(spec: tuple[str, str, str]):
-    module = importlib.import_module(f"lmstack.recipes.{spec[0]}")
-    return getattr(module, spec[1]), getattr(module, spec[2])
+def _config_class(spec: tuple[str, str, str]) -> type:
+    return getattr(importlib.import_module(f"lmstack.recipes.configs.{spec[0]}"), spec[2])
+
+
+def _run_function(spec: tuple[str, str, str]):
+    return getattr(importlib.import_module(f"lmstack.recipes.{spec[0]}"), spec[1])
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -53,11 +57,11 @@ def _add_jobs(sub, jobs: dict, prefix: str) -> None:
             group.set_defaults(job_group=group)
             _add_jobs(group.add_subparsers(dest="job", metavar="COMMAND"), job, prefix=f"{prefix}{name} ")
             continue
-        run, config_cls = _resolve(job)
+        config_cls = _config_class(job)
         doc = (config_cls.__doc__ or "").strip().splitlines()[0]
         parser = sub.add_parser(name, help=doc, description=doc, allow_abbrev=False)
         add_arguments(parser, config_cls, overrides_only=_configured_by_yaml(config_cls))
-        parser.set_defaults(run=run, config_cls=config_cls, job_name=prefix + name)
+        parser.set_defaults(job_spec=job, config_cls=config_cls, job_name=prefix + name)
 
 
 def _configured_by_yaml(config_cls: type) -> bool:
@@ -72,7 +76,7 @@ def _job_config(args: argparse.Namespace):
     return resolve(args.config_cls, overrides.get("config"), overrides)
 
 
-_BOOKKEEPING = {"run", "config_cls", "job_name", "job", "job_group"}
+_BOOKKEEPING = {"job_spec", "config_cls", "job_name", "job", "job_group"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=first if first in JOBS else None)
     args = parser.parse_args(argv)
-    if getattr(args, "run", None) is None:
+    if getattr(args, "job_spec", None) is None:
         (getattr(args, "job_group", None) or parser).print_help()
         return 0
     try:
-        args.run(_job_config(args))
+        config = _job_config(args)  # a bad value or YAML key fails here, before torch is imported
+        _run_function(args.job_spec)(config)
     except LmstackError as error:
         return _fail(args.job_name, str(error))
     except OSError as error:  # a path that cannot be read or written: name it, no traceback

@@ -1,4 +1,4 @@
-"""Torch-free file helpers shared by every package: atomic writes and JSON reading.
+"""Torch-free file helpers shared by every package: atomic writes, JSON reading, output directories.
 
 A write goes to a temporary file in the target's directory and is renamed into place, so an interrupted
 write never leaves a half-written file where a good one was.
@@ -12,6 +12,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from lmstack.errors import ConfigError
 
 
 _ORPHAN = re.compile(r"^\.(?:tmp-.+|old-.+|.+\.tmp)-(\d+)$")  # what a killed write leaves: .NAME.tmp-PID, ...
@@ -102,3 +104,21 @@ def read_json_object(path: Path, error: type[Exception]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def output_directory(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` checked as a directory a job may write into, before the job does any work: it may not exist
+    yet, but it may not be a file, nor sit under a file or a directory this process cannot write.
+
+    Raises:
+        ConfigError: naming ``flag`` and the path.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a directory: choose a directory")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file, so no directory can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not writable")
+    return path

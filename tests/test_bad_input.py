@@ -1,5 +1,5 @@
 """Bad input from issue #12's probe, one test per case: each gets a clear error (exit 2, no traceback)
-instead of a hang, a crash or a wrong result. Cases fixed so far; the rest of #12 is listed in its note."""
+instead of a hang, a crash or a wrong result."""
 
 import json
 import os
@@ -82,7 +82,7 @@ def test_a_symlinked_shard_pointing_outside_is_refused(copy, tmp_path):
 def test_unwritable_output_is_an_error_naming_the_path(model_dir, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    assert main(["convert", str(model_dir), str(blocker / "out")]) == 2
+    assert main(["convert", str(model_dir), str(blocker / "out")]) == 2  # under a file
     err = capsys.readouterr().err
     assert err.startswith("lmstack convert: error: ") and "a-file" in err and "Traceback" not in err
 
@@ -296,3 +296,77 @@ def test_loading_reports_weights_holding_nan(copy, caplog):
     with caplog.at_level("WARNING", logger="lmstack"):
         load_hf(copy)
     assert "1 tensor(s) hold NaN or inf values: ['norm.weight']" in caplog.text
+
+
+def _plant_inf(directory: Path, name: str = "model.norm.weight") -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    tensors[name][3] = float("inf")
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_info_reports_tensors_holding_nan_or_inf(copy, model_dir, capsys):
+    assert main(["info", str(model_dir)]) == 0
+    assert "weights         all finite" in capsys.readouterr().out
+    _plant_inf(copy)
+    assert main(["info", str(copy)]) == 0
+    assert "weights         1 tensor(s) hold NaN or inf: model.norm.weight" in capsys.readouterr().out
+    assert main(["info", str(copy), "--no-check-weights"]) == 0
+    assert "weights " not in capsys.readouterr().out
+
+
+def test_info_reports_non_finite_gguf_tensors(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from tests.parity.gguf_writer import hf_reference, write_gguf
+
+    reference = hf_reference("llama")
+    with torch.no_grad():
+        reference.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    write_gguf(tmp_path / "nan.gguf", reference, "llama", "F32")
+    assert main(["info", str(tmp_path / "nan.gguf")]) == 0
+    assert "weights         1 tensor(s) hold NaN or inf: blk.0.ffn_up.weight" in capsys.readouterr().out
+
+
+# --- #12.4: --out naming an existing file, for every job that writes a directory ---------------------------
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune", "tokenizer train", "convert"])
+def test_out_naming_an_existing_file_is_a_one_line_error(job, model_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(TRAIN))
+    argv = {"pretrain": ["pretrain", "--config", str(ROOT / "configs/pretrain/tiny.yaml"), "--out", str(blocker)],
+            "finetune": ["finetune", "--config", str(ROOT / "configs/finetune/sentiment-minilm.yaml"),
+                         "--out", str(blocker)],
+            "tokenizer train": ["tokenizer", "train", "--input", str(corpus), "--out", str(blocker)],
+            "convert": ["convert", str(model_dir), str(blocker)]}[job]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lmstack {job}: error: ") and str(blocker) in err and err.count("\n") == 1
+    assert blocker.read_text() == "keep me"
+
+
+# --- #12.8: help and argument errors answer without importing torch ---------------------------------------
+
+def test_help_and_argument_errors_do_not_import_torch():
+    code = """
+import sys
+from lmstack.cli import JOBS, main
+calls = [["--help"], ["tokenizer", "--help"], ["pretrain", "--train.lr", "abc"], ["generate", "--max-new-tokens", "0",
+         "--model", "m"], ["pretrain", "--config", "configs/pretrain/tiny.yaml", "--train.nope", "1"],
+         ["finetune", "--seed", "-1"]]
+calls += [[*job.split(), "--help"] for job in [j if not isinstance(s, dict) else f"{j} {sub}"
+          for j, s in JOBS.items() for sub in (s if isinstance(s, dict) else [None])]]
+for argv in calls:
+    try:
+        code = main(argv)
+    except SystemExit as exit:
+        code = exit.code
+    assert code in (0, 2), (argv, code)
+    assert "torch" not in sys.modules, argv
+print('calls:', len(calls))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.rsplit('calls:', 1)[1]) >= 16

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmstack.checkpoints.hf import inspect_hf, load_hf, resolve_dtype, save_hf
+from lmstack.checkpoints.hf import inspect_hf, is_finite, load_hf, resolve_dtype, save_hf
+from lmstack.checkpoints.io import load_tensors
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -38,6 +39,20 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     return load_hf(path, device=device, dtype=dtype)
 
 
+def non_finite_tensors(path: str | os.PathLike) -> list[str]:
+    """The stored names of the tensors in ``path`` (HF directory or .gguf) that hold NaN or inf. Reads every
+    weight once, one tensor at a time (safetensors memory-mapped; GGUF tensors dequantised one by one)."""
+    if is_gguf(path):
+        from lmstack.checkpoints.gguf import read_gguf
+
+        return [name for name, tensor in read_gguf(path).tensors.items() if not is_finite(tensor.to_torch())]
+    by_file: dict[Path, list[str]] = {}
+    for info in inspect_hf(path).tensors.values():
+        by_file.setdefault(info.file, []).append(info.name)
+    return [name for file, names in by_file.items() for name, tensor in load_tensors(file, names)
+            if not is_finite(tensor)]
+
+
 def load_gguf(path: str | os.PathLike, **options) -> nn.Module:
     """See ``lmstack.checkpoints.gguf.load_gguf``."""
     from lmstack.checkpoints.gguf import load_gguf as load
@@ -45,4 +60,5 @@ def load_gguf(path: str | os.PathLike, **options) -> nn.Module:
     return load(path, **options)
 
 
-__all__ = ["inspect_hf", "is_gguf", "load_gguf", "load_hf", "load_model", "resolve_dtype", "save_hf"]
+__all__ = ["inspect_hf", "is_gguf", "load_gguf", "load_hf", "load_model", "non_finite_tensors", "resolve_dtype",
+           "save_hf"]

@@ -133,12 +133,18 @@ def _check_layer_count(config_path: Path, config, tensors: dict[str, TensorInfo]
 def report_non_finite(state: dict[str, torch.Tensor], source) -> list[str]:
     """Warn (log) about tensors holding NaN or inf: such weights load, but everything they compute is
     garbage (generation then refuses with a NumericalError). Returns their names."""
-    # A sum is NaN or inf if any element is (for weights of sane size), and unlike isfinite it allocates
-    # nothing: a full-size mask costs more than the check itself (first touch of fresh memory).
-    bad = [name for name, t in state.items() if t.is_floating_point() and not math.isfinite(float(t.sum()))]
+    bad = [name for name, t in state.items() if not is_finite(t)]
     if bad:
         log.warning("%s: %d tensor(s) hold NaN or inf values: %s", source, len(bad), _few(bad))
     return bad
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """False if a floating-point ``tensor`` holds NaN or inf."""
+    # A sum is NaN or inf if any element is (for weights of sane size; accumulated in fp32 so that half
+    # precision cannot overflow), and unlike isfinite it allocates nothing: a full-size mask costs more
+    # than the check itself (first touch of fresh memory).
+    return not tensor.is_floating_point() or math.isfinite(float(tensor.sum(dtype=torch.float32)))
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device, stored: torch.dtype) -> torch.dtype:

@@ -12,30 +12,19 @@ are dropped (the system message stays).
 
 import sys
 from dataclasses import dataclass, field as dataclass_field
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from lmstack.checkpoints.model_files import ModelFiles, open_model
-from lmstack.config import field
 from lmstack.errors import ConfigError
 from lmstack.generate import stream
 from lmstack.recipes.bundled import resolve_model_dir
-from lmstack.recipes.sampling import SamplingOptions, prepare_for_decoding, to_generation_config
+from lmstack.recipes.sampling import prepare_for_decoding, to_generation_config
 from lmstack.tokenizers import render_chat
+from lmstack.recipes.configs.chat import ChatConfig
 
 PROMPT = "you> "
-
-
-@dataclass(kw_only=True)
-class ChatConfig(SamplingOptions):
-    """Chat with an instruct model in the terminal, or answer one --message and exit."""
-
-    model: Path = field(help="checkpoint directory, a .gguf file, or smollm2-135m-instruct (the bundled package)")
-    message: str | None = field(None, help="answer this one message and exit (for scripts)")
-    system: str | None = field(None, help="system message that opens the conversation")
-    max_new_tokens: int = field(256, help="most tokens in one reply")
 
 
 @dataclass

@@ -5,36 +5,24 @@ of an earlier save there.
 """
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from lmstack.checkpoints import is_gguf, load_hf, save_hf
-from lmstack.config import field
 from lmstack.errors import ConfigError
-from lmstack.fileio import write_json
+from lmstack.fileio import output_directory, write_json
 from lmstack.recipes.bundled import resolve_model_dir
 from lmstack.tokenizers import tokenizer_from_json
+from lmstack.recipes.configs.convert import ConvertConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "vocab.txt", "chat_template.jinja", "generation_config.json", "tokenizer.model")
-
-
-@dataclass
-class ConvertConfig:
-    """Write a checkpoint (HF directory or GGUF file) as a Hugging Face-format directory."""
-
-    source: Path = field(help="input: checkpoint directory, .gguf file, or a bundled name", positional=True)
-    output: Path = field(help="output directory (created; other files in it are kept)", positional=True)
-    dtype: Literal["stored", "float32", "bfloat16", "float16"] = field(
-        "stored", help="dtype of the written weights (stored: as the source; a GGUF dequantises to float32)")
-    max_shard_size: str = field("5GB", help="largest safetensors file before sharding, e.g. 2GB or 500MB")
 
 
 def run(cfg: ConvertConfig) -> Path:
     source = resolve_model_dir(cfg.source)
     if source.resolve() == cfg.output.resolve():
         raise ConfigError(f"output {cfg.output} is the source itself; choose another directory")
+    output_directory(cfg.output, "output")
     dtype = None if cfg.dtype == "stored" else cfg.dtype
     if is_gguf(source):
         model = _convert_gguf(source, cfg.output)

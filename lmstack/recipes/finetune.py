@@ -12,14 +12,12 @@ loss.png, checkpoints/ and model/ (HF format + tokenizer, loadable by transforme
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from lmstack.checkpoints.hf import load_hf, save_hf
-from lmstack.config import check_seed, field, save_yaml
+from lmstack.config import save_yaml
 from lmstack.data.labeled import (encode_sequences, encode_tagged, eval_example_batches, label_ids, label_set,
                                   read_rows, ExampleBatches)
 from lmstack.errors import ConfigError
@@ -27,53 +25,12 @@ from lmstack.models import Encoder
 from lmstack.models.config import LABELED_HEADS
 from lmstack.recipes.bundled import resolve_model_dir
 from lmstack.tokenizers import WordPieceTokenizer, load_tokenizer
-from lmstack.train import TrainConfig, Trainer
+from lmstack.train import Trainer
 from lmstack.train.run_dir import prepare_run_dir
 from lmstack.train.classify import ClassificationObjective
 from lmstack.train.plots import plot_loss_curve
 from lmstack.train.trainer import resolve_device
-
-
-@dataclass
-class FinetuneModelSection:
-    """The checkpoint to fine-tune (an HF-format BERT directory with its vocab)."""
-
-    path: Path | None = field(None, help="checkpoint directory, or all-minilm-l6-v2 (the bundled package)")
-    reset_head: bool = field(False, help="replace a task head that does not match this task's labels")
-
-
-@dataclass
-class FinetuneDataSection:
-    """Labelled files and their column names."""
-
-    train: Path | None = field(None, help="training file (.csv or .jsonl)")
-    eval: Path | None = field(None, help="held-out file scored during and after training")
-    text_field: str = field("text", help="sequence tasks: the text column")
-    text_pair_field: str | None = field(None, help="sequence-pair tasks: the second text column")
-    label_field: str = field("label", help="sequence tasks: the label column")
-    tokens_field: str = field("tokens", help="token tasks: the JSONL field holding the list of words")
-    tags_field: str = field("tags", help="token tasks: the JSONL field holding the list of BIO tags")
-    labels: list[str] | None = field(None, help="the label set, in id order (default: sorted from the training file)")
-    max_length: int = field(128, help="longest tokenized row")
-    truncate: bool = field(False, help="cut rows longer than max_length (reported) instead of failing")
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tune an encoder for sequence (pair) classification or token classification (NER)."""
-
-    config: Path | None = field(None, help="YAML recipe (e.g. configs/finetune/sentiment-minilm.yaml)")
-    out: Path | None = field(None, help="run directory (required)")
-    task: Literal["sequence_classification", "token_classification"] = field(
-        "sequence_classification", help="what to predict: one label per text (pair), or one per word")
-    seed: int = field(1337, help="seed of the new head and of the data order")
-    resume: bool = field(False, help="continue from the latest checkpoint in --out")
-    model: FinetuneModelSection = field(default_factory=FinetuneModelSection, help="model")
-    data: FinetuneDataSection = field(default_factory=FinetuneDataSection, help="data")
-    train: TrainConfig = field(default_factory=TrainConfig, help="training")
-
-    def __post_init__(self) -> None:
-        check_seed(self.seed)
+from lmstack.recipes.configs.finetune import FinetuneConfig
 
 
 def run(cfg: FinetuneConfig) -> dict:

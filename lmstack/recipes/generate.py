@@ -1,29 +1,15 @@
 """`lmstack generate`: continue a prompt with a Hugging Face-format checkpoint or a GGUF file."""
 
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from lmstack.checkpoints.model_files import open_model
-from lmstack.config import field
 from lmstack.errors import ConfigError
 from lmstack.generate import GenerationConfig, generate, stream
 from lmstack.recipes.bundled import resolve_model_dir
-from lmstack.recipes.sampling import SamplingOptions, prepare_for_decoding, to_generation_config
-
-
-@dataclass(kw_only=True)
-class GenerateJobConfig(SamplingOptions):
-    """Generate text from a checkpoint: greedy, sampling (temperature / top-k / top-p) or beam search."""
-
-    model: Path = field(help="checkpoint directory (config.json + *.safetensors), a .gguf file, or "
-                             "smollm2-135m-instruct (the bundled package)")
-    prompt: str | None = field(None, help="prompt text, encoded with the model's tokenizer")
-    prompt_ids: str | None = field(None, help="prompt as token ids, e.g. '464 2068 7586'")
-    num_beams: int = field(1, help="beam search with this many beams")
-    stream: bool = field(False, help="print tokens as they are produced")
+from lmstack.recipes.sampling import prepare_for_decoding, to_generation_config
+from lmstack.recipes.configs.generate import GenerateJobConfig
 
 
 def prompt_tensor(cfg: GenerateJobConfig, tokenizer) -> torch.Tensor:

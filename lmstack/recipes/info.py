@@ -1,21 +1,13 @@
-"""`lmstack info PATH`: describe a checkpoint (HF directory, without reading its weights; or a GGUF file)."""
+"""`lmstack info PATH`: describe a checkpoint (HF directory or GGUF file) from its metadata, and report
+tensors holding NaN or inf (reading each weight once; --no-check-weights skips that)."""
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from lmstack.checkpoints import inspect_hf, is_gguf
-from lmstack.config import field
+from lmstack.checkpoints import inspect_hf, is_gguf, non_finite_tensors
 from lmstack.models import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from lmstack.models.summary import format_parameter_table
 from lmstack.recipes.bundled import resolve_model_dir
-
-
-@dataclass
-class InfoConfig:
-    """Describe a checkpoint: family, parameter count, dtype, context length, per-module parameters."""
-
-    path: Path = field(help="checkpoint directory (config.json + *.safetensors), a .gguf file, or a bundled "
-                            "name (smollm2-135m-instruct, all-minilm-l6-v2)", positional=True)
+from lmstack.recipes.configs.info import InfoConfig
 
 
 def describe(path: Path) -> str:
@@ -103,5 +95,18 @@ def _describe_positions(cfg) -> str:
     return f"rope (theta {cfg.rope_theta:g}{scaling})"
 
 
+def weights_report(path: Path) -> str:
+    """The line on non-finite weights, e.g. "weights         2 tensors hold NaN or inf: a.weight, b.bias"."""
+    bad = non_finite_tensors(resolve_model_dir(path))
+    if not bad:
+        return "weights         all finite"
+    listed = ", ".join(bad[:8]) + (f", ... ({len(bad) - 8} more)" if len(bad) > 8 else "")
+    return f"weights         {len(bad)} tensor(s) hold NaN or inf: {listed}"
+
+
 def run(cfg: InfoConfig) -> None:
-    print(describe(cfg.path))
+    report = describe(cfg.path)
+    if cfg.check_weights:
+        head, _, table = report.partition("\n\n")
+        report = f"{head}\n{weights_report(cfg.path)}\n\n{table}"
+    print(report)

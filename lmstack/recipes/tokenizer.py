@@ -3,45 +3,15 @@
 import glob
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from tqdm import tqdm
 
-from lmstack.config import field
 from lmstack.errors import ConfigError
+from lmstack.fileio import output_directory
 from lmstack.tokenizers import load_tokenizer, train_bpe
 from lmstack.tokenizers.pretokenize import PATTERNS
-
-
-@dataclass
-class TrainTokenizerConfig:
-    """Train a byte-level BPE tokenizer on text files and save tokenizer.json."""
-
-    input: str = field(help="text files: paths or globs, comma-separated (e.g. 'data/*.txt')")
-    out: Path = field(help="directory to write tokenizer.json into")
-    vocab_size: int = field(8000, help="vocabulary size, the 256 bytes and special tokens included")
-    special_tokens: str = field("<|endoftext|>", help="comma-separated special tokens (given the first ids)")
-    pattern: Literal["gpt2", "cl100k", "llama3"] = field("gpt2", help="word-splitting regex")
-
-
-@dataclass
-class EncodeConfig:
-    """Encode text to token ids (one JSON list per input line)."""
-
-    tokenizer: Path = field(help="tokenizer.json, or a directory holding one")
-    text: str | None = field(None, help="text to encode (default: read lines from standard input)")
-    add_special_tokens: bool = field(True, help="add BOS/EOS as the tokenizer's post-processor says")
-
-
-@dataclass
-class DecodeConfig:
-    """Decode token ids (spaces or commas between them) to text."""
-
-    tokenizer: Path = field(help="tokenizer.json, or a directory holding one")
-    ids: str = field(help="token ids, e.g. '464 2068 7586'")
-    skip_special_tokens: bool = field(False, help="leave special tokens out of the text")
+from lmstack.recipes.configs.tokenizer import DecodeConfig, EncodeConfig, TrainTokenizerConfig
 
 
 def read_corpus(spec: str) -> list[str]:
@@ -72,6 +42,7 @@ def train_bpe_with_progress(texts: list[str], vocab_size: int, special_tokens: l
 
 
 def train(cfg: TrainTokenizerConfig) -> Path:
+    output_directory(cfg.out, "--out")  # before training, not after
     texts = read_corpus(cfg.input)
     specials = [t.strip() for t in cfg.special_tokens.split(",") if t.strip()]
     tokenizer = train_bpe_with_progress(texts, cfg.vocab_size, specials, cfg.pattern)

@@ -1,9 +1,13 @@
-"""Training: objectives, optimizer and schedule, and the one training loop."""
+"""Training: objectives, optimizer and schedule, and the one training loop.
 
-from lmstack.train.objectives import (IGNORE_INDEX, CausalLMObjective, causal_lm_loss, linear_cross_entropy,
-                                      next_token_targets)
-from lmstack.train.optim import WarmupCosine, build_optimizer, param_groups, warmup_cosine
-from lmstack.train.trainer import TrainConfig, Trainer, evaluate_lm
+Names are imported on first use, so ``lmstack.train.config`` (plain data) loads without torch.
+"""
 
-__all__ = ["CausalLMObjective", "IGNORE_INDEX", "TrainConfig", "Trainer", "WarmupCosine", "build_optimizer",
-           "causal_lm_loss", "evaluate_lm", "linear_cross_entropy", "next_token_targets", "param_groups", "warmup_cosine"]
+from lmstack.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "config": ["TrainConfig"],
+    "objectives": ["IGNORE_INDEX", "CausalLMObjective", "causal_lm_loss", "linear_cross_entropy", "next_token_targets"],
+    "optim": ["WarmupCosine", "build_optimizer", "param_groups", "warmup_cosine"],
+    "trainer": ["Trainer", "evaluate_lm"],
+})

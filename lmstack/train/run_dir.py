@@ -13,7 +13,7 @@ from typing import Any
 from lmstack.checkpoints.train_state import checkpoint_dirs, latest_checkpoint
 from lmstack.config import load_yaml, save_yaml, to_dict
 from lmstack.errors import CheckpointError, ConfigError
-from lmstack.fileio import sweep_orphans
+from lmstack.fileio import output_directory, sweep_orphans
 
 RESUMABLE_CHANGES = ("config", "resume", "out", "train.max_steps", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.compile")
@@ -24,12 +24,12 @@ def prepare_run_dir(cfg: Any, saved_name: str) -> Path:
     checkpoint saved as ``saved_name``; then save ``config.yaml``.
 
     Raises:
-        ConfigError: no --out, checkpoints present without --resume, or a changed config on resume.
+        ConfigError: no --out, --out naming a file or an unwritable place, checkpoints present without --resume, or a changed config on resume.
         CheckpointError: --resume without a checkpoint.
     """
     if cfg.out is None:
         raise ConfigError("--out is required (the run directory)")
-    out = Path(cfg.out)
+    out = output_directory(cfg.out, "--out")
     if cfg.resume:
         latest = latest_checkpoint(out)
         if latest is None:

@@ -1,0 +1,28 @@
+"""The decoding flags `lmstack generate` and `lmstack chat` share."""
+
+from dataclasses import dataclass
+
+from lmstack.config import check_seed, field
+from lmstack.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class SamplingOptions:
+    """Decoding flags (the fields of both jobs' configs)."""
+
+    max_new_tokens: int = field(50, help="tokens to generate")
+    do_sample: bool | None = field(None, help="sample instead of greedy (default: on when temperature, top-k or "
+                                              "top-p is given)")
+    temperature: float | None = field(None, help="sampling temperature")
+    top_k: int | None = field(None, help="sample among the k most likely tokens")
+    top_p: float | None = field(None, help="sample from the smallest set of tokens with this much probability")
+    repetition_penalty: float = field(1.0, help=">1 discourages repeating tokens")
+    seed: int | None = field(None, help="random seed for sampling")
+    show_special: bool = field(False, help="print special tokens (<|im_end|>, ...) instead of hiding them")
+    fast_kernels: bool = field(True, help="use lmstack's memory-bandwidth-bound CPU decoding kernels (compiled "
+                                          "once per machine on first use, about 2 minutes)")
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
