@@ -19,6 +19,7 @@ JOBS = {
     "quickstart": ("quickstart", "run", "QuickstartConfig"),
     "info": ("info", "run", "InfoConfig"),
     "convert": ("convert", "run", "ConvertConfig"),
+    "quantize": ("quantize", "run", "QuantizeConfig"),
     "generate": ("generate", "run", "GenerateJobConfig"),
     "chat": ("chat", "run", "ChatConfig"),
     "pretrain": ("pretrain", "run", "PretrainConfig"),

@@ -58,6 +58,10 @@ def inspect_hf(path: str | os.PathLike) -> CheckpointPlan:
     directory = _checkpoint_dir(Path(path))
     config_path = directory / CONFIG_FILE
     hf_config = read_json(config_path)
+    quantized = hf_config.get("quantization_config")
+    if isinstance(quantized, dict) and quantized.get("quant_method") == "lmstack":
+        raise CheckpointError(f"{directory} holds a quantized model ({quantized.get('scheme')}): load it with "
+                              f"lmstack.compress.files.load_quantized (lmstack generate and chat read it directly)")
     try:
         family = family_for_hf_config(hf_config)
         config = family.config_from_hf(hf_config)

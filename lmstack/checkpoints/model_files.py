@@ -10,6 +10,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,10 +37,11 @@ class ModelFiles:
 
 
 def open_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
-               hugepages: bool = False) -> ModelFiles:
+               hugepages: bool = False, load: Callable[..., nn.Module] = load_model) -> ModelFiles:
     """Load the model at ``path`` (directory or .gguf) with its tokenizer, chat template and stop tokens.
     With ``hugepages``, the linear layers' CPU weights are moved into huge-page memory (for decoding),
-    while the tokenizer is being built.
+    while the tokenizer is being built. ``load(path, device=, dtype=)`` loads a directory's model
+    (``lmstack.compress.files.load_any_model`` also reads quantized directories).
 
     Raises:
         CheckpointError, ConfigError, TokenizerError: unreadable files, naming them.
@@ -61,7 +63,7 @@ def open_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
         template = find_chat_template(None, metadata.get("tokenizer.chat_template"))
         stops = gguf_stop_ids(metadata)
     else:
-        model = load_model(path, device=device, dtype=dtype)
+        model = load(path, device=device, dtype=dtype)
         with ThreadPoolExecutor(max_workers=1) as pool:  # the copy releases the GIL; tokenizer building holds it
             if hugepages:
                 moving = pool.submit(move_to_hugepages_, [m.weight for m in model.modules() if isinstance(m, nn.Linear)])

@@ -31,7 +31,9 @@ def build_key() -> str:
     """Hash of the sources, compiler, flags, torch version and Python ABI."""
     import torch
 
-    files = sorted(f for f in CSRC.iterdir() if f.is_file())
+    # The extension's own sources and the headers they include; not quant_matmul.cpp (a ctypes library
+    # with its own cache entry), so editing it does not rebuild the extension.
+    files = sorted([CSRC / name for name in SOURCES] + list(CSRC.glob("*.h")))
     return content_key(files, compiler_version(), " ".join(CFLAGS + LDFLAGS), torch.__version__,
                        sysconfig.get_config_var("SOABI") or "", sys.version)
 

@@ -21,7 +21,7 @@ from lmstack.nn.kv_cache import StaticKVCache
 from lmstack.nn.mlp import MLP, GatedMLP
 from lmstack.nn.norms import RMSNorm
 from lmstack.kernels.build import load_cpu_kernels
-from lmstack.kernels.skinny_linear import MAX_ROWS, SkinnyLinear
+from lmstack.kernels.skinny_linear import FP32, MAX_ROWS, DecodeOperands
 
 # Values of the Epilogue enum in csrc/skinny_kernels.h.
 _ACTIVATION_CODES = {"gelu": 2, "gelu_tanh": 3, "silu": 4, "relu": 5}
@@ -43,8 +43,8 @@ def fused_step_blocker(model: nn.Module, batch_size: int) -> str | None:
         return "dropout is active (model in training mode)"
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
         return "parameters are not all fp32 on CPU"
-    if type(model.lm_head) is not SkinnyLinear:
-        return "lm_head is not a SkinnyLinear (call use_skinny_linears_)"
+    if not hasattr(model.lm_head, "decode_operands"):
+        return "lm_head is not a SkinnyLinear or quantized linear (call use_skinny_linears_)"
     for layer in model.layers:
         reason = _layer_blocker(layer)
         if reason:
@@ -65,8 +65,8 @@ def _layer_blocker(layer: nn.Module) -> str | None:
     if type(mlp) not in (MLP, GatedMLP):
         return f"feed-forward is a {type(mlp).__name__}"
     linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_mlp_linears(mlp)]
-    if any(type(linear) is not SkinnyLinear for linear in linears):
-        return "a projection is not a SkinnyLinear"
+    if any(not hasattr(linear, "decode_operands") for linear in linears):
+        return "a projection is not a SkinnyLinear or quantized linear"
     for norm in (layer.attn_norm, layer.mlp_norm):
         if type(norm) not in (nn.LayerNorm, RMSNorm) or getattr(norm, "unit_offset", False):
             return f"norm is a {type(norm).__name__}"
@@ -89,25 +89,45 @@ class FusedDecodeStep:
         self.kernel = load_cpu_kernels()
         config = model.config
         self.weights = [t for layer in model.layers for t in self._layer_weights(layer)]
-        self.weights += [model.norm.weight, _or_none(getattr(model.norm, "bias", None)), model.lm_head.weight]
+        head = model.lm_head.decode_operands()
+        self.weights += [model.norm.weight, _or_none(getattr(model.norm, "bias", None)), head.weight]
+        linears = [op for layer in model.layers for op in self._layer_linears(layer)] + [head]
+        self.aux = [t for op in linears for t in op.aux]
+        self.formats = [v for op in linears for v in (op.format, op.group)]
         self.windows = [layer.sliding_window or 0 for layer in model.layers]
         self.shape = [config.n_heads, config.n_kv_heads, int(config.norm == "rmsnorm"), int(config.mlp == "gated"),
                       _ACTIVATION_CODES[config.activation]]
         self.eps = float(config.norm_eps)
 
     @staticmethod
-    def _layer_weights(layer: nn.Module) -> list[torch.Tensor]:
-        """In the LayerSlot order of decode_step.cpp; an absent tensor is an empty one."""
+    def _layer_modules(layer: nn.Module) -> list[nn.Module | None]:
+        """attn norm, q, k, v, o, mlp norm, mlp in, mlp up (None unless gated), mlp out."""
         attn, mlp = layer.attn, layer.mlp
         if isinstance(mlp, GatedMLP):
             fc_in, up, fc_out = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         else:
             fc_in, up, fc_out = mlp.fc_in, None, mlp.fc_out
+        return [layer.attn_norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp_norm, fc_in, up, fc_out]
+
+    @classmethod
+    def _layer_weights(cls, layer: nn.Module) -> list[torch.Tensor]:
+        """In the LayerSlot order of decode_step.cpp (a linear's weight as its decode operands give it: fp32
+        or packed codes); an absent tensor is an empty one."""
         tensors = []
-        for module in (layer.attn_norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp_norm,
-                       fc_in, up, fc_out):
-            tensors += [_or_none(getattr(module, "weight", None)), _or_none(getattr(module, "bias", None))]
+        for module in cls._layer_modules(layer):
+            if hasattr(module, "decode_operands"):
+                operands = module.decode_operands()
+                tensors += [operands.weight, _or_none(operands.bias)]
+            else:
+                tensors += [_or_none(getattr(module, "weight", None)), _or_none(getattr(module, "bias", None))]
         return tensors
+
+    @classmethod
+    def _layer_linears(cls, layer: nn.Module) -> list[DecodeOperands]:
+        """The 7 linears' operands (q, k, v, o, mlp in, up, out); an absent up is an empty fp32 one."""
+        modules = cls._layer_modules(layer)
+        return [m.decode_operands() if m is not None else DecodeOperands(_NONE, None, FP32, 0, [])
+                for i, m in enumerate(modules) if i not in (0, 5)]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
                  key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -128,7 +148,8 @@ class FusedDecodeStep:
         if model.rotary is not None:
             cos, sin = (t[:, 0].contiguous() for t in model.rotary(positions))  # (B, D) each
         logits = self.kernel.decode_step(x.contiguous(), self.weights, cache.k, cache.v, cache.length, cos, sin,
-                                         _NONE if key_mask is None else key_mask, self.windows, self.shape, self.eps)
+                                         _NONE if key_mask is None else key_mask, self.windows, self.shape, self.eps,
+                                         self.aux, self.formats)
         cache.advance(1)
         return logits
 

@@ -45,8 +45,30 @@ class SkinnyLinear(nn.Module):
                 and x.device.type == "cpu" and weight.dtype is torch.float32 and weight.device.type == "cpu"
                 and weight.is_contiguous())
 
+    def decode_operands(self) -> "DecodeOperands":
+        """What the fused decoding step reads for this layer (see ``DecodeOperands``)."""
+        return DecodeOperands(self.weight, self.bias, FP32, 0, [])
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# Weight formats of the fused decoding step (csrc/decode_step.cpp, enum Format).
+FP32, INT8, INT4, NF4 = 0, 1, 2, 3
+AUX_SLOTS = 6
+
+
+class DecodeOperands:
+    """A linear layer as the fused decoding step reads it: the weight tensor (fp32 matrix, or packed codes),
+    the bias, the format code and group size, and up to six auxiliary tensors in the slots of
+    decode_step.cpp's ``Format`` comment. A module that offers ``decode_operands()`` can run in the fused
+    step (SkinnyLinear, lmstack.compress.QuantizedLinear); any other module keeps the model on the eager path."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, format: int, group: int,
+                 aux: list[torch.Tensor | None]) -> None:
+        self.weight, self.bias, self.format, self.group = weight, bias, format, group
+        empty = torch.empty(0)
+        self.aux = [empty if t is None else t for t in aux] + [empty] * (AUX_SLOTS - len(aux))
 
 
 def use_skinny_linears_(model: nn.Module, hugepages: bool = True) -> nn.Module:

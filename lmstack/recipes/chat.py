@@ -16,11 +16,10 @@ from typing import Iterator
 
 import torch
 
-from lmstack.checkpoints.model_files import ModelFiles, open_model
+from lmstack.checkpoints.model_files import ModelFiles
 from lmstack.errors import ConfigError
 from lmstack.generate import stream
-from lmstack.recipes.bundled import resolve_model_dir
-from lmstack.recipes.sampling import prepare_for_decoding, to_generation_config
+from lmstack.recipes.sampling import open_for_decoding, to_generation_config
 from lmstack.tokenizers import render_chat
 from lmstack.recipes.configs.chat import ChatConfig
 
@@ -77,13 +76,12 @@ class ChatSession:
 
 
 def run(cfg: ChatConfig) -> list[dict]:
-    files = open_model(resolve_model_dir(cfg.model), hugepages=cfg.fast_kernels)
+    files = open_for_decoding(cfg)
     if files.tokenizer is None:
         raise ConfigError(f"{cfg.model}: chat needs a tokenizer (tokenizer.json, vocab.json + merges.txt, or a "
                           "GGUF file's own)")
     if files.chat_template.is_builtin:
         print(f"note: {cfg.model} has no chat template; using the built-in ChatML template", file=sys.stderr)
-    prepare_for_decoding(files.model, cfg)
     session = ChatSession(files, cfg)
     if cfg.message is not None:
         _print_reply(session, cfg.message)

@@ -24,14 +24,20 @@ def run(cfg: ConvertConfig) -> Path:
         raise ConfigError(f"output {cfg.output} is the source itself; choose another directory")
     output_directory(cfg.output, "output")
     dtype = None if cfg.dtype == "stored" else cfg.dtype
-    if is_gguf(source):
-        model = _convert_gguf(source, cfg.output)
-    else:
-        model = load_hf(source, dtype="stored")
-        _copy_tokenizer_files(source, cfg.output)
+    model = load_with_tokenizer_files(source, cfg.output)
     out = save_hf(model, cfg.output, max_shard_size=cfg.max_shard_size, dtype=dtype)
     print(f"wrote {out} ({sum(p.numel() for p in model.parameters()):,} parameters, {cfg.dtype})")
     return out
+
+
+def load_with_tokenizer_files(source: Path, output: Path):
+    """The model in ``source`` (HF directory, as stored; or GGUF, dequantised to float32), with its tokenizer,
+    chat template and generation config written to ``output`` (copied, or made from the GGUF metadata)."""
+    if is_gguf(source):
+        return _convert_gguf(source, output)
+    model = load_hf(source, dtype="stored")
+    _copy_tokenizer_files(source, output)
+    return model
 
 
 def _convert_gguf(source: Path, output: Path):

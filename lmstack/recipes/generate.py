@@ -4,11 +4,9 @@ import sys
 
 import torch
 
-from lmstack.checkpoints.model_files import open_model
 from lmstack.errors import ConfigError
 from lmstack.generate import GenerationConfig, generate, stream
-from lmstack.recipes.bundled import resolve_model_dir
-from lmstack.recipes.sampling import prepare_for_decoding, to_generation_config
+from lmstack.recipes.sampling import open_for_decoding, to_generation_config
 from lmstack.recipes.configs.generate import GenerateJobConfig
 
 
@@ -29,13 +27,12 @@ def prompt_tensor(cfg: GenerateJobConfig, tokenizer) -> torch.Tensor:
 
 
 def run(cfg: GenerateJobConfig) -> torch.Tensor:
-    files = open_model(resolve_model_dir(cfg.model), hugepages=cfg.fast_kernels)
+    files = open_for_decoding(cfg)
     model, tokenizer = files.model, files.tokenizer
     ids = prompt_tensor(cfg, tokenizer)
     vocab = model.config.vocab_size
     if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
         raise ConfigError(f"prompt token ids must lie in [0, {vocab}) for this model")
-    prepare_for_decoding(model, cfg)
     config = to_generation_config(cfg, num_beams=cfg.num_beams, eos_token_id=files.stop_ids)
     if cfg.stream:
         return _stream(model, ids, config, tokenizer, cfg.show_special)

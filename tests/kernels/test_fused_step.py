@@ -90,11 +90,11 @@ class _Wrapped(nn.Module):
 
 def test_falls_back_wherever_it_would_not_be_exact():
     eager, fast = _models("gpt2")
-    assert fused_step_blocker(eager, 1) == "lm_head is not a SkinnyLinear (call use_skinny_linears_)"
+    assert fused_step_blocker(eager, 1) == "lm_head is not a SkinnyLinear or quantized linear (call use_skinny_linears_)"
     assert "rows" in fused_step_blocker(fast, 9)
     wrapped = copy.deepcopy(fast)
     wrapped.layers[1].attn.v_proj = _Wrapped(wrapped.layers[1].attn.v_proj)
-    assert fused_step_blocker(wrapped, 1) == "layer 1: a projection is not a SkinnyLinear"
+    assert fused_step_blocker(wrapped, 1) == "layer 1: a projection is not a SkinnyLinear or quantized linear"
     ids = torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(0))
     config = GenerationConfig(max_new_tokens=6, eos_token_id=[])
     unwrapped_tokens = generate(fast, ids, config)

@@ -5,14 +5,17 @@
 // between the weight reads of a memory-bound step (~150 operator calls for a 12-layer model), so the
 // memory bus is kept busy streaming weights. Embeddings, positions and RoPE angles are computed in Python
 // (they vary by family and are cheap); lmstack/generate/fused_step.py builds the arguments and checks that
-// a model is one this step can run.
+// a model is one this step can run. A linear may hold fp32 weights or low-bit ones (int8, int4, NF4:
+// quant_kernels.h), described per linear by `formats` and `aux`.
 #include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <limits>
 #include <vector>
 
+#include "quant_kernels.h"
 #include "skinny_kernels.h"
 
 namespace {
@@ -99,9 +102,53 @@ void attend_cached(const float* q, const float* k, const float* v, const int64_t
     }
 }
 
-void matmul(const float* x, const at::Tensor& w, const at::Tensor& b, float* y, const Shape& s,
-            Epilogue e = Epilogue::kStore) {
-  lmstack::skinny_matmul(x, w.data_ptr<float>(), data(b), y, s.rows, w.size(0), w.size(1), e);
+// How one linear's weight is stored: kFp32 (w is the fp32 matrix) or a low-bit format whose extra tensors
+// are in aux (six per linear, an absent one empty): int8 [scales, -, -, -, -, input_scale]; int4 [scales,
+// zeros, -, -, -, input_scale]; nf4 [absmax_codes, absmax_scales (or the plain absmax without double
+// quantization), absmax_code, levels, offset, input_scale].
+enum Format : int64_t { kFp32 = 0, kInt8 = 1, kInt4 = 2, kNf4 = 3 };
+constexpr int kAux = 6;
+
+struct Linear {
+  const at::Tensor* w;
+  const at::Tensor* b;
+  const at::Tensor* aux;
+  int64_t format, group;
+};
+
+template <class T>
+const T* ptr(const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<T>() : nullptr; }
+
+void matmul(const float* x, const Linear& L, float* y, const Shape& s, Epilogue e = Epilogue::kStore) {
+  const int64_t n_out = L.w->size(0);
+  if (L.format == kFp32) {
+    lmstack::skinny_matmul(x, L.w->data_ptr<float>(), data(*L.b), y, s.rows, n_out, L.w->size(1), e);
+    return;
+  }
+  const int64_t n_in = L.format == kInt8 ? L.w->size(1) : 2 * L.w->size(1);
+  std::vector<float> scaled;
+  if (const float* input_scale = ptr<float>(L.aux[5])) {  // AWQ: x * input_scale per input channel
+    scaled.assign(x, x + s.rows * n_in);
+    for (int64_t r = 0; r < s.rows; ++r)
+      for (int64_t k = 0; k < n_in; ++k) scaled[r * n_in + k] *= input_scale[k];
+    x = scaled.data();
+  }
+  const int threads = at::get_num_threads();
+  const float* bias = data(*L.b);
+  int failed = 1;
+  if (L.format == kInt8) {
+    failed = lmstack::quant::int8_matmul(x, ptr<int8_t>(*L.w), ptr<float>(L.aux[0]), bias, y, s.rows, n_out, n_in,
+                                         threads, e);
+  } else if (L.format == kInt4) {
+    failed = lmstack::quant::int4_matmul(x, ptr<uint8_t>(*L.w), ptr<float>(L.aux[0]), ptr<int8_t>(L.aux[1]), bias, y,
+                                         s.rows, n_out, n_in, L.group, threads, e);
+  } else if (L.format == kNf4) {
+    const float offset = L.aux[4].numel() ? L.aux[4].item<float>() : 0.0f;
+    failed = lmstack::quant::nf4_matmul(x, ptr<uint8_t>(*L.w), ptr<float>(L.aux[3]), ptr<uint8_t>(L.aux[0]),
+                                        ptr<float>(L.aux[2]) ? ptr<float>(L.aux[2]) : ptr<float>(L.aux[1]),
+                                        ptr<float>(L.aux[1]), offset, bias, y, s.rows, n_out, n_in, threads, e);
+  }
+  TORCH_CHECK(!failed, "decode_step: unsupported weight format ", L.format, " or shape");
 }
 
 void check_fp32(const at::Tensor& t, const char* what) {
@@ -116,11 +163,13 @@ void check_fp32(const at::Tensor& t, const char* what) {
 //   LM head (V, C). k_cache, v_cache: (L, B, Hkv, max_len, D); the new keys/values go to slot `slot`.
 // cos, sin: (B, D) RoPE factors, or empty without RoPE. key_mask: (B, >= slot + 1) int64, 0 = padding,
 //   or empty. windows: per layer, the sliding-window size or 0. shape: n_heads, n_kv_heads, rmsnorm (0/1),
-//   gated (0/1), activation (an Epilogue). Returns logits (B, V).
+//   gated (0/1), activation (an Epilogue). formats: (format, group size) per linear, in the order q, k, v,
+//   o, mlp in, mlp up, mlp out of each layer, then the LM head; aux: kAux tensors per linear, same order
+//   (see Format). Returns logits (B, V).
 at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor k_cache,
                           at::Tensor v_cache, int64_t slot, at::Tensor cos, at::Tensor sin,
                           at::Tensor key_mask, std::vector<int64_t> windows, std::vector<int64_t> shape,
-                          double norm_eps) {
+                          double norm_eps, std::vector<at::Tensor> aux, std::vector<int64_t> formats) {
   const int64_t n_layers = static_cast<int64_t>(windows.size());
   TORCH_CHECK(shape.size() == 5, "decode_step: shape takes 5 entries");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == n_layers * kPerLayer + 3, "decode_step: expected ",
@@ -128,7 +177,25 @@ at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 8, "decode_step takes 1 to 8 rows");
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == n_layers && k_cache.size(1) == x.size(0) &&
                   k_cache.sizes() == v_cache.sizes(), "decode_step: cache shape does not match the model/batch");
-  for (const auto& w : weights) check_fp32(w, "every weight");
+  const int64_t n_linears = n_layers * 7 + 1;
+  TORCH_CHECK(static_cast<int64_t>(formats.size()) == 2 * n_linears && static_cast<int64_t>(aux.size()) == kAux * n_linears,
+              "decode_step: expected ", n_linears, " linear descriptions");
+  static const LayerSlot kLinearSlots[7] = {kQW, kKW, kVW, kOW, kInW, kUpW, kOutW};
+  auto linear = [&](int64_t l, int i) {  // linear i of layer l (l == n_layers: the LM head)
+    const int64_t index = l * 7 + i;
+    const at::Tensor* w = l < n_layers ? &weights[l * kPerLayer + kLinearSlots[i]] : &weights.back();
+    static const at::Tensor kNone;
+    const at::Tensor* b = l < n_layers ? w + 1 : &kNone;
+    return Linear{w, b, aux.data() + kAux * index, formats[2 * index], formats[2 * index + 1]};
+  };
+  std::vector<bool> low_bit(weights.size(), false);  // low-bit weights are checked by their kernels' shapes
+  for (int64_t l = 0; l <= n_layers; ++l)
+    for (int i = 0; i < (l < n_layers ? 7 : 1); ++i) {
+      const Linear L = linear(l, i);
+      if (L.format != kFp32) low_bit[L.w - weights.data()] = true;
+    }
+  for (size_t i = 0; i < weights.size(); ++i)
+    if (!low_bit[i]) check_fp32(weights[i], "every fp32 weight");
   check_fp32(x, "x"), check_fp32(k_cache, "k_cache"), check_fp32(v_cache, "v_cache");
   check_fp32(cos, "cos"), check_fp32(sin, "sin");
   TORCH_CHECK(!key_mask.numel() || (key_mask.scalar_type() == at::kLong && key_mask.is_contiguous() &&
@@ -150,9 +217,9 @@ at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor
   for (int64_t l = 0; l < n_layers; ++l) {
     const at::Tensor* w = weights.data() + l * kPerLayer;
     normalize(stream, h.data(), data(w[kAttnNormW]), data(w[kAttnNormB]), s);
-    matmul(h.data(), w[kQW], w[kQB], q.data(), s);
-    matmul(h.data(), w[kKW], w[kKB], k.data(), s);
-    matmul(h.data(), w[kVW], w[kVB], v.data(), s);
+    matmul(h.data(), linear(l, 0), q.data(), s);
+    matmul(h.data(), linear(l, 1), k.data(), s);
+    matmul(h.data(), linear(l, 2), v.data(), s);
     if (s.rope) {
       rotate(q.data(), s.n_heads, data(cos), data(sin), s);
       rotate(k.data(), s.n_kv_heads, data(cos), data(sin), s);
@@ -167,19 +234,19 @@ at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor
       }
     attend_cached(q.data(), k_layer, v_layer, mask, key_mask.numel() ? key_mask.size(1) : 0, attn.data(),
                   scores.data(), slot, windows[l], s);
-    matmul(attn.data(), w[kOW], w[kOB], stream, s, Epilogue::kAccumulate);
+    matmul(attn.data(), linear(l, 3), stream, s, Epilogue::kAccumulate);
 
     normalize(stream, h.data(), data(w[kMlpNormW]), data(w[kMlpNormB]), s);
-    matmul(h.data(), w[kInW], w[kInB], mid.data(), s, s.activation);
+    matmul(h.data(), linear(l, 4), mid.data(), s, s.activation);
     if (s.gated) {
-      matmul(h.data(), w[kUpW], w[kUpB], up.data(), s);
+      matmul(h.data(), linear(l, 5), up.data(), s);
       for (size_t i = 0; i < mid.size(); ++i) mid[i] *= up[i];
     }
-    matmul(mid.data(), w[kOutW], w[kOutB], stream, s, Epilogue::kAccumulate);
+    matmul(mid.data(), linear(l, 6), stream, s, Epilogue::kAccumulate);
   }
   const at::Tensor* final_norm = weights.data() + n_layers * kPerLayer;
   normalize(stream, h.data(), data(final_norm[0]), data(final_norm[1]), s);
   auto logits = at::empty({s.rows, s.vocab}, x.options());
-  matmul(h.data(), head, at::Tensor(), logits.data_ptr<float>(), s);
+  matmul(h.data(), linear(n_layers, 0), logits.data_ptr<float>(), s);
   return logits;
 }

@@ -1,6 +1,7 @@
 """The decoding flags `lmstack generate` and `lmstack chat` share."""
 
 from dataclasses import dataclass
+from typing import Literal
 
 from lmstack.config import check_seed, field
 from lmstack.errors import ConfigError
@@ -19,6 +20,9 @@ class SamplingOptions:
     repetition_penalty: float = field(1.0, help=">1 discourages repeating tokens")
     seed: int | None = field(None, help="random seed for sampling")
     show_special: bool = field(False, help="print special tokens (<|im_end|>, ...) instead of hiding them")
+    quantize: Literal["none", "int8", "int4", "nf4"] = field("none", help="quantize the weights after loading "
+                                                              "(round-to-nearest; see lmstack quantize for GPTQ/AWQ)")
+    group_size: int = field(32, help="int4 group size when quantizing (32, 64, 128 or 256)")
     fast_kernels: bool = field(True, help="use lmstack's memory-bandwidth-bound CPU decoding kernels (compiled "
                                           "once per machine on first use, about 2 minutes)")
 

@@ -1,0 +1,184 @@
+"""Quantized checkpoints: a Hugging Face-style directory whose linears hold packed low-bit tensors.
+
+    save_quantized(model, "runs/q")        # config.json (+ quantization_config) and model.safetensors
+    model = load_quantized("runs/q")       # the same modules and tensors, bit for bit
+
+``config.json`` is the family's Hugging Face config with one more key (documented in docs/quantization.md):
+
+    "quantization_config": {"quant_method": "lmstack", "scheme": "int4", "group_size": 128, "lm_head": true,
+                            "modules": {"layers.0.attn.q_proj": "int4", ...}}
+
+``model.safetensors`` holds lmstack's own tensor names: for a quantized linear ``NAME.qweight``,
+``NAME.scales``, ... (the tensors of ``lmstack.compress.formats``) and ``NAME.bias``; every other tensor
+as the model's state dict names it. transformers cannot read this format; ``lmstack convert`` of a
+dequantized copy can (``dequantize_model``).
+"""
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmstack.checkpoints import load_model
+from lmstack.checkpoints.io import load_tensors, read_json, write_json, write_safetensors
+from lmstack.compress.quantized_linear import QuantizedLinear
+from lmstack.errors import CheckpointError, ConfigError
+from lmstack.models.registry import family_for_config, family_for_hf_config
+
+QUANT_METHOD = "lmstack"
+WEIGHTS = "model.safetensors"
+
+
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a directory whose config.json carries lmstack's quantization_config."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    quant = read_json(config).get("quantization_config")
+    return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` (quantized by ``quantize_``) to directory ``path``; weights first, config.json last,
+    each file atomically, so an interrupted save never leaves a loadable half."""
+    modules = {name: m.scheme for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not modules:
+        raise ConfigError("the model holds no quantized layer: use save_hf for a plain model")
+    record = getattr(model, "quantization", {})
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    family = family_for_config(model.config)
+    state = {name: t for name, t in model.state_dict().items()}
+    write_safetensors(directory / WEIGHTS, _untied(model, state), metadata={"format": "pt"})
+    hf_config = family.config_to_hf(model.config)
+    first = next(m for m in model.modules() if isinstance(m, QuantizedLinear))
+    hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "scheme": record.get("scheme", first.scheme),
+                                        "group_size": first.group_size, "lm_head": "lm_head" in modules,
+                                        "modules": modules}
+    write_json(directory / "config.json", hf_config)
+    return directory
+
+
+def _untied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once (safetensors refuses aliases)."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tensor.shape)
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor.contiguous()
+    return out
+
+
+def load_quantized(path: str | os.PathLike) -> nn.Module:
+    """The quantized model saved in ``path``, in eval mode, on CPU.
+
+    Raises:
+        CheckpointError: missing files, a module list that does not match the model, tensors that are
+            missing, unexpected or of the wrong shape for their scheme.
+    """
+    directory = Path(path)
+    hf_config = read_json(directory / "config.json")
+    quant = hf_config.get("quantization_config") or {}
+    if quant.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{directory}: config.json has no lmstack quantization_config")
+    family = family_for_hf_config(hf_config)
+    config = family.config_from_hf(hf_config)
+    modules = quant.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise CheckpointError(f"{directory}/config.json: quantization_config.modules must list the quantized layers")
+    if quant.get("lm_head") and getattr(config, "tie_embeddings", False):
+        config = dataclasses.replace(config, tie_embeddings=False)
+    model = family.build_empty(config)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: {WEIGHTS} is missing")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        names = list(f.keys())
+    state = dict(load_tensors(weights, names))
+    for name, scheme in modules.items():
+        _swap_in(model, name, scheme, quant.get("group_size"), state, directory)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    tied = {a for a, b in _aliases(model).items()}
+    missing -= tied
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: tensors do not match the quantized model: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+    for alias, source in _aliases(model).items():
+        state[alias] = state[source]
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{weights}: {str(error).splitlines()[0]}") from None
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.quantization = {"scheme": quant.get("scheme"), "group_size": quant.get("group_size"),
+                          "lm_head": bool(quant.get("lm_head")), "exclude": []}
+    return model.eval()
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Tied state-dict names -> the first name of the same parameter."""
+    first, aliases = {}, {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def _swap_in(model: nn.Module, name: str, scheme: str, group_size, state: dict, directory: Path) -> None:
+    """Replace linear ``name`` by a QuantizedLinear holding its stored tensors, checking their shapes."""
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{directory}: quantized module {name!r} does not exist in this model") from None
+    if not isinstance(linear, nn.Linear):
+        raise CheckpointError(f"{directory}: quantized module {name!r} is a {type(linear).__name__}, not a linear")
+    prefix = f"{name}."
+    tensors = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix) and k != f"{name}.bias"}
+    bias = state.pop(f"{name}.bias", None)
+    try:
+        quantized = QuantizedLinear(linear.in_features, linear.out_features, scheme, tensors, bias,
+                                    group_size if scheme == "int4" else None)
+        quantized.check_tensors()
+    except (ConfigError, KeyError, ValueError) as error:
+        raise CheckpointError(f"{directory}: {name}: {error}") from None
+    if (bias is None) != (linear.bias is None):
+        raise CheckpointError(f"{directory}: {name}: the bias is {'missing' if bias is None else 'unexpected'}")
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, quantized)
+    for key, value in quantized.state_dict().items():
+        state[prefix + key] = value
+
+
+def load_any_model(path: str | os.PathLike, **options) -> nn.Module:
+    """A quantized directory through ``load_quantized`` (CPU, as saved), anything else through
+    ``lmstack.checkpoints.load_model(path, **options)``."""
+    if is_quantized_checkpoint(path):
+        return load_quantized(path)
+    return load_model(path, **options)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every QuantizedLinear by an nn.Linear holding its dequantised weight (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                scale = module.input_scale if "input_scale" in module._buffers else None
+                weight = module.dequantize()
+                linear.weight.copy_(weight * scale if scale is not None else weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+    if hasattr(model, "quantization"):
+        del model.quantization
+    return model

@@ -1,0 +1,108 @@
+"""``quantize_(model, scheme)``: swap a model's linear layers for low-bit ``QuantizedLinear`` modules.
+
+    from lmstack.compress import quantize_
+    quantize_(model, "int4", group_size=128)          # round-to-nearest; the model stays a plain nn.Module
+    quantize_(model, "gptq", calibration=batches)     # int4 codes chosen by GPTQ (lmstack.compress.gptq)
+
+Schemes: ``int8`` (per output row, symmetric), ``int4`` (per group, asymmetric), ``nf4`` (QLoRA's
+NormalFloat4 with double-quantised block scales), and the calibrated int4 methods ``gptq`` and ``awq``.
+Every nn.Linear is swapped (SkinnyLinear too), the LM head included unless ``lm_head=False``; a head
+tied to the embedding is untied first (the embedding stays fp32: a lookup reads one row per token, the
+head reads all of them every step). The embedding itself is never quantized.
+"""
+
+import dataclasses
+import fnmatch
+
+import torch
+from torch import nn
+
+from lmstack.compress.quantized_linear import QuantizedLinear, check_shape
+from lmstack.errors import ConfigError
+from lmstack.kernels.skinny_linear import SkinnyLinear
+
+CALIBRATED = ("gptq", "awq")
+ALL_SCHEMES = ("int8", "int4", "nf4", *CALIBRATED)
+
+
+def quantization_targets(model: nn.Module, lm_head: bool = True, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """Qualified name -> linear module, for every linear ``quantize_`` would swap."""
+    found = {}
+    for name, module in model.named_modules():
+        if type(module) not in (nn.Linear, SkinnyLinear):
+            continue
+        if (name == "lm_head" and not lm_head) or any(fnmatch.fnmatch(name, pattern) for pattern in exclude):
+            continue
+        found[name] = module
+    return found
+
+
+def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int = 128, lm_head: bool = True,
+              exclude: tuple[str, ...] = (), calibration: list[torch.Tensor] | None = None,
+              progress=None) -> nn.Module:
+    """Quantize ``model``'s linears in place (returns ``model``). ``calibration``: token-id batches (B, T)
+    for ``gptq`` / ``awq``; ``progress(done, total)`` is called after each layer.
+
+    Raises:
+        ConfigError: an unknown scheme, a group size that does not divide a layer's width, a calibrated
+            scheme without calibration data.
+    """
+    if scheme not in ALL_SCHEMES:
+        raise ConfigError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(ALL_SCHEMES)}")
+    targets = quantization_targets(model, lm_head, exclude)
+    storage = "int4" if scheme in CALIBRATED else scheme
+    for name, module in targets.items():  # every shape is checked before anything is swapped
+        try:
+            check_shape(storage, module.in_features, group_size if storage == "int4" else None)
+        except ConfigError as error:
+            raise ConfigError(f"{name}: {error}") from None
+    if scheme in CALIBRATED and not calibration:
+        raise ConfigError(f"{scheme} needs calibration text (token batches)")
+    if "lm_head" in targets:
+        _untie_head(model)
+        targets["lm_head"] = model.lm_head
+    if scheme in CALIBRATED:
+        from lmstack.compress.calibrated import calibrated_int4
+
+        chosen = calibrated_int4(model, targets, scheme, group_size, calibration, progress)
+    else:
+        chosen = {}
+    for i, (name, module) in enumerate(targets.items()):
+        quantized = QuantizedLinear.from_linear(module, storage, group_size if storage == "int4" else None,
+                                                tensors=chosen.get(name))
+        _set_submodule(model, name, quantized)
+        if progress is not None and scheme not in CALIBRATED:
+            progress(i + 1, len(targets))
+    model.quantization = {"scheme": scheme, "group_size": group_size if storage == "int4" else None,
+                          "lm_head": "lm_head" in targets, "exclude": list(exclude)}
+    return model
+
+
+def _untie_head(model: nn.Module) -> None:
+    """Give the LM head its own weight (a copy) and record it in the config, so nothing re-ties them."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_embeddings", False):
+        head = model.lm_head
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+        model.config = dataclasses.replace(config, tie_embeddings=False)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and persistent buffer (what a save writes, tied tensors once)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *(b for n, b in model.named_buffers() if not _transient(model, n))]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _transient(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    return leaf in module._non_persistent_buffers_set

@@ -1,0 +1,173 @@
+"""QuantizedLinear: an nn.Linear whose weight is held in a low-bit format (int8, int4, NF4), computing in fp32.
+
+    y = (x * input_scale) @ dequantize(codes)^T + bias        (``reference_forward``: the readable definition)
+
+``input_scale`` (in,) exists only for AWQ-chosen weights (its per-channel scaling divided back out).
+
+The fast paths compute the same thing without materialising the whole fp32 weight:
+- 1 to 8 rows (a decoding step): the C++ kernels (``lmstack.kernels.quant_matmul``) unpack codes in
+  registers and accumulate in fp32 (equal to the reference up to float summation order);
+- more rows (a prompt, a training batch): blocked matmuls over row tiles of the weight dequantised on
+  the fly, so at most one tile (about 4 MB) of fp32 weight exists at a time.
+Autograd flows to the input and the bias (the codes are buffers, frozen), which is what QLoRA needs.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmstack.compress import formats
+from lmstack.errors import ConfigError
+from lmstack.kernels import quant_matmul as kernels
+from lmstack.kernels.skinny_linear import INT4, INT8, NF4, DecodeOperands
+
+SCHEMES = ("int8", "int4", "nf4")
+TILE_ELEMENTS = 1 << 20  # fp32 weight elements dequantised at a time on the tiled path
+
+
+def check_shape(scheme: str, in_features: int, group_size: int | None) -> None:
+    """Raise ConfigError if ``scheme`` cannot store a weight with ``in_features`` columns."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme == "int4":
+        if group_size not in (32, 64, 128, 256):
+            raise ConfigError(f"int4 group size must be 32, 64, 128 or 256, got {group_size}")
+        if in_features % 32:
+            raise ConfigError(f"int4 needs widths that are multiples of 32, got {in_features}")
+    if scheme == "nf4" and in_features % formats.NF4_BLOCK:
+        raise ConfigError(f"nf4 needs widths that are multiples of {formats.NF4_BLOCK}, got {in_features}")
+    if scheme == "int8" and in_features % 32:
+        raise ConfigError(f"int8 needs widths that are multiples of 32, got {in_features}")
+
+
+class QuantizedLinear(nn.Module):
+    """Holds ``scheme``'s tensors (see ``lmstack.compress.formats``) as buffers and the bias as a Parameter."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, tensors: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None = None, group_size: int | None = None) -> None:
+        super().__init__()
+        check_shape(scheme, in_features, group_size)
+        self.in_features, self.out_features, self.scheme, self.group_size = in_features, out_features, scheme, group_size
+        for name, value in tensors.items():
+            self.register_buffer(name, value)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=bias.requires_grad)
+        self.register_buffer("levels", torch.tensor(formats.NF4_LEVELS), persistent=False)
+        if scheme == "nf4" and "absmax_codes" in tensors:
+            self.register_buffer("absmax_code", formats.dynamic_map_signed(), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None = None,
+                    tensors: dict[str, torch.Tensor] | None = None) -> "QuantizedLinear":
+        """Quantize ``linear`` by round-to-nearest, or wrap ``tensors`` a calibrated method chose."""
+        check_shape(scheme, linear.in_features, group_size)
+        if tensors is None:
+            weight = linear.weight.detach()
+            tensors = {"int8": formats.quantize_int8, "nf4": formats.quantize_nf4,
+                       "int4": lambda w: formats.quantize_int4(w, group_size)}[scheme](weight)
+        return cls(linear.in_features, linear.out_features, scheme, tensors, linear.bias, group_size)
+
+    def expected_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor this scheme stores (``input_scale`` optional for int4)."""
+        out, n_in = self.out_features, self.in_features
+        if self.scheme == "int8":
+            return {"qweight": ((out, n_in), torch.int8), "scales": ((out,), torch.float32)}
+        packed = {"qweight": ((out, n_in // 2), torch.uint8)}
+        if self.scheme == "int4":
+            groups = -(-n_in // self.group_size)
+            return {**packed, "scales": ((out, groups), torch.float32), "zeros": ((out, groups), torch.int8)}
+        blocks = out * n_in // formats.NF4_BLOCK
+        if "absmax" in self._buffers:
+            return {**packed, "absmax": ((blocks,), torch.float32)}
+        return {**packed, "absmax_codes": ((blocks,), torch.uint8),
+                "absmax_scales": ((-(-blocks // formats.NF4_ABSMAX_BLOCK),), torch.float32),
+                "absmax_offset": ((), torch.float32)}
+
+    def check_tensors(self) -> None:
+        """Raise ValueError naming the first stored tensor that is missing, unexpected or misshapen."""
+        expected, stored = self.expected_tensors(), self.tensors()
+        if self.scheme == "int4" and "input_scale" in stored:
+            expected["input_scale"] = ((self.in_features,), torch.float32)
+        for name in sorted(set(expected) | set(stored)):
+            if name not in stored or name not in expected:
+                raise ValueError(f"{self.scheme} tensor {name!r} is {'missing' if name not in stored else 'unexpected'}")
+            shape, dtype = expected[name]
+            if tuple(stored[name].shape) != shape or stored[name].dtype != dtype:
+                raise ValueError(f"{self.scheme} tensor {name!r} is {stored[name].dtype} {list(stored[name].shape)}, "
+                                 f"expected {dtype} {list(shape)}")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored format tensors (what ``formats.dequantize_*`` takes)."""
+        return {name: buf for name, buf in self.named_buffers(recurse=False) if name not in ("levels", "absmax_code")}
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight (out, in) the codes stand for: the reference."""
+        if self.scheme == "int4":
+            return formats.dequantize_int4(self.tensors(), self.group_size)
+        return {"int8": formats.dequantize_int8, "nf4": formats.dequantize_nf4}[self.scheme](self.tensors())
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._scale_input(x), self.dequantize(), self.bias)
+
+    def _scale_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.input_scale if "input_scale" in self._buffers else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features)."""
+        rows = x.numel() // self.in_features
+        if not self._native(x):
+            return self.reference_forward(x)
+        flat = self._scale_input(x.reshape(rows, self.in_features))
+        if rows <= kernels.MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
+            out = self._skinny(flat.contiguous())
+        else:
+            out = self._tiled(flat)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _native(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype is torch.float32 and x.numel() > 0
+                and self.qweight.device.type == "cpu" and kernels.quant_kernels() is not None)
+
+    def _skinny(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.detach()
+        if self.scheme == "int8":
+            return kernels.int8_matmul(x, self.qweight, self.scales, bias)
+        if self.scheme == "int4":
+            return kernels.int4_matmul(x, self.qweight, self.scales, self.zeros, bias, self.group_size)
+        if "absmax_codes" in self._buffers:
+            return kernels.nf4_matmul(x, self.qweight, self.levels, self.absmax_codes, self.absmax_code,
+                                      self.absmax_scales, float(self.absmax_offset), bias)
+        return kernels.nf4_matmul(x, self.qweight, self.levels, None, self.absmax, None, 0.0, bias)
+
+    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, in) -> (rows, out) as matmuls over tiles of dequantised weight rows."""
+        step = max(1, TILE_ELEMENTS // self.in_features)
+        absmax = formats.nf4_absmax(self.tensors()) if self.scheme == "nf4" else None
+        tiles = []
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            if self.scheme == "int8":
+                weight = kernels.int8_dequant(self.qweight, self.scales, start, stop)
+            elif self.scheme == "int4":
+                weight = kernels.int4_dequant(self.qweight, self.scales, self.zeros, start, stop, self.group_size)
+            else:
+                weight = kernels.nf4_dequant(self.qweight, self.levels, absmax, start, stop)
+            tiles.append(F.linear(x, weight, None if self.bias is None else self.bias[start:stop]))
+        return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+
+    def decode_operands(self) -> DecodeOperands:
+        """The tensors the fused decoding step reads (slots of decode_step.cpp's ``Format`` comment)."""
+        bias, scale = self.bias, self._buffers.get("input_scale")
+        if self.scheme == "int8":
+            return DecodeOperands(self.qweight, bias, INT8, 0, [self.scales, None, None, None, None, scale])
+        if self.scheme == "int4":
+            return DecodeOperands(self.qweight, bias, INT4, self.group_size, [self.scales, self.zeros, None, None, None, scale])
+        if "absmax_codes" in self._buffers:
+            return DecodeOperands(self.qweight, bias, NF4, formats.NF4_BLOCK,
+                                  [self.absmax_codes, self.absmax_scales, self.absmax_code, self.levels,
+                                   self.absmax_offset, scale])
+        return DecodeOperands(self.qweight, bias, NF4, formats.NF4_BLOCK, [None, self.absmax, None, self.levels, None, scale])
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.scheme == "int4" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{group}, "
+                f"bias={self.bias is not None}")

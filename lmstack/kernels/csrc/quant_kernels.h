@@ -1,0 +1,220 @@
+// Skinny matmuls (1 to 8 rows of x) over low-bit weights: int8, int4 and NF4 (layouts in
+// lmstack/compress/formats.py), without a dequantised copy of the weight. Used by quant_matmul.cpp (ctypes,
+// QuantizedLinear) and by decode_step.cpp (the fused decoding step).
+//
+// Decoding streams every weight once per token, so fewer bytes per weight is the only way to decode
+// faster. Each weight row is read once for all rows of x: its codes are unpacked in registers
+// (nibbles -> int32 -> float, or a 16-entry table for NF4), multiplied into fp32 accumulators, and the
+// group scale is applied once per group (a vector multiply-add, not per weight). int4's zero point
+// enters as zero * scale * sum(x over the group), with the sums computed once per call.
+//
+// 4-bit layouts pack elements 2i and 2i+1 of each run of 32 into byte i of 16; the kernels unpack codes
+// with shifts and masks only (see unpack_codes) in an order of their own, so x is first reordered per
+// run of 32 to match: one pass over x per call instead of a shuffle per weight.
+// Each output is written through an Epilogue (skinny_kernels.h): stored, added to a residual, activated.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "skinny_kernels.h"
+
+namespace lmstack {
+namespace quant {
+
+inline float hsum(__m256 v) { return horizontal_sum(v); }
+
+// Where the 4-bit codes of a run of 32 land. The 16 bytes are read as 4 little-endian dwords, broadcast
+// to both halves of a ymm register; vector k (0..3) shifts lanes 0-3 right by 8k and lanes 4-7 by 8k + 4
+// and masks 4 bits, so lane j holds nibble i = 2k + (j >= 4) of dword L = j % 4. Only shifts and masks:
+// no shuffles, which are the scarce instructions when unpacking. Nibble i of dword L is element
+// 8L + i (low nibble first) or 8L + (i ^ 1) (high nibble first, NF4); x is reordered to match, once.
+inline int64_t code_element(int k, int j, bool high_first) {
+  const int nibble = 2 * k + (j >= 4), dword = j % 4;
+  return 8 * dword + (high_first ? nibble ^ 1 : nibble);
+}
+
+std::vector<float> reorder_for_codes(const float* x, int64_t rows, int64_t n, bool high_first) {
+  std::vector<float> out(rows * n);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < n; c += 32)
+      for (int k = 0; k < 4; ++k)
+        for (int j = 0; j < 8; ++j) out[r * n + c + 8 * k + j] = x[r * n + c + code_element(k, j, high_first)];
+  return out;
+}
+
+// The 4 int32 vectors of codes (0..15) of one run of 32 (16 bytes at p).
+inline void unpack_codes(const uint8_t* p, __m256i codes[4]) {
+  const __m256i dwords = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  for (int k = 0; k < 4; ++k) {
+    const __m256i shift = _mm256_setr_epi32(8 * k, 8 * k, 8 * k, 8 * k, 8 * k + 4, 8 * k + 4, 8 * k + 4, 8 * k + 4);
+    codes[k] = _mm256_and_si256(_mm256_srlv_epi32(dwords, shift), mask);
+  }
+}
+
+// 16-entry float table lookup of int32 indices in [0, 16): two 8-wide permutes, blended on bit 3.
+inline __m256 lookup16(__m256 lo, __m256 hi, __m256i idx) {
+  const __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+// Accumulators per input row: with one row, four independent chains (one per vector of a run) keep the
+// FMA units busy instead of waiting on one chain's latency; with more rows, the rows are the chains.
+template <int B>
+constexpr int kChains = B == 1 ? 4 : (B <= 3 ? 2 : 1);
+
+// The weights of one run of 32 as 4 float vectors.
+struct Int8Weights {
+  const int8_t* q;
+  inline void get(int64_t offset, __m256 w[4]) const {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + offset));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + offset + 16));
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(a, a)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
+  }
+};
+
+struct Int4Weights {  // codes as floats; the zero point is applied per group (see int4 `shift`)
+  const uint8_t* q;
+  inline void get(int64_t offset, __m256 w[4]) const {
+    __m256i codes[4];
+    unpack_codes(q + offset / 2, codes);
+    for (int k = 0; k < 4; ++k) w[k] = _mm256_cvtepi32_ps(codes[k]);
+  }
+};
+
+struct Nf4Weights {  // NF4 levels; the block absmax is applied per group
+  const uint8_t* q;
+  __m256 lo, hi;
+  inline void get(int64_t offset, __m256 w[4]) const {
+    __m256i codes[4];
+    unpack_codes(q + offset / 2, codes);
+    for (int k = 0; k < 4; ++k) w[k] = lookup16(lo, hi, codes[k]);
+  }
+};
+
+// dot[b] = sum over columns [begin, end) of row `row` (weights at flat offset row * n_in) times x row b.
+template <int B, class W>
+inline void dot_rows(const W& weights, const float* x, int64_t n_in, int64_t row, int64_t begin, int64_t end,
+                     __m256 dot[B]) {
+  constexpr int P = kChains<B>;
+  __m256 acc[B][P];
+  for (int b = 0; b < B; ++b)
+    for (int p = 0; p < P; ++p) acc[b][p] = _mm256_setzero_ps();
+  for (int64_t c = begin; c < end; c += 32) {
+    __m256 w[4];
+    weights.get(row * n_in + c, w);
+    for (int k = 0; k < 4; ++k)
+      for (int b = 0; b < B; ++b)
+        acc[b][k % P] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + b * n_in + c + 8 * k), acc[b][k % P]);
+  }
+  for (int b = 0; b < B; ++b) {
+    dot[b] = acc[b][0];
+    for (int p = 1; p < P; ++p) dot[b] = _mm256_add_ps(dot[b], acc[b][p]);
+  }
+}
+
+template <int B>
+void int8_rows(const float* x, const int8_t* q, const float* scales, const float* bias, float* y, int64_t n_out,
+               int64_t n_in, int threads, Epilogue e) {
+  const Int8Weights weights{q};
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t j = 0; j < n_out; ++j) {
+    __m256 dot[B];
+    dot_rows<B>(weights, x, n_in, j, 0, n_in, dot);
+    for (int b = 0; b < B; ++b) finish(y + b * n_out + j, hsum(dot[b]) * scales[j] + (bias ? bias[j] : 0.0f), e);
+  }
+}
+
+// Grouped formats: y = sum over groups of scale(j, g) * dot(group) + shift(j, b), plus bias.
+template <int B, class W, class Scale, class Shift>
+void grouped_rows(const W& weights, const float* xs, const float* bias, float* y, int64_t n_out, int64_t n_in,
+                  int64_t group, int threads, Scale scale, Shift shift, Epilogue e) {
+  const int64_t n_groups = (n_in + group - 1) / group;  // the last group may be shorter
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t j = 0; j < n_out; ++j) {
+    __m256 total[B];
+    for (int b = 0; b < B; ++b) total[b] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n_groups; ++g) {
+      __m256 dot[B];
+      dot_rows<B>(weights, xs, n_in, j, g * group, std::min((g + 1) * group, n_in), dot);
+      const __m256 s = _mm256_set1_ps(scale(j, g));
+      for (int b = 0; b < B; ++b) total[b] = _mm256_fmadd_ps(dot[b], s, total[b]);
+    }
+    for (int b = 0; b < B; ++b) finish(y + b * n_out + j, hsum(total[b]) + shift(j, b) + (bias ? bias[j] : 0.0f), e);
+  }
+}
+
+#define LMSTACK_DISPATCH_ROWS(rows, CALL) \
+  switch (rows) {                         \
+    case 1: CALL(1); break;               \
+    case 2: CALL(2); break;               \
+    case 3: CALL(3); break;               \
+    case 4: CALL(4); break;               \
+    case 5: CALL(5); break;               \
+    case 6: CALL(6); break;               \
+    case 7: CALL(7); break;               \
+    case 8: CALL(8); break;               \
+    default: return 1;                    \
+  }
+
+inline int int8_matmul(const float* x, const int8_t* q, const float* scales, const float* bias, float* y, int64_t rows,
+                       int64_t n_out, int64_t n_in, int threads, Epilogue e = Epilogue::kStore) {
+  if (n_in % 32) return 1;
+#define CALL(B) int8_rows<B>(x, q, scales, bias, y, n_out, n_in, threads, e)
+  LMSTACK_DISPATCH_ROWS(rows, CALL)
+#undef CALL
+  return 0;
+}
+
+inline int int4_matmul(const float* x, const uint8_t* q, const float* scales, const int8_t* zeros, const float* bias,
+                       float* y, int64_t rows, int64_t n_out, int64_t n_in, int64_t group, int threads,
+                       Epilogue e = Epilogue::kStore) {
+  if (n_in % 32 || group % 32 || rows < 1 || rows > 8) return 1;
+  const std::vector<float> xs = reorder_for_codes(x, rows, n_in, false);
+  const int64_t n_groups = (n_in + group - 1) / group;
+  std::vector<float> xsum(rows * n_groups, 0.0f);  // sums of x per group, for the zero points
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < n_in; ++k) xsum[r * n_groups + k / group] += x[r * n_in + k];
+  auto scale = [=](int64_t j, int64_t g) { return scales[j * n_groups + g]; };
+  // weight = (code - 8 - zero) * scale: each group adds -(8 + zero) * scale * sum(x over the group)
+  auto shift = [=, &xsum](int64_t j, int b) {
+    float s = 0.0f;
+    for (int64_t g = 0; g < n_groups; ++g)
+      s -= (8.0f + zeros[j * n_groups + g]) * scales[j * n_groups + g] * xsum[b * n_groups + g];
+    return s;
+  };
+#define CALL(B) grouped_rows<B>(Int4Weights{q}, xs.data(), bias, y, n_out, n_in, group, threads, scale, shift, e)
+  LMSTACK_DISPATCH_ROWS(rows, CALL)
+#undef CALL
+  return 0;
+}
+
+inline int nf4_matmul(const float* x, const uint8_t* q, const float* levels, const uint8_t* absmax_codes,
+                      const float* absmax_code, const float* absmax_scales, float offset, const float* bias, float* y,
+                      int64_t rows, int64_t n_out, int64_t n_in, int threads, Epilogue e = Epilogue::kStore) {
+  if (n_in % 64 || rows < 1 || rows > 8) return 1;
+  const std::vector<float> xs = reorder_for_codes(x, rows, n_in, true);
+  const int64_t blocks_per_row = n_in / 64;
+  // absmax of block i = code[absmax_codes[i]] * absmax_scales[i / 256] + offset (double quantization);
+  // with absmax_codes null, absmax_code holds the plain absmaxes.
+  auto scale = [=](int64_t j, int64_t g) {
+    const int64_t block = j * blocks_per_row + g;
+    return absmax_codes ? absmax_code[absmax_codes[block]] * absmax_scales[block / 256] + offset : absmax_code[block];
+  };
+  auto no_shift = [](int64_t, int) { return 0.0f; };
+  const Nf4Weights weights{q, _mm256_loadu_ps(levels), _mm256_loadu_ps(levels + 8)};
+#define CALL(B) grouped_rows<B>(weights, xs.data(), bias, y, n_out, n_in, 64, threads, scale, no_shift, e)
+  LMSTACK_DISPATCH_ROWS(rows, CALL)
+#undef CALL
+  return 0;
+}
+
+}  // namespace quant
+}  // namespace lmstack

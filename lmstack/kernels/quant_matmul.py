@@ -1,0 +1,100 @@
+"""ctypes bindings of ``csrc/quant_matmul.cpp``: skinny matmuls over int8 / int4 / NF4 weights and row-range
+dequantisation, compiled once per machine (``lmstack.native``; a plain C library, a few seconds to build).
+
+Every function takes and returns torch tensors; callers check shapes and dtypes (``QuantizedLinear``).
+``quant_kernels()`` is None where the library cannot be built or the CPU lacks AVX2: callers then use
+their eager reference paths.
+"""
+
+import ctypes
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from lmstack.native import shared_library
+
+log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name("csrc") / "quant_matmul.cpp"
+_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp")
+MAX_ROWS = 8
+
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "lmstack_int8_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _INT]),
+    "lmstack_int4_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
+    "lmstack_nf4_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _F, _P, _P, _I64, _I64, _I64, _INT]),
+    "lmstack_int8_dequant": (None, [_P, _P, _P, _I64, _I64, _I64, _INT]),
+    "lmstack_int4_dequant": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
+    "lmstack_nf4_dequant": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _INT]),
+}
+
+
+@functools.cache
+def quant_kernels() -> ctypes.CDLL | None:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    try:
+        lib = ctypes.CDLL(str(shared_library("lmstack_quant_matmul", [_SOURCE], _FLAGS)))
+    except Exception as error:  # no compiler: the eager paths remain
+        log.warning("quantized CPU kernels unavailable (%s); using the eager paths", error)
+        return None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def int8_matmul(x, qweight, scales, bias):
+    """x (rows, in) fp32 with 1 <= rows <= 8 -> (rows, out)."""
+    y = torch.empty(x.shape[0], qweight.shape[0])
+    code = quant_kernels().lmstack_int8_matmul(_ptr(x), _ptr(qweight), _ptr(scales), _ptr(bias), _ptr(y), x.shape[0],
+                                               qweight.shape[0], x.shape[1], torch.get_num_threads())
+    assert code == 0, "int8_matmul: unsupported shape"
+    return y
+
+
+def int4_matmul(x, qweight, scales, zeros, bias, group_size: int):
+    y = torch.empty(x.shape[0], qweight.shape[0])
+    code = quant_kernels().lmstack_int4_matmul(_ptr(x), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias), _ptr(y),
+                                               x.shape[0], qweight.shape[0], x.shape[1], group_size,
+                                               torch.get_num_threads())
+    assert code == 0, "int4_matmul: unsupported shape"
+    return y
+
+
+def nf4_matmul(x, qweight, levels, absmax_codes, absmax_code, absmax_scales, offset: float, bias):
+    """With ``absmax_codes`` None, ``absmax_code`` is the plain per-block absmax."""
+    y = torch.empty(x.shape[0], qweight.shape[0])
+    code = quant_kernels().lmstack_nf4_matmul(_ptr(x), _ptr(qweight), _ptr(levels), _ptr(absmax_codes),
+                                              _ptr(absmax_code), _ptr(absmax_scales), offset, _ptr(bias), _ptr(y),
+                                              x.shape[0], qweight.shape[0], x.shape[1], torch.get_num_threads())
+    assert code == 0, "nf4_matmul: unsupported shape"
+    return y
+
+
+def int8_dequant(qweight, scales, start: int, stop: int) -> torch.Tensor:
+    out = torch.empty(stop - start, qweight.shape[1])
+    quant_kernels().lmstack_int8_dequant(_ptr(qweight), _ptr(scales), _ptr(out), start, stop, qweight.shape[1],
+                                         torch.get_num_threads())
+    return out
+
+
+def int4_dequant(qweight, scales, zeros, start: int, stop: int, group_size: int) -> torch.Tensor:
+    n_in = qweight.shape[1] * 2
+    out = torch.empty(stop - start, n_in)
+    quant_kernels().lmstack_int4_dequant(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(out), start, stop, n_in,
+                                         group_size, torch.get_num_threads())
+    return out
+
+
+def nf4_dequant(qweight, levels, absmax, start: int, stop: int) -> torch.Tensor:
+    n_in = qweight.shape[1] * 2
+    out = torch.empty(stop - start, n_in)
+    quant_kernels().lmstack_nf4_dequant(_ptr(qweight), _ptr(levels), _ptr(absmax), _ptr(out), start, stop, n_in,
+                                        torch.get_num_threads())
+    return out
