@@ -57,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", 
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
         elif kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is list and f.metadata.get("positional") and not prefix:
-            (item,) = typing.get_args(kind)  # a positional list: `lmstack embed "a" "b" ...`
+        elif typing.get_origin(kind) is list and not overrides_only:
+            (item,) = typing.get_args(kind)  # `lmstack embed "a" "b" ...`, `--calibration a.txt b.txt`
             kwargs.update(nargs="+", type=item)
         else:
             kwargs["type"] = kind if kind in (int, float, str, Path) else str

@@ -207,3 +207,60 @@ def _dequantize_numpy(raw: np.ndarray, kind: str, n_elements: int) -> np.ndarray
     if values.size != n_elements:
         raise CheckpointError(f"{kind} data holds {values.size} values, the tensor needs {n_elements}")
     return values
+
+
+# --- quantisation (GGUF export), as ggml's reference quantize_row_*_ref -----------------------------------
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's roundf: halves away from zero (numpy's round goes to even)."""
+    a = np.abs(x)
+    floored = np.floor(a)
+    return np.sign(x) * (floored + np.floor(2 * (a - floored)))
+
+
+def _reciprocal(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, 0, 1 / d)
+
+
+def quantize_q8_0(blocks: np.ndarray) -> np.ndarray:
+    """(n, 32) float32 -> (n, 34) bytes: fp16 scale amax/127, then 32 int8 codes."""
+    d = np.abs(blocks).max(axis=1, keepdims=True) / 127
+    qs = _round_half_away(blocks * _reciprocal(d)).astype(np.int8).view(np.uint8)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), qs], axis=1)
+
+
+def _pack_q4(codes: np.ndarray) -> np.ndarray:
+    """(n, 32) codes in [0, 16) -> (n, 16) bytes: element j in the low nibble of byte j, j + 16 in the high."""
+    return codes[:, :16] | (codes[:, 16:] << np.uint8(4))
+
+
+def quantize_q4_0(blocks: np.ndarray) -> np.ndarray:
+    """(n, 32) float32 -> (n, 18) bytes: fp16 scale (the value of largest magnitude) / -8, 4-bit codes + 8."""
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1, keepdims=True), axis=1)
+    d = largest / -8
+    codes = np.trunc(blocks * _reciprocal(d) + np.float32(8.5), dtype=np.float32).astype(np.uint8).clip(0, 15)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), _pack_q4(codes)], axis=1)
+
+
+def quantize_q4_1(blocks: np.ndarray) -> np.ndarray:
+    """(n, 32) float32 -> (n, 20) bytes: fp16 scale (max - min) / 15, fp16 min, 4-bit codes."""
+    high, low = blocks.max(axis=1, keepdims=True), blocks.min(axis=1, keepdims=True)
+    d = (high - low) / 15
+    codes = np.trunc((blocks - low) * _reciprocal(d) + np.float32(0.5), dtype=np.float32).astype(np.uint8).clip(0, 15)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), low.astype(np.float16).view(np.uint8),
+                           _pack_q4(codes)], axis=1)
+
+
+QUANTIZERS = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0, "Q4_1": quantize_q4_1}
+
+
+def quantize(values: np.ndarray, kind: str) -> np.ndarray:
+    """Flat float32 values -> the raw data of a ``kind`` tensor (F32, F16, Q8_0, Q4_0, Q4_1): a float array
+    for F32 / F16, bytes (n_blocks, bytes per block) for the block formats (size a multiple of 32)."""
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    if kind == "F32":
+        return values
+    if kind == "F16":
+        return values.astype(np.float16)
+    return QUANTIZERS[kind](values.reshape(-1, 32))

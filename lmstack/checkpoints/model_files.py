@@ -37,11 +37,13 @@ class ModelFiles:
 
 
 def open_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
-               hugepages: bool = False, load: Callable[..., nn.Module] = load_model) -> ModelFiles:
+               hugepages: bool = False, load: Callable[..., nn.Module] = load_model,
+               load_gguf_file: Callable[..., nn.Module] | None = None) -> ModelFiles:
     """Load the model at ``path`` (directory or .gguf) with its tokenizer, chat template and stop tokens.
     With ``hugepages``, the linear layers' CPU weights are moved into huge-page memory (for decoding),
     while the tokenizer is being built. ``load(path, device=, dtype=)`` loads a directory's model
-    (``lmstack.compress.files.load_any_model`` also reads quantized directories).
+    (``lmstack.compress.files.load_any_model`` also reads quantized directories); ``load_gguf_file(file)``,
+    if given, loads a parsed GGUF file instead of the fp32 import (``lmstack.compress.gguf_weights``).
 
     Raises:
         CheckpointError, ConfigError, TokenizerError: unreadable files, naming them.
@@ -58,7 +60,7 @@ def open_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
         with ThreadPoolExecutor(max_workers=1) as pool:
             tokenizer = pool.submit(lambda: tokenizer_from_json(gguf_tokenizer_json(metadata, str(path)),
                                                                 source=str(path)))
-            model = load_gguf(file, device=device, dtype=dtype)
+            model = load_gguf(file, device=device, dtype=dtype) if load_gguf_file is None else load_gguf_file(file)
             tokenizer = tokenizer.result()
         template = find_chat_template(None, metadata.get("tokenizer.chat_template"))
         stops = gguf_stop_ids(metadata)

@@ -6,7 +6,10 @@
 ``config.json`` is the family's Hugging Face config with one more key (documented in docs/quantization.md):
 
     "quantization_config": {"quant_method": "lmstack", "scheme": "int4", "group_size": 128, "lm_head": true,
-                            "modules": {"layers.0.attn.q_proj": "int4", ...}}
+                            "modules": {"layers.0.attn.q_proj": {"scheme": "int4", "group_size": 128}, ...}}
+
+(``scheme`` / ``group_size`` at the top say what was asked for; each module records its own, since a GGUF
+file loaded as is mixes them, e.g. Q8_0 head and Q4_0 blocks.)
 
 ``model.safetensors`` holds lmstack's own tensor names: for a quantized linear ``NAME.qweight``,
 ``NAME.scales``, ... (the tensors of ``lmstack.compress.formats``) and ``NAME.bias``; every other tensor
@@ -43,7 +46,8 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (quantized by ``quantize_``) to directory ``path``; weights first, config.json last,
     each file atomically, so an interrupted save never leaves a loadable half."""
-    modules = {name: m.scheme for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    modules = {name: {"scheme": m.scheme, "group_size": m.group_size}
+               for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not modules:
         raise ConfigError("the model holds no quantized layer: use save_hf for a plain model")
     record = getattr(model, "quantization", {})
@@ -100,8 +104,11 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     with safe_open(str(weights), framework="pt") as f:
         names = list(f.keys())
     state = dict(load_tensors(weights, names))
-    for name, scheme in modules.items():
-        _swap_in(model, name, scheme, quant.get("group_size"), state, directory)
+    for name, entry in modules.items():
+        if not isinstance(entry, dict) or "scheme" not in entry:
+            raise CheckpointError(f"{directory}/config.json: quantization_config.modules[{name!r}] must be "
+                                  '{"scheme": ..., "group_size": ...}')
+        _swap_in(model, name, entry["scheme"], entry.get("group_size"), state, directory)
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     tied = {a for a, b in _aliases(model).items()}
@@ -145,10 +152,9 @@ def _swap_in(model: nn.Module, name: str, scheme: str, group_size, state: dict, 
     tensors = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix) and k != f"{name}.bias"}
     bias = state.pop(f"{name}.bias", None)
     try:
-        quantized = QuantizedLinear(linear.in_features, linear.out_features, scheme, tensors, bias,
-                                    group_size if scheme == "int4" else None)
+        quantized = QuantizedLinear(linear.in_features, linear.out_features, scheme, tensors, bias, group_size)
         quantized.check_tensors()
-    except (ConfigError, KeyError, ValueError) as error:
+    except (ConfigError, KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{directory}: {name}: {error}") from None
     if (bias is None) != (linear.bias is None):
         raise CheckpointError(f"{directory}: {name}: the bias is {'missing' if bias is None else 'unexpected'}")

@@ -5,10 +5,12 @@ Each format is a pair of functions, ``quantize_*(weight) -> dict of tensors`` an
 The formulas follow the reference libraries so that the codes match theirs (tests compare them):
 
     int8   per output row, symmetric:  scale = amax_row / 127.5,  q = clamp(round(w * (1/scale)), -128, 127)
-           (torchao's Int8WeightOnlyConfig; multiplying by the reciprocal is what makes ties match)
+           (torchao's Int8WeightOnlyConfig; multiplying by the reciprocal is what makes ties match);
+           GGUF's Q8_0 loads as int8 with a scale per group of 32
     int4   per group of ``group_size`` inputs, asymmetric: scale = (max(mx, 0) - min(mn, 0)) / 15,
            zero = clamp(-8 - round(mn / scale), -8, 7),  q = clamp(round(w / scale) + zero, -8, 7),
-           w ~ (q - zero) * scale  (torchao's IntxWeightOnlyConfig(int4, PerGroup, ASYMMETRIC))
+           w ~ (q - zero) * scale  (torchao's IntxWeightOnlyConfig(int4, PerGroup, ASYMMETRIC));
+           GGUF's Q4_0 loads as int4 group 32 with zero points 0, Q4_1 with float ``mins`` instead
     nf4    blocks of 64 consecutive weights (row-major), absmax-scaled, nearest of the 16 NormalFloat4
            levels of QLoRA; double quantization stores each absmax as an 8-bit code of a signed dynamic
            map over blocks of 256 absmaxes, minus their mean (bitsandbytes' quantize_4bit / compress_statistics)
@@ -37,8 +39,12 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"qweight": q, "scales": scales}
 
 
-def dequantize_int8(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    return t["qweight"].float() * t["scales"][:, None]
+def dequantize_int8(t: dict[str, torch.Tensor], group_size: int | None = None) -> torch.Tensor:
+    """Scales per row, or (``group_size``; GGUF's Q8_0 loaded as is) per group of inputs."""
+    codes = t["qweight"].float()
+    if group_size is None:
+        return codes * t["scales"][:, None]
+    return codes * per_column(t["scales"], group_size, codes.shape[1])
 
 
 def int4_params(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,9 +84,14 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128, scales: torch.Ten
 
 
 def dequantize_int4(t: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
-    codes = unpack_nibbles(t["qweight"], high_first=False).float() - 8
-    width = codes.shape[1]
-    return (codes - per_column(t["zeros"].float(), group_size, width)) * per_column(t["scales"], group_size, width)
+    """(code - 8 - zero) * scale; or, with float ``mins`` instead of zero points (GGUF's Q4_1 loaded as is),
+    code * scale + min (codes as stored, in [0, 16))."""
+    stored = unpack_nibbles(t["qweight"], high_first=False).float()
+    width = stored.shape[1]
+    scales = per_column(t["scales"], group_size, width)
+    if "mins" in t:
+        return stored * scales + per_column(t["mins"], group_size, width)
+    return (stored - 8 - per_column(t["zeros"].float(), group_size, width)) * scales
 
 
 def quantize_nf4(weight: torch.Tensor, double_quant: bool = True) -> dict[str, torch.Tensor]:

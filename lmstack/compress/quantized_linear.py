@@ -38,6 +38,8 @@ def check_shape(scheme: str, in_features: int, group_size: int | None) -> None:
         raise ConfigError(f"nf4 needs widths that are multiples of {formats.NF4_BLOCK}, got {in_features}")
     if scheme == "int8" and in_features % 32:
         raise ConfigError(f"int8 needs widths that are multiples of 32, got {in_features}")
+    if scheme == "int8" and group_size not in (None, 32, 64, 128, 256):
+        raise ConfigError(f"int8 group size must be none (per row), 32, 64, 128 or 256, got {group_size}")
 
 
 class QuantizedLinear(nn.Module):
@@ -60,6 +62,8 @@ class QuantizedLinear(nn.Module):
                     tensors: dict[str, torch.Tensor] | None = None) -> "QuantizedLinear":
         """Quantize ``linear`` by round-to-nearest, or wrap ``tensors`` a calibrated method chose."""
         check_shape(scheme, linear.in_features, group_size)
+        if scheme == "int8" and group_size is not None and tensors is None:
+            raise ConfigError("int8 round-to-nearest is per row (group_size None); grouped int8 comes from GGUF Q8_0")
         if tensors is None:
             weight = linear.weight.detach()
             tensors = {"int8": formats.quantize_int8, "nf4": formats.quantize_nf4,
@@ -70,11 +74,13 @@ class QuantizedLinear(nn.Module):
         """Name -> (shape, dtype) of every tensor this scheme stores (``input_scale`` optional for int4)."""
         out, n_in = self.out_features, self.in_features
         if self.scheme == "int8":
-            return {"qweight": ((out, n_in), torch.int8), "scales": ((out,), torch.float32)}
+            scales = (out,) if self.group_size is None else (out, -(-n_in // self.group_size))
+            return {"qweight": ((out, n_in), torch.int8), "scales": (scales, torch.float32)}
         packed = {"qweight": ((out, n_in // 2), torch.uint8)}
         if self.scheme == "int4":
-            groups = -(-n_in // self.group_size)
-            return {**packed, "scales": ((out, groups), torch.float32), "zeros": ((out, groups), torch.int8)}
+            groups = (out, -(-n_in // self.group_size))
+            offsets = {"mins": (groups, torch.float32)} if "mins" in self._buffers else {"zeros": (groups, torch.int8)}
+            return {**packed, "scales": (groups, torch.float32), **offsets}
         blocks = out * n_in // formats.NF4_BLOCK
         if "absmax" in self._buffers:
             return {**packed, "absmax": ((blocks,), torch.float32)}
@@ -103,7 +109,9 @@ class QuantizedLinear(nn.Module):
         """The fp32 weight (out, in) the codes stand for: the reference."""
         if self.scheme == "int4":
             return formats.dequantize_int4(self.tensors(), self.group_size)
-        return {"int8": formats.dequantize_int8, "nf4": formats.dequantize_nf4}[self.scheme](self.tensors())
+        if self.scheme == "int8":
+            return formats.dequantize_int8(self.tensors(), self.group_size)
+        return formats.dequantize_nf4(self.tensors())
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._scale_input(x), self.dequantize(), self.bias)
@@ -130,9 +138,10 @@ class QuantizedLinear(nn.Module):
     def _skinny(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.detach()
         if self.scheme == "int8":
-            return kernels.int8_matmul(x, self.qweight, self.scales, bias)
+            return kernels.int8_matmul(x, self.qweight, self.scales, bias, self.group_size or 0)
         if self.scheme == "int4":
-            return kernels.int4_matmul(x, self.qweight, self.scales, self.zeros, bias, self.group_size)
+            return kernels.int4_matmul(x, self.qweight, self.scales, self._buffers.get("zeros"),
+                                       self._buffers.get("mins"), bias, self.group_size)
         if "absmax_codes" in self._buffers:
             return kernels.nf4_matmul(x, self.qweight, self.levels, self.absmax_codes, self.absmax_code,
                                       self.absmax_scales, float(self.absmax_offset), bias)
@@ -146,9 +155,10 @@ class QuantizedLinear(nn.Module):
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
             if self.scheme == "int8":
-                weight = kernels.int8_dequant(self.qweight, self.scales, start, stop)
+                weight = kernels.int8_dequant(self.qweight, self.scales, start, stop, self.group_size or 0)
             elif self.scheme == "int4":
-                weight = kernels.int4_dequant(self.qweight, self.scales, self.zeros, start, stop, self.group_size)
+                weight = kernels.int4_dequant(self.qweight, self.scales, self._buffers.get("zeros"),
+                                              self._buffers.get("mins"), start, stop, self.group_size)
             else:
                 weight = kernels.nf4_dequant(self.qweight, self.levels, absmax, start, stop)
             tiles.append(F.linear(x, weight, None if self.bias is None else self.bias[start:stop]))
@@ -158,9 +168,10 @@ class QuantizedLinear(nn.Module):
         """The tensors the fused decoding step reads (slots of decode_step.cpp's ``Format`` comment)."""
         bias, scale = self.bias, self._buffers.get("input_scale")
         if self.scheme == "int8":
-            return DecodeOperands(self.qweight, bias, INT8, 0, [self.scales, None, None, None, None, scale])
+            return DecodeOperands(self.qweight, bias, INT8, self.group_size or 0, [self.scales, None, None, None, None, scale])
         if self.scheme == "int4":
-            return DecodeOperands(self.qweight, bias, INT4, self.group_size, [self.scales, self.zeros, None, None, None, scale])
+            return DecodeOperands(self.qweight, bias, INT4, self.group_size, [self.scales, self._buffers.get("zeros"),
+                                                                             self._buffers.get("mins"), None, None, scale])
         if "absmax_codes" in self._buffers:
             return DecodeOperands(self.qweight, bias, NF4, formats.NF4_BLOCK,
                                   [self.absmax_codes, self.absmax_scales, self.absmax_code, self.levels,

@@ -7,9 +7,11 @@ norm and the LM head in one call with the skinny-matmul kernels; embeddings, pos
 stay in Python, where each family differs.
 
 It is used by the decoding engine for models transformed with ``use_skinny_linears_`` (the opt-in to
-the CPU decoding kernels) whenever ``fused_step_blocker`` finds nothing in the way: 1-8 rows, fp32 on
-CPU, a structure this step reproduces exactly (no ALiBi, no adapters or other wrapped layers), no
-dropout. Otherwise decoding takes the eager path, which gives the same tokens.
+the CPU decoding kernels) whenever ``fused_step_blocker`` finds nothing in the way: 1-8 rows, fp32
+activations on CPU, a structure this step reproduces exactly (no ALiBi, no adapters or other wrapped
+layers), no dropout. Every linear must offer ``decode_operands()``: a SkinnyLinear (fp32 weight) or an
+``lmstack.compress.QuantizedLinear`` (int8 / int4 / NF4 codes, read by the same step). Otherwise
+decoding takes the eager path, which gives the same tokens.
 """
 
 import torch

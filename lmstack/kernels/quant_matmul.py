@@ -22,11 +22,11 @@ MAX_ROWS = 8
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
-    "lmstack_int8_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _INT]),
-    "lmstack_int4_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
+    "lmstack_int8_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
+    "lmstack_int4_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_nf4_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _F, _P, _P, _I64, _I64, _I64, _INT]),
-    "lmstack_int8_dequant": (None, [_P, _P, _P, _I64, _I64, _I64, _INT]),
-    "lmstack_int4_dequant": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
+    "lmstack_int8_dequant": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
+    "lmstack_int4_dequant": (None, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_nf4_dequant": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _INT]),
 }
 
@@ -49,18 +49,20 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def int8_matmul(x, qweight, scales, bias):
-    """x (rows, in) fp32 with 1 <= rows <= 8 -> (rows, out)."""
+def int8_matmul(x, qweight, scales, bias, group_size: int = 0):
+    """x (rows, in) fp32 with 1 <= rows <= 8 -> (rows, out); scales per row (group_size 0) or per group."""
     y = torch.empty(x.shape[0], qweight.shape[0])
     code = quant_kernels().lmstack_int8_matmul(_ptr(x), _ptr(qweight), _ptr(scales), _ptr(bias), _ptr(y), x.shape[0],
-                                               qweight.shape[0], x.shape[1], torch.get_num_threads())
+                                               qweight.shape[0], x.shape[1], group_size, torch.get_num_threads())
     assert code == 0, "int8_matmul: unsupported shape"
     return y
 
 
-def int4_matmul(x, qweight, scales, zeros, bias, group_size: int):
+def int4_matmul(x, qweight, scales, zeros, mins, bias, group_size: int):
+    """Integer ``zeros``, or float ``mins`` (weight = code * scale + min) with zeros None."""
     y = torch.empty(x.shape[0], qweight.shape[0])
-    code = quant_kernels().lmstack_int4_matmul(_ptr(x), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias), _ptr(y),
+    code = quant_kernels().lmstack_int4_matmul(_ptr(x), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(mins), _ptr(bias),
+                                               _ptr(y),
                                                x.shape[0], qweight.shape[0], x.shape[1], group_size,
                                                torch.get_num_threads())
     assert code == 0, "int4_matmul: unsupported shape"
@@ -77,17 +79,17 @@ def nf4_matmul(x, qweight, levels, absmax_codes, absmax_code, absmax_scales, off
     return y
 
 
-def int8_dequant(qweight, scales, start: int, stop: int) -> torch.Tensor:
+def int8_dequant(qweight, scales, start: int, stop: int, group_size: int = 0) -> torch.Tensor:
     out = torch.empty(stop - start, qweight.shape[1])
     quant_kernels().lmstack_int8_dequant(_ptr(qweight), _ptr(scales), _ptr(out), start, stop, qweight.shape[1],
-                                         torch.get_num_threads())
+                                         group_size, torch.get_num_threads())
     return out
 
 
-def int4_dequant(qweight, scales, zeros, start: int, stop: int, group_size: int) -> torch.Tensor:
+def int4_dequant(qweight, scales, zeros, mins, start: int, stop: int, group_size: int) -> torch.Tensor:
     n_in = qweight.shape[1] * 2
     out = torch.empty(stop - start, n_in)
-    quant_kernels().lmstack_int4_dequant(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(out), start, stop, n_in,
+    quant_kernels().lmstack_int4_dequant(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(mins), _ptr(out), start, stop, n_in,
                                          group_size, torch.get_num_threads())
     return out
 

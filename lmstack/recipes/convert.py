@@ -2,6 +2,9 @@
 (recast, re-sharded) or from a GGUF file (dequantised, with its tokenizer, chat template and generation
 config). The source's tokenizer files come along; nothing else in DST is touched except the weight files
 of an earlier save there.
+
+`lmstack convert SRC FILE.gguf --type q8_0` writes a GGUF file for llama.cpp instead (F32, F16, Q8_0, Q4_0,
+Q4_1; llama-layout families), with the tokenizer and chat template as GGUF metadata.
 """
 
 import shutil
@@ -22,6 +25,8 @@ def run(cfg: ConvertConfig) -> Path:
     source = resolve_model_dir(cfg.source)
     if source.resolve() == cfg.output.resolve():
         raise ConfigError(f"output {cfg.output} is the source itself; choose another directory")
+    if cfg.output.suffix == ".gguf":
+        return _export_gguf(source, cfg)
     output_directory(cfg.output, "output")
     dtype = None if cfg.dtype == "stored" else cfg.dtype
     model = load_with_tokenizer_files(source, cfg.output)
@@ -61,6 +66,32 @@ def _convert_gguf(source: Path, output: Path):
                {"bos_token_id": config.bos_token_id, "eos_token_id": stops[0] if len(stops) == 1 else stops or None,
                 "pad_token_id": config.pad_token_id})
     return model
+
+
+def _export_gguf(source: Path, cfg: ConvertConfig) -> Path:
+    """SRC -> a GGUF file of tensor type --type, its tokenizer as metadata."""
+    from lmstack.checkpoints.gguf import load_gguf, read_gguf
+    from lmstack.checkpoints.gguf_export import copy_tokenizer_metadata, save_gguf, tokenizer_metadata
+    from lmstack.fileio import read_json_object
+    from lmstack.tokenizers import find_chat_template
+
+    if cfg.dtype != "stored":
+        raise ConfigError("--dtype applies to Hugging Face output; a GGUF file takes --type")
+    output_directory(cfg.output.parent, "output's folder")
+    if is_gguf(source):
+        file = read_gguf(source)
+        model, tokenizer = load_gguf(file, dtype="float32"), copy_tokenizer_metadata(file.metadata)
+        name = str(file.metadata.get("general.name", source.stem))
+    else:
+        model, name = load_hf(source, dtype="float32"), source.name
+        if not (source / "tokenizer.json").is_file():
+            raise ConfigError(f"{source} has no tokenizer.json: a GGUF file needs the model's tokenizer")
+        template = find_chat_template(source)
+        tokenizer = tokenizer_metadata(read_json_object(source / "tokenizer.json", ConfigError), model.config,
+                                       None if template.is_builtin else template.text)
+    out = save_gguf(model, cfg.output, cfg.type.upper(), tokenizer, name=name)
+    print(f"wrote {out} ({cfg.type}, {out.stat().st_size / 2**20:,.1f} MiB)")
+    return out
 
 
 def _copy_tokenizer_files(source: Path, output: Path) -> None:

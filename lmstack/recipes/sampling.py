@@ -4,6 +4,7 @@ and how the flags become a GenerationConfig."""
 from lmstack.checkpoints.model_files import ModelFiles, open_model
 from lmstack.compress import quantize_
 from lmstack.compress.files import load_any_model
+from lmstack.compress.gguf_weights import load_gguf_quantized
 from lmstack.generate import GenerationConfig
 from lmstack.kernels import use_skinny_linears_
 from lmstack.recipes.bundled import resolve_model_dir
@@ -13,8 +14,10 @@ from lmstack.recipes.configs.sampling import SamplingOptions
 def open_for_decoding(cfg: SamplingOptions) -> ModelFiles:
     """--model opened (an HF directory, a quantized directory or a GGUF file), quantized if --quantize asks,
     with the CPU decoding kernels swapped in."""
-    files = open_model(resolve_model_dir(cfg.model), hugepages=cfg.fast_kernels, load=load_any_model)
-    if cfg.quantize != "none":
+    keep = load_gguf_quantized if cfg.quantize == "gguf" else None
+    files = open_model(resolve_model_dir(cfg.model), hugepages=cfg.fast_kernels, load=load_any_model,
+                       load_gguf_file=keep)
+    if cfg.quantize not in ("none", "gguf"):
         quantize_(files.model, cfg.quantize, group_size=cfg.group_size)
     prepare_for_decoding(files.model, cfg)
     return files

@@ -278,7 +278,7 @@ def test_damaged_quantized_checkpoints_are_clear_errors(tmp_path):
         load_quantized(directory)
     save_file(pristine, directory / "model.safetensors")
     config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"]["modules"]["layers.9.attn.q_proj"] = "int4"
+    config["quantization_config"]["modules"]["layers.9.attn.q_proj"] = {"scheme": "int4", "group_size": 32}
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="does not exist in this model"):
         load_quantized(directory)

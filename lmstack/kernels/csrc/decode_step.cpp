@@ -103,8 +103,9 @@ void attend_cached(const float* q, const float* k, const float* v, const int64_t
 }
 
 // How one linear's weight is stored: kFp32 (w is the fp32 matrix) or a low-bit format whose extra tensors
-// are in aux (six per linear, an absent one empty): int8 [scales, -, -, -, -, input_scale]; int4 [scales,
-// zeros, -, -, -, input_scale]; nf4 [absmax_codes, absmax_scales (or the plain absmax without double
+// are in aux (six per linear, an absent one empty): int8 [scales (per row, or per group: group > 0), -, -, -,
+// -, input_scale]; int4 [scales, zeros, mins (instead of zeros: weight = code * scale + min), -, -,
+// input_scale]; nf4 [absmax_codes, absmax_scales (or the plain absmax without double
 // quantization), absmax_code, levels, offset, input_scale].
 enum Format : int64_t { kFp32 = 0, kInt8 = 1, kInt4 = 2, kNf4 = 3 };
 constexpr int kAux = 6;
@@ -138,10 +139,10 @@ void matmul(const float* x, const Linear& L, float* y, const Shape& s, Epilogue 
   int failed = 1;
   if (L.format == kInt8) {
     failed = lmstack::quant::int8_matmul(x, ptr<int8_t>(*L.w), ptr<float>(L.aux[0]), bias, y, s.rows, n_out, n_in,
-                                         threads, e);
+                                         L.group, threads, e);
   } else if (L.format == kInt4) {
-    failed = lmstack::quant::int4_matmul(x, ptr<uint8_t>(*L.w), ptr<float>(L.aux[0]), ptr<int8_t>(L.aux[1]), bias, y,
-                                         s.rows, n_out, n_in, L.group, threads, e);
+    failed = lmstack::quant::int4_matmul(x, ptr<uint8_t>(*L.w), ptr<float>(L.aux[0]), ptr<int8_t>(L.aux[1]),
+                                         ptr<float>(L.aux[2]), bias, y, s.rows, n_out, n_in, L.group, threads, e);
   } else if (L.format == kNf4) {
     const float offset = L.aux[4].numel() ? L.aux[4].item<float>() : 0.0f;
     failed = lmstack::quant::nf4_matmul(x, ptr<uint8_t>(*L.w), ptr<float>(L.aux[3]), ptr<uint8_t>(L.aux[0]),

@@ -164,30 +164,44 @@ void grouped_rows(const W& weights, const float* xs, const float* bias, float* y
     default: return 1;                    \
   }
 
+// int8: scales per row (group 0), or per group of `group` inputs (GGUF's Q8_0: 32).
 inline int int8_matmul(const float* x, const int8_t* q, const float* scales, const float* bias, float* y, int64_t rows,
-                       int64_t n_out, int64_t n_in, int threads, Epilogue e = Epilogue::kStore) {
-  if (n_in % 32) return 1;
+                       int64_t n_out, int64_t n_in, int64_t group, int threads, Epilogue e = Epilogue::kStore) {
+  if (n_in % 32 || group % 32 || rows < 1 || rows > 8) return 1;
+  if (group == 0) {
 #define CALL(B) int8_rows<B>(x, q, scales, bias, y, n_out, n_in, threads, e)
+    LMSTACK_DISPATCH_ROWS(rows, CALL)
+#undef CALL
+    return 0;
+  }
+  const int64_t n_groups = (n_in + group - 1) / group;
+  auto scale = [=](int64_t j, int64_t g) { return scales[j * n_groups + g]; };
+  auto no_shift = [](int64_t, int) { return 0.0f; };
+#define CALL(B) grouped_rows<B>(Int8Weights{q}, x, bias, y, n_out, n_in, group, threads, scale, no_shift, e)
   LMSTACK_DISPATCH_ROWS(rows, CALL)
 #undef CALL
   return 0;
 }
 
-inline int int4_matmul(const float* x, const uint8_t* q, const float* scales, const int8_t* zeros, const float* bias,
-                       float* y, int64_t rows, int64_t n_out, int64_t n_in, int64_t group, int threads,
-                       Epilogue e = Epilogue::kStore) {
-  if (n_in % 32 || group % 32 || rows < 1 || rows > 8) return 1;
+// int4: weight = (code - 8 - zero) * scale (code in [0, 16), integer zero points), or with `mins` non-null
+// weight = code * scale + min (GGUF's Q4_1). Either way a group adds scale * sum(code * x) + c * sum(x), with
+// c = -(8 + zero) * scale or c = min, and the sums of x per group computed once per call.
+inline int int4_matmul(const float* x, const uint8_t* q, const float* scales, const int8_t* zeros, const float* mins,
+                       const float* bias, float* y, int64_t rows, int64_t n_out, int64_t n_in, int64_t group,
+                       int threads, Epilogue e = Epilogue::kStore) {
+  if (n_in % 32 || group % 32 || group == 0 || rows < 1 || rows > 8) return 1;
   const std::vector<float> xs = reorder_for_codes(x, rows, n_in, false);
   const int64_t n_groups = (n_in + group - 1) / group;
-  std::vector<float> xsum(rows * n_groups, 0.0f);  // sums of x per group, for the zero points
+  std::vector<float> xsum(rows * n_groups, 0.0f);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < n_in; ++k) xsum[r * n_groups + k / group] += x[r * n_in + k];
   auto scale = [=](int64_t j, int64_t g) { return scales[j * n_groups + g]; };
-  // weight = (code - 8 - zero) * scale: each group adds -(8 + zero) * scale * sum(x over the group)
   auto shift = [=, &xsum](int64_t j, int b) {
     float s = 0.0f;
-    for (int64_t g = 0; g < n_groups; ++g)
-      s -= (8.0f + zeros[j * n_groups + g]) * scales[j * n_groups + g] * xsum[b * n_groups + g];
+    for (int64_t g = 0; g < n_groups; ++g) {
+      const int64_t i = j * n_groups + g;
+      s += (mins ? mins[i] : -(8.0f + zeros[i]) * scales[i]) * xsum[b * n_groups + g];
+    }
     return s;
   };
 #define CALL(B) grouped_rows<B>(Int4Weights{q}, xs.data(), bias, y, n_out, n_in, group, threads, scale, shift, e)

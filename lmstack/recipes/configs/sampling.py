@@ -20,8 +20,9 @@ class SamplingOptions:
     repetition_penalty: float = field(1.0, help=">1 discourages repeating tokens")
     seed: int | None = field(None, help="random seed for sampling")
     show_special: bool = field(False, help="print special tokens (<|im_end|>, ...) instead of hiding them")
-    quantize: Literal["none", "int8", "int4", "nf4"] = field("none", help="quantize the weights after loading "
-                                                              "(round-to-nearest; see lmstack quantize for GPTQ/AWQ)")
+    quantize: Literal["none", "int8", "int4", "nf4", "gguf"] = field(
+        "none", help="quantize the weights after loading (round-to-nearest; lmstack quantize has GPTQ/AWQ); gguf: "
+        "keep a GGUF file's Q8_0/Q4_0/Q4_1 tensors as they are (no fp32 copy)")
     group_size: int = field(32, help="int4 group size when quantizing (32, 64, 128 or 256)")
     fast_kernels: bool = field(True, help="use lmstack's memory-bandwidth-bound CPU decoding kernels (compiled "
                                           "once per machine on first use, about 2 minutes)")

@@ -1,0 +1,83 @@
+"""Quantization quality: held-out perplexity of SmolLM2-135M-Instruct in fp32, int8, int4 (round to nearest),
+GPTQ, AWQ and NF4, calibrated on one set of texts and scored on another.
+
+Calibration: --calibration-tokens tokens from Shakespeare's comedies whose file names start with a-m
+(``shakespeare/[a-m]*``); evaluation: --eval-windows windows of --window tokens from the texts starting
+with n-z, which the calibration never saw. Perplexity = exp(mean next-token loss over every window).
+The fp32 model is the bundled GGUF (Q4_1) dequantised: its weights already lie on a 4-bit grid, so the
+4-bit rows measure re-quantization of those values (stated, not hidden).
+
+    python benchmarks/quantize_quality.py [--group-size 128] [--eval-windows 16]
+"""
+
+import argparse
+import copy
+import math
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from table import print_table
+
+from lmstack.checkpoints.model_files import open_model
+from lmstack.compress import quantize_
+from lmstack.data import read_documents, shakespeare_files
+from lmstack.recipes.bundled import resolve_model_dir
+
+SCHEMES = ("fp32", "int8", "int4", "gptq", "awq", "nf4")
+
+
+def token_windows(tokenizer, pattern_files, window: int, count: int, seed: int) -> list[torch.Tensor]:
+    """``count`` (1, window) id windows at seeded random offsets of the concatenated texts."""
+    ids = [i for doc in read_documents(pattern_files) for i in tokenizer.encode(doc.text)]
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(ids) - window) for _ in range(count)]
+    return [torch.tensor([ids[s:s + window]]) for s in starts]
+
+
+def perplexity(model, windows: list[torch.Tensor]) -> float:
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for ids in windows:
+            logits = model(ids)[:, :-1]
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+            count += ids.shape[1] - 1
+    return math.exp(total / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--calibration-tokens", type=int, default=16384)
+    parser.add_argument("--calibration-seq-len", type=int, default=512)
+    args = parser.parse_args()
+
+    files = open_model(resolve_model_dir("smollm2-135m-instruct"))
+    texts = shakespeare_files()
+    calibration_files = [f for f in texts if f.name[0] <= "m"]
+    eval_files = [f for f in texts if f.name[0] > "m"]
+    calibration = token_windows(files.tokenizer, calibration_files, args.calibration_seq_len,
+                                args.calibration_tokens // args.calibration_seq_len, seed=1)
+    evaluation = token_windows(files.tokenizer, eval_files, args.window, args.eval_windows, seed=2)
+    print(f"SmolLM2-135M-Instruct; calibration {args.calibration_tokens} tokens from {len(calibration_files)} texts "
+          f"(a-m), evaluation {args.eval_windows} x {args.window} tokens from {len(eval_files)} other texts (n-z); "
+          f"int4 group {args.group_size}; {torch.get_num_threads()} threads")
+    rows, reference = [], None
+    for scheme in SCHEMES:
+        model = copy.deepcopy(files.model)
+        start = time.perf_counter()
+        if scheme != "fp32":
+            quantize_(model, scheme, group_size=args.group_size, calibration=calibration)
+        seconds = time.perf_counter() - start
+        ppl = perplexity(model, evaluation)
+        reference = reference or ppl
+        rows.append((scheme, f"{ppl:.3f}", f"{100 * (ppl / reference - 1):+.2f}%", f"{seconds:.1f}"))
+        print(f"  {scheme}: {ppl:.3f}", flush=True)
+    print_table(("scheme", "perplexity", "vs fp32", "quantize s"), rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""`lmstack quantize` and quantized models in `lmstack generate`: end to end on a tiny checkpoint."""
+
+import pytest
+import torch
+
+from lmstack.checkpoints import save_hf
+from lmstack.cli import main
+from lmstack.compress.files import load_quantized
+from lmstack.generate import GenerationConfig, generate
+from lmstack.models import build_model
+from lmstack.tokenizers import load_tokenizer, train_bpe
+from tests.tokenizers.corpus import TRAIN
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = save_hf(build_model("tiny-llama", seed=0), tmp_path_factory.mktemp("quantize") / "model")
+    train_bpe(TRAIN, 400, special_tokens=["<|endoftext|>"]).save(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calibration") / "text.txt"
+    path.write_text("\n".join(TRAIN * 20))
+    return path
+
+
+def test_quantize_then_generate(model_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), str(out), "--scheme", "gptq", "--group-size", "32", "--calibration",
+                 str(corpus), "--calibration-tokens", "512", "--calibration-seq-len", "64"]) == 0
+    printed = capsys.readouterr()
+    assert "(gptq):" in printed.out and "MiB ->" in printed.out and "quantizing (gptq)" in printed.err
+    assert (out / "tokenizer.json").is_file()
+    ids = "5 17 42 9"
+    assert main(["generate", "--model", str(out), "--prompt-ids", ids, "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    model = load_quantized(out)
+    prompt = torch.tensor([[int(i) for i in ids.split()]])
+    want = generate(model, prompt, GenerationConfig(max_new_tokens=6, eos_token_id=[]))[0, 4:].tolist()
+    assert printed == load_tokenizer(out).decode(want, skip_special_tokens=True) + "\n"
+
+
+def test_generate_quantizes_on_the_fly(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--prompt", "the", "--max-new-tokens", "4",
+                 "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_calibration_text_shorter_than_asked_is_a_clear_error(model_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    assert main(["quantize", str(model_dir), str(tmp_path / "q"), "--scheme", "awq", "--group-size", "32",
+                 "--calibration", str(short), "--calibration-tokens", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert "lmstack quantize: error: calibration text" in err and "asks for 4,096" in err
+    assert not (tmp_path / "q" / "config.json").exists()  # nothing loadable was left behind
+
+
+def test_unsupported_group_size_is_refused(model_dir, tmp_path, capsys):
+    assert main(["quantize", str(model_dir), str(tmp_path / "q"), "--scheme", "int4", "--group-size", "48"]) == 2
+    assert "group size must be 32, 64, 128 or 256" in capsys.readouterr().err
+    assert not (tmp_path / "q" / "config.json").exists()
