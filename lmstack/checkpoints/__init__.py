@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lmstack.checkpoints.hf import inspect_hf, is_finite, load_hf, resolve_dtype, save_hf
-from lmstack.checkpoints.io import load_tensors
+from lmstack.checkpoints.io import index_checkpoint, load_tensors
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -47,7 +47,7 @@ def non_finite_tensors(path: str | os.PathLike) -> list[str]:
 
         return [name for name, tensor in read_gguf(path).tensors.items() if not is_finite(tensor.to_torch())]
     by_file: dict[Path, list[str]] = {}
-    for info in inspect_hf(path).tensors.values():
+    for info in index_checkpoint(Path(path)).values():  # every stored tensor, quantized checkpoints' too
         by_file.setdefault(info.file, []).append(info.name)
     return [name for file, names in by_file.items() for name, tensor in load_tensors(file, names)
             if not is_finite(tensor)]

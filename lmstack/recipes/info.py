@@ -4,6 +4,9 @@ tensors holding NaN or inf (reading each weight once; --no-check-weights skips t
 from pathlib import Path
 
 from lmstack.checkpoints import inspect_hf, is_gguf, non_finite_tensors
+from lmstack.compress import QuantizedLinear, quantized_bytes
+from lmstack.compress.files import is_quantized_checkpoint, load_quantized
+from lmstack.models.registry import family_for_config
 from lmstack.models import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from lmstack.models.summary import format_parameter_table
 from lmstack.recipes.bundled import resolve_model_dir
@@ -16,6 +19,8 @@ def describe(path: Path) -> str:
     path = resolve_model_dir(path)
     if is_gguf(path):
         return _describe_gguf(path)
+    if is_quantized_checkpoint(path):
+        return _describe_quantized(path)
     checkpoint = inspect_hf(path)
     model = checkpoint.model
     files = sorted({info.file.name for info in checkpoint.tensors.values()})
@@ -51,10 +56,26 @@ def _describe_gguf(path: Path) -> str:
     return "\n".join(lines + ["", format_parameter_table(model)])
 
 
-def _common_lines(model) -> list[str]:
-    """Size and shape lines for any model kind."""
+def _describe_quantized(path: Path) -> str:
+    """An lmstack-quantized directory: its layers' schemes and the bytes they take."""
+    from collections import Counter
+
+    model = load_quantized(path)
+    layers = Counter(f"{m.scheme}" + (f" group {m.group_size}" if m.group_size else "")
+                     for m in model.modules() if isinstance(m, QuantizedLinear))
+    lines = [f"checkpoint      {path} (lmstack-quantized, {model.quantization['scheme']})",
+             f"family          {family_for_config(model.config).model_type}",
+             *_common_lines(model, extra=sum(m.in_features * m.out_features for m in model.modules()
+                                             if isinstance(m, QuantizedLinear))),
+             f"quantized       {', '.join(f'{n} x {kind}' for kind, n in layers.most_common())}; "
+             f"{quantized_bytes(model) / 2**20:,.1f} MiB of tensors"]
+    return "\n".join(lines + ["", "(per-module table: see the unquantized checkpoint)"])
+
+
+def _common_lines(model, extra: int = 0) -> list[str]:
+    """Size and shape lines for any model kind (``extra``: weights held outside Parameters, e.g. quantized)."""
     cfg = model.config
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters()) + extra
     lines = [f"parameters      {params:,} ({params / 1e6:.1f}M)"]
     if isinstance(cfg, DecoderConfig):
         attention = f"{cfg.n_heads} heads, {cfg.n_kv_heads} key/value heads, head_dim {cfg.head_dim}"

@@ -94,6 +94,29 @@ def test_quantized_linear_equals_dequantise_then_matmul(scheme, group):
 
 
 @needs_kernels
+@pytest.mark.parametrize("variant", ["int8 per group", "int4 with mins", "int4 zero 0"])
+def test_gguf_shaped_layers_equal_dequantise_then_matmul(variant):
+    """The layouts GGUF's Q8_0 / Q4_1 / Q4_0 load into (per-group int8 scales; float mins instead of zeros)."""
+    g = torch.Generator().manual_seed(7)
+    n_out, n_in = 37, 576
+    scales = torch.rand(n_out, n_in // 32, generator=g) * 0.05 + 0.001
+    if variant == "int8 per group":
+        scheme, tensors = "int8", {"qweight": torch.randint(-128, 128, (n_out, n_in), generator=g, dtype=torch.int8),
+                                   "scales": scales}
+    else:
+        codes = torch.randint(0, 16, (n_out, n_in), generator=g, dtype=torch.uint8)
+        offsets = ({"mins": torch.randn(n_out, n_in // 32, generator=g) * 0.1} if variant == "int4 with mins"
+                   else {"zeros": torch.zeros(n_out, n_in // 32, dtype=torch.int8)})
+        scheme, tensors = "int4", {"qweight": formats.pack_nibbles(codes, high_first=False), "scales": scales, **offsets}
+    layer = QuantizedLinear(n_in, n_out, scheme, tensors, torch.randn(n_out, generator=g), group_size=32)
+    layer.check_tensors()
+    for rows in (1, 3, 8, 9, 40):
+        x = torch.randn(rows, n_in, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
 def test_tiled_path_carries_gradients_to_inputs_and_bias():
     torch.manual_seed(0)
     layer = QuantizedLinear.from_linear(nn.Linear(64, 48), "nf4")
@@ -174,14 +197,22 @@ def test_a_width_no_scheme_can_store_names_the_layer():
 
 @needs_kernels
 @pytest.mark.skipif(load_cpu_kernels() is None, reason="the CPU kernels cannot be built here")
-@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "awq"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "awq", "gguf-q8_0", "gguf-q4_1"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_fused_step_over_quantized_weights_equals_the_dequantised_model(scheme, rows):
+def test_fused_step_over_quantized_weights_equals_the_dequantised_model(scheme, rows, tmp_path):
     from lmstack.kernels.fused_step import FusedDecodeStep, fused_step_blocker
     from lmstack.nn.kv_cache import StaticKVCache
 
-    quantized = use_skinny_linears_(quantize_(_tiny(), scheme, group_size=32, calibration=_calibration()),
-                                    hugepages=False)
+    if scheme.startswith("gguf"):  # GGUF blocks loaded as they are: grouped int8, int4 with float mins
+        from lmstack.checkpoints.gguf_export import save_gguf
+        from lmstack.compress.gguf_weights import load_gguf_quantized
+
+        model = _tiny().float()
+        model.config = model.config.replace(model_type="llama")
+        quantized = load_gguf_quantized(save_gguf(model, tmp_path / "m.gguf", scheme[5:].upper()))
+    else:
+        quantized = quantize_(_tiny(), scheme, group_size=32, calibration=_calibration())
+    quantized = use_skinny_linears_(quantized, hugepages=False)
     reference = dequantize_model(copy.deepcopy(quantized))  # plain fp32 linears holding the dequantised weights
     assert fused_step_blocker(quantized, rows) is None
     ids = torch.randint(0, 96, (rows, 12), generator=torch.Generator().manual_seed(rows))

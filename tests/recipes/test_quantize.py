@@ -33,6 +33,9 @@ def test_quantize_then_generate(model_dir, corpus, tmp_path, capsys):
     printed = capsys.readouterr()
     assert "(gptq):" in printed.out and "MiB ->" in printed.out and "quantizing (gptq)" in printed.err
     assert (out / "tokenizer.json").is_file()
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "(lmstack-quantized, gptq)" in info and "int4 group 32" in info and "weights         all finite" in info
     ids = "5 17 42 9"
     assert main(["generate", "--model", str(out), "--prompt-ids", ids, "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out
