@@ -33,7 +33,7 @@ from lmstack.generate import GenerationConfig, generate
 from lmstack.kernels import use_skinny_linears_
 from lmstack.recipes.bundled import resolve_model_dir
 
-SCHEMES = ("fp32", "int8", "int4", "nf4")
+SCHEMES = ("fp32", "int8", "int8-g128", "int4", "nf4")
 
 
 def decode_bytes(model) -> int:
@@ -52,6 +52,7 @@ def decode_bytes(model) -> int:
 
 
 def disk_bytes(model, scheme: str) -> int:
+    """Bytes of the checkpoint directory ``save_hf`` (fp32) or ``save_quantized`` writes."""
     with tempfile.TemporaryDirectory() as directory:
         if scheme == "fp32":
             from lmstack.checkpoints import save_hf
@@ -78,8 +79,10 @@ def main() -> None:
     models = {}
     for scheme in SCHEMES:
         model = copy.deepcopy(base)
-        if scheme != "fp32":
-            quantize_(model, scheme, group_size=args.group_size)
+        if scheme == "int8-g128":
+            quantize_(model, "int8", group_size=128)
+        elif scheme != "fp32":
+            quantize_(model, scheme, group_size=None if scheme == "int8" else args.group_size)
         models[scheme] = use_skinny_linears_(model)
     reference = None
     if not args.no_transformers:

@@ -25,7 +25,7 @@ from lmstack.compress import quantize_
 from lmstack.data import read_documents, shakespeare_files
 from lmstack.recipes.bundled import resolve_model_dir
 
-SCHEMES = ("fp32", "int8", "int4", "gptq", "awq", "nf4")
+SCHEMES = ("fp32", "int8", "int8-g128", "int4", "gptq", "awq", "nf4")
 
 
 def token_windows(tokenizer, pattern_files, window: int, count: int, seed: int) -> list[torch.Tensor]:
@@ -69,8 +69,10 @@ def main() -> None:
     for scheme in SCHEMES:
         model = copy.deepcopy(files.model)
         start = time.perf_counter()
-        if scheme != "fp32":
-            quantize_(model, scheme, group_size=args.group_size, calibration=calibration)
+        if scheme == "int8-g128":  # int8 with a scale per 128 inputs instead of per row
+            quantize_(model, "int8", group_size=128)
+        elif scheme != "fp32":
+            quantize_(model, scheme, group_size=None if scheme == "int8" else args.group_size, calibration=calibration)
         seconds = time.perf_counter() - start
         ppl = perplexity(model, evaluation)
         reference = reference or ppl

@@ -31,11 +31,17 @@ NF4_BLOCK = 64
 NF4_ABSMAX_BLOCK = 256  # absmaxes per block of the double quantization
 
 
-def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(out, in) float -> ``qweight`` int8 (out, in), ``scales`` float32 (out,)."""
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> dict[str, torch.Tensor]:
+    """(out, in) float -> ``qweight`` int8 (out, in), ``scales`` float32 (out,), or with ``group_size``
+    (out, ceil(in / group_size)): the same rule per group of inputs instead of per row."""
     w = weight.detach().float()
-    scales = (w.abs().amax(dim=1) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
-    q = torch.clamp(torch.round(w * (1.0 / scales)[:, None]), -128, 127).to(torch.int8)
+    if group_size is None:
+        scales = (w.abs().amax(dim=1) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
+        q = torch.clamp(torch.round(w * (1.0 / scales)[:, None]), -128, 127).to(torch.int8)
+        return {"qweight": q, "scales": scales}
+    groups = torch.nn.functional.pad(w, (0, (-w.shape[1]) % group_size)).reshape(w.shape[0], -1, group_size)
+    scales = (groups.abs().amax(dim=2) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
+    q = torch.clamp(torch.round(w * per_column(1.0 / scales, group_size, w.shape[1])), -128, 127).to(torch.int8)
     return {"qweight": q, "scales": scales}
 
 

@@ -4,7 +4,7 @@
     quantize_(model, "int4", group_size=128)          # round-to-nearest; the model stays a plain nn.Module
     quantize_(model, "gptq", calibration=batches)     # int4 codes chosen by GPTQ (lmstack.compress.gptq)
 
-Schemes: ``int8`` (per output row, symmetric), ``int4`` (per group, asymmetric), ``nf4`` (QLoRA's
+Schemes: ``int8`` (per output row, symmetric; or per group), ``int4`` (per group, asymmetric), ``nf4`` (QLoRA's
 NormalFloat4 with double-quantised block scales), and the calibrated int4 methods ``gptq`` and ``awq``.
 Every nn.Linear is swapped (SkinnyLinear too), the LM head included unless ``lm_head=False``; a head
 tied to the embedding is untied first (the embedding stays fp32: a lookup reads one row per token, the
@@ -37,11 +37,13 @@ def quantization_targets(model: nn.Module, lm_head: bool = True, exclude: tuple[
     return found
 
 
-def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int = 128, lm_head: bool = True,
+def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int | None = None, lm_head: bool = True,
               exclude: tuple[str, ...] = (), calibration: list[torch.Tensor] | None = None,
               progress=None) -> nn.Module:
-    """Quantize ``model``'s linears in place (returns ``model``). ``calibration``: token-id batches (B, T)
-    for ``gptq`` / ``awq``; ``progress(done, total)`` is called after each layer.
+    """Quantize ``model``'s linears in place (returns ``model``). ``group_size``: inputs per scale (int4,
+    gptq, awq: default 128; int8: default None, one scale per row); nf4 has its fixed blocks of 64.
+    ``calibration``: token-id batches (B, T) for ``gptq`` / ``awq``; ``progress(done, total)`` is called
+    after each layer.
 
     Raises:
         ConfigError: an unknown scheme, a group size that does not divide a layer's width, a calibrated
@@ -51,9 +53,10 @@ def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int = 128, 
         raise ConfigError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(ALL_SCHEMES)}")
     targets = quantization_targets(model, lm_head, exclude)
     storage = "int4" if scheme in CALIBRATED else scheme
+    group_size = None if storage == "nf4" else (group_size or 128) if storage == "int4" else group_size
     for name, module in targets.items():  # every shape is checked before anything is swapped
         try:
-            check_shape(storage, module.in_features, group_size if storage == "int4" else None)
+            check_shape(storage, module.in_features, group_size)
         except ConfigError as error:
             raise ConfigError(f"{name}: {error}") from None
     if scheme in CALIBRATED and not calibration:
@@ -68,12 +71,11 @@ def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int = 128, 
     else:
         chosen = {}
     for i, (name, module) in enumerate(targets.items()):
-        quantized = QuantizedLinear.from_linear(module, storage, group_size if storage == "int4" else None,
-                                                tensors=chosen.get(name))
+        quantized = QuantizedLinear.from_linear(module, storage, group_size, tensors=chosen.get(name))
         _set_submodule(model, name, quantized)
         if progress is not None and scheme not in CALIBRATED:
             progress(i + 1, len(targets))
-    model.quantization = {"scheme": scheme, "group_size": group_size if storage == "int4" else None,
+    model.quantization = {"scheme": scheme, "group_size": group_size,
                           "lm_head": "lm_head" in targets, "exclude": list(exclude)}
     return model
 

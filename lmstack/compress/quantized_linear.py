@@ -62,11 +62,9 @@ class QuantizedLinear(nn.Module):
                     tensors: dict[str, torch.Tensor] | None = None) -> "QuantizedLinear":
         """Quantize ``linear`` by round-to-nearest, or wrap ``tensors`` a calibrated method chose."""
         check_shape(scheme, linear.in_features, group_size)
-        if scheme == "int8" and group_size is not None and tensors is None:
-            raise ConfigError("int8 round-to-nearest is per row (group_size None); grouped int8 comes from GGUF Q8_0")
         if tensors is None:
             weight = linear.weight.detach()
-            tensors = {"int8": formats.quantize_int8, "nf4": formats.quantize_nf4,
+            tensors = {"int8": lambda w: formats.quantize_int8(w, group_size), "nf4": formats.quantize_nf4,
                        "int4": lambda w: formats.quantize_int4(w, group_size)}[scheme](weight)
         return cls(linear.in_features, linear.out_features, scheme, tensors, linear.bias, group_size)
 

@@ -40,6 +40,13 @@ def test_int8_and_int4_codes_equal_torchao():
 
     model = nn.Sequential(nn.Linear(256, 64))
     weight = model[0].weight.detach().clone()
+    torchao_quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerGroup(32),
+                                                  mapping_type=MappingType.SYMMETRIC))
+    ours = formats.quantize_int8(weight, 32)  # int8 with a scale per group of 32
+    assert torch.equal(model[0].weight.qdata, ours["qweight"]) and torch.equal(model[0].weight.scale, ours["scales"])
+
+    model = nn.Sequential(nn.Linear(256, 64))
+    weight = model[0].weight.detach().clone()
     torchao_quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32),
                                                   mapping_type=MappingType.ASYMMETRIC))
     ours = formats.quantize_int4(weight, 32)

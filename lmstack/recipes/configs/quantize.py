@@ -17,7 +17,8 @@ class QuantizeConfig:
     scheme: Literal["int8", "int4", "nf4", "gptq", "awq"] = field("int8", help="int8 per row; int4 per group "
                                                                   "(round-to-nearest); nf4 (QLoRA's); gptq / awq: "
                                                                   "int4 chosen from calibration text")
-    group_size: int = field(128, help="int4 / gptq / awq: inputs per scale (32, 64, 128 or 256)")
+    group_size: int | None = field(None, help="inputs per scale: 32, 64, 128 or 256 (default: 128 for int4 / "
+                                              "gptq / awq; one scale per row for int8)")
     lm_head: bool = field(True, help="quantize the LM head too (a tied head gets its own quantized copy)")
     calibration: list[str] = field(default_factory=lambda: ["shakespeare"], help="gptq / awq: calibration text "
                                    "(files, globs, directories, JSONL, or shakespeare)")

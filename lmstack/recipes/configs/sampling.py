@@ -23,7 +23,8 @@ class SamplingOptions:
     quantize: Literal["none", "int8", "int4", "nf4", "gguf"] = field(
         "none", help="quantize the weights after loading (round-to-nearest; lmstack quantize has GPTQ/AWQ); gguf: "
         "keep a GGUF file's Q8_0/Q4_0/Q4_1 tensors as they are (no fp32 copy)")
-    group_size: int = field(32, help="int4 group size when quantizing (32, 64, 128 or 256)")
+    group_size: int | None = field(None, help="inputs per scale when quantizing: 32, 64, 128 or 256 (default: "
+                                              "128 for int4, per row for int8)")
     fast_kernels: bool = field(True, help="use lmstack's memory-bandwidth-bound CPU decoding kernels (compiled "
                                           "once per machine on first use, about 2 minutes)")
 
