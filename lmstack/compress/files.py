@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lmstack.checkpoints import load_model
+from lmstack.checkpoints.hf import tied_aliases
 from lmstack.checkpoints.io import load_tensors, read_json, write_json, write_safetensors
 from lmstack.compress.quantized_linear import QuantizedLinear
 from lmstack.errors import CheckpointError, ConfigError
@@ -111,12 +112,12 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
         _swap_in(model, name, entry["scheme"], entry.get("group_size"), state, directory)
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
-    tied = {a for a, b in _aliases(model).items()}
+    tied = set(tied_aliases(model))
     missing -= tied
     if missing or unexpected:
         raise CheckpointError(f"{weights}: tensors do not match the quantized model: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
-    for alias, source in _aliases(model).items():
+    for alias, source in tied_aliases(model).items():
         state[alias] = state[source]
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -127,17 +128,6 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     model.quantization = {"scheme": quant.get("scheme"), "group_size": quant.get("group_size"),
                           "lm_head": bool(quant.get("lm_head")), "exclude": []}
     return model.eval()
-
-
-def _aliases(model: nn.Module) -> dict[str, str]:
-    """Tied state-dict names -> the first name of the same parameter."""
-    first, aliases = {}, {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases
 
 
 def _swap_in(model: nn.Module, name: str, scheme: str, group_size, state: dict, directory: Path) -> None:
