@@ -2,7 +2,7 @@
 
     from lmstack.compress import quantize_
     quantize_(model, "int4", group_size=128)          # round-to-nearest; the model stays a plain nn.Module
-    quantize_(model, "gptq", calibration=batches)     # int4 codes chosen by GPTQ (lmstack.compress.gptq)
+    quantize_(model, "gptq", calibration=batches)     # int4 codes chosen by GPTQ (lmstack.compress.calibrated)
 
 Schemes: ``int8`` (per output row, symmetric; or per group), ``int4`` (per group, asymmetric), ``nf4`` (QLoRA's
 NormalFloat4 with double-quantised block scales), and the calibrated int4 methods ``gptq`` and ``awq``.
@@ -46,8 +46,8 @@ def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int | None 
     after each layer.
 
     Raises:
-        ConfigError: an unknown scheme, a group size that does not divide a layer's width, a calibrated
-            scheme without calibration data.
+        ConfigError: an unknown scheme, an unsupported group size, a layer width the scheme cannot store
+            (naming the layer), a calibrated scheme without calibration data. Nothing is swapped then.
     """
     if scheme not in ALL_SCHEMES:
         raise ConfigError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(ALL_SCHEMES)}")

@@ -112,7 +112,8 @@ class QuantizedLinear(nn.Module):
         return formats.dequantize_nf4(self.tensors())
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._scale_input(x), self.dequantize(), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(self._scale_input(x), self.dequantize().to(x.dtype), bias)
 
     def _scale_input(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.input_scale if "input_scale" in self._buffers else x
@@ -130,8 +131,10 @@ class QuantizedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def _native(self, x: torch.Tensor) -> bool:
+        """fp32 input on CPU, fp32 scales (``model.half()`` would convert them), and built kernels."""
         return (x.device.type == "cpu" and x.dtype is torch.float32 and x.numel() > 0
-                and self.qweight.device.type == "cpu" and kernels.quant_kernels() is not None)
+                and self.qweight.device.type == "cpu" and kernels.quant_kernels() is not None
+                and all(t.dtype is torch.float32 for t in self._buffers.values() if t.is_floating_point()))
 
     def _skinny(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.detach()

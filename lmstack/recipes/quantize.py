@@ -9,7 +9,9 @@ config.json with its ``quantization_config`` (``lmstack.compress.files``), plus 
 AWQ draw ``calibration_tokens`` tokens of calibration text in windows of ``calibration_seq_len``.
 """
 
+import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -42,17 +44,14 @@ def calibration_batches(cfg: QuantizeConfig, tokenizer) -> list[torch.Tensor]:
     return [torch.tensor([ids[s:s + cfg.calibration_seq_len]]) for s in starts]
 
 
-def run(cfg: QuantizeConfig) -> Path:
-    source = resolve_model_dir(cfg.source)
-    output_directory(cfg.output, "output")
-    if source.resolve() == cfg.output.resolve():
-        raise ConfigError(f"output {cfg.output} is the source itself; choose another directory")
-    model = load_with_tokenizer_files(source, cfg.output).float().eval()
-    before = quantized_bytes(model)
+def _quantize_into(work: Path, source: Path, cfg: QuantizeConfig) -> tuple[torch.nn.Module, int]:
+    """Load, quantize and save into ``work``; returns the model and its fp32 size in bytes."""
+    model = load_with_tokenizer_files(source, work).float().eval()
+    size_before = quantized_bytes(model)
     calibration = None
     if cfg.scheme in ("gptq", "awq"):
         try:
-            tokenizer = load_tokenizer(cfg.output)
+            tokenizer = load_tokenizer(work)
         except NoTokenizerError:
             raise ConfigError(f"{cfg.source}: {cfg.scheme} needs the model's tokenizer for calibration text") from None
         calibration = calibration_batches(cfg, tokenizer)
@@ -63,8 +62,28 @@ def run(cfg: QuantizeConfig) -> Path:
 
         quantize_(model, cfg.scheme, group_size=cfg.group_size, lm_head=cfg.lm_head, calibration=calibration,
                   progress=progress)
-    out = save_quantized(model, cfg.output)
+    save_quantized(model, work)
+    return model, size_before
+
+
+def run(cfg: QuantizeConfig) -> Path:
+    source = resolve_model_dir(cfg.source)
+    output_directory(cfg.output, "output")
+    if source.resolve() == cfg.output.resolve():
+        raise ConfigError(f"output {cfg.output} is the source itself; choose another directory")
+    # Everything is written into a private folder beside the output and moved in at the end, so a failed
+    # run (short calibration text, a bad group size) leaves nothing in the output directory.
+    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    work = cfg.output.parent / f".{cfg.output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        model, before = _quantize_into(work, source, cfg)
+        cfg.output.mkdir(exist_ok=True)
+        for file in sorted(work.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
+            os.replace(file, cfg.output / file.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     after = quantized_bytes(model)
-    print(f"wrote {out} ({cfg.scheme}): {before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB "
+    print(f"wrote {cfg.output} ({cfg.scheme}): {before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB "
           f"({before / after:.1f}x smaller)")
-    return out
+    return cfg.output

@@ -58,10 +58,10 @@ def test_calibration_text_shorter_than_asked_is_a_clear_error(model_dir, tmp_pat
                  "--calibration", str(short), "--calibration-tokens", "4096"]) == 2
     err = capsys.readouterr().err
     assert "lmstack quantize: error: calibration text" in err and "asks for 4,096" in err
-    assert not (tmp_path / "q" / "config.json").exists()  # nothing loadable was left behind
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.tmp-*"))  # nothing was left behind
 
 
 def test_unsupported_group_size_is_refused(model_dir, tmp_path, capsys):
     assert main(["quantize", str(model_dir), str(tmp_path / "q"), "--scheme", "int4", "--group-size", "48"]) == 2
     assert "group size must be 32, 64, 128 or 256" in capsys.readouterr().err
-    assert not (tmp_path / "q" / "config.json").exists()
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.tmp-*"))

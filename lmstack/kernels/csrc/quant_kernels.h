@@ -56,6 +56,20 @@ inline void unpack_codes(const uint8_t* p, __m256i codes[4]) {
   }
 }
 
+// 4-bit codes of one run of 32 (16 bytes, element 2i and 2i + 1 in byte i) in element order, as 4 vectors of
+// 8 int32: the nibbles are interleaved back into bytes (low/high first as the layout says), then widened.
+inline void codes_in_order(const uint8_t* p, bool high_first, __m256i out[4]) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i low = _mm_and_si128(bytes, mask), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  const __m128i a = high_first ? high : low, b = high_first ? low : high;
+  const __m128i first = _mm_unpacklo_epi8(a, b), second = _mm_unpackhi_epi8(a, b);  // elements 0-15, 16-31
+  out[0] = _mm256_cvtepu8_epi32(first);
+  out[1] = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(first, first));
+  out[2] = _mm256_cvtepu8_epi32(second);
+  out[3] = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(second, second));
+}
+
 // 16-entry float table lookup of int32 indices in [0, 16): two 8-wide permutes, blended on bit 3.
 inline __m256 lookup16(__m256 lo, __m256 hi, __m256i idx) {
   const __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);

@@ -35,8 +35,11 @@ void lmstack_int8_dequant(const int8_t* q, const float* scales, float* out, int6
   const int64_t n_groups = group ? (n_in + group - 1) / group : 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t j = start; j < stop; ++j)
-    for (int64_t k = 0; k < n_in; ++k)
-      out[(j - start) * n_in + k] = q[j * n_in + k] * scales[j * n_groups + (group ? k / group : 0)];
+    for (int64_t c = 0; c < n_in; c += 8) {  // n_in and group are multiples of 32
+      const __m256 s = _mm256_set1_ps(scales[j * n_groups + (group ? c / group : 0)]);
+      const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j * n_in + c));
+      _mm256_storeu_ps(out + (j - start) * n_in + c, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), s));
+    }
 }
 
 void lmstack_int4_dequant(const uint8_t* q, const float* scales, const int8_t* zeros, const float* mins, float* out,
@@ -44,27 +47,36 @@ void lmstack_int4_dequant(const uint8_t* q, const float* scales, const int8_t* z
   const int64_t n_groups = (n_in + group - 1) / group;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t j = start; j < stop; ++j)
-    for (int64_t k = 0; k < n_in; k += 2) {
-      const uint8_t byte = q[j * (n_in / 2) + k / 2];
-      const int64_t g = j * n_groups + k / group;
-      const float s = scales[g];
-      for (int half = 0; half < 2; ++half) {
-        const int code = half ? byte >> 4 : byte & 0x0F;
-        out[(j - start) * n_in + k + half] = mins ? static_cast<float>(code) * s + mins[g]
-                                                  : (static_cast<float>(code - 8) - zeros[g]) * s;
+    for (int64_t c = 0; c < n_in; c += 32) {  // a run of 32 never straddles two groups (group % 32 == 0)
+      const int64_t g = j * n_groups + c / group;
+      // The reference's arithmetic exactly: (code - 8 - zero) * scale (an integer, then one product), or
+      // code * scale + min (a product, then a sum; no fused multiply-add).
+      const __m256 s = _mm256_set1_ps(scales[g]);
+      __m256i codes[4];
+      lmstack::quant::codes_in_order(q + j * (n_in / 2) + c / 2, false, codes);
+      for (int v = 0; v < 4; ++v) {
+        float* dst = out + (j - start) * n_in + c + 8 * v;
+        if (mins) {
+          _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(codes[v]), s), _mm256_set1_ps(mins[g])));
+        } else {
+          const __m256i shifted = _mm256_sub_epi32(codes[v], _mm256_set1_epi32(8 + zeros[g]));
+          _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(shifted), s));
+        }
       }
     }
 }
 
 void lmstack_nf4_dequant(const uint8_t* q, const float* levels, const float* absmax, float* out, int64_t start,
                          int64_t stop, int64_t n_in, int threads) {
+  const __m256 lo = _mm256_loadu_ps(levels), hi = _mm256_loadu_ps(levels + 8);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t j = start; j < stop; ++j)
-    for (int64_t k = 0; k < n_in; k += 2) {
-      const uint8_t byte = q[j * (n_in / 2) + k / 2];
-      const float a = absmax[(j * n_in + k) / 64];
-      out[(j - start) * n_in + k] = levels[byte >> 4] * a;
-      out[(j - start) * n_in + k + 1] = levels[byte & 0x0F] * a;
+    for (int64_t c = 0; c < n_in; c += 32) {
+      const __m256 a = _mm256_set1_ps(absmax[(j * n_in + c) / 64]);
+      __m256i codes[4];
+      lmstack::quant::codes_in_order(q + j * (n_in / 2) + c / 2, true, codes);
+      for (int v = 0; v < 4; ++v)
+        _mm256_storeu_ps(out + (j - start) * n_in + c + 8 * v, _mm256_mul_ps(lmstack::quant::lookup16(lo, hi, codes[v]), a));
     }
 }
 
