@@ -34,6 +34,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/quantize.py            # llama.cpp columns with `pip install llama-cpp-python`
+	$(PY) benchmarks/quantize_quality.py
 	$(PY) benchmarks/tokenizer_speed.py
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/train.py

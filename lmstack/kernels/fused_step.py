@@ -45,6 +45,8 @@ def fused_step_blocker(model: nn.Module, batch_size: int) -> str | None:
         return "dropout is active (model in training mode)"
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
         return "parameters are not all fp32 on CPU"
+    if any((b.is_floating_point() and b.dtype != torch.float32) or b.device.type != "cpu" for b in model.buffers()):
+        return "buffers (e.g. quantization scales) are not all fp32 on CPU"
     if not hasattr(model.lm_head, "decode_operands"):
         return "lm_head is not a SkinnyLinear or quantized linear (call use_skinny_linears_)"
     for layer in model.layers:

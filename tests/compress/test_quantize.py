@@ -346,3 +346,13 @@ def test_compiled_tile_dequantisation_equals_the_reference_bit_for_bit(scheme, g
     else:
         tile = kernels.int8_dequant(layer.qweight, layer.scales, 10, 50, group or 0)
     assert torch.equal(tile, layer.dequantize()[10:50])
+
+
+@pytest.mark.skipif(load_cpu_kernels() is None, reason="the CPU kernels cannot be built here")
+def test_the_fused_step_refuses_scales_that_are_not_fp32():
+    from lmstack.kernels.fused_step import fused_step_blocker
+
+    model = use_skinny_linears_(quantize_(_tiny(), "int4", group_size=32), hugepages=False)
+    assert fused_step_blocker(model, 1) is None
+    model.layers[0].attn.q_proj.scales = model.layers[0].attn.q_proj.scales.half()
+    assert fused_step_blocker(model, 1) == "buffers (e.g. quantization scales) are not all fp32 on CPU"
