@@ -55,18 +55,18 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     family = family_for_config(model.config)
-    state = {name: t for name, t in model.state_dict().items()}
-    write_safetensors(directory / WEIGHTS, _untied(model, state), metadata={"format": "pt"})
+    write_safetensors(directory / WEIGHTS, _untied(model.state_dict()), metadata={"format": "pt"})
     hf_config = family.config_to_hf(model.config)
     first = next(m for m in model.modules() if isinstance(m, QuantizedLinear))
     hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "scheme": record.get("scheme", first.scheme),
-                                        "group_size": first.group_size, "lm_head": "lm_head" in modules,
+                                        "group_size": record.get("group_size", first.group_size),
+                                        "lm_head": "lm_head" in modules,
                                         "modules": modules}
     write_json(directory / "config.json", hf_config)
     return directory
 
 
-def _untied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict with each shared tensor once (safetensors refuses aliases)."""
     seen, out = set(), {}
     for name, tensor in state.items():
