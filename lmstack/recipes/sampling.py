@@ -1,7 +1,9 @@
 """The decoding flags `lmstack generate` and `lmstack chat` share: how the model is opened and prepared,
 and how the flags become a GenerationConfig."""
 
+from lmstack.checkpoints import is_gguf
 from lmstack.checkpoints.model_files import ModelFiles, open_model
+from lmstack.errors import ConfigError
 from lmstack.compress import quantize_
 from lmstack.compress.files import load_any_model
 from lmstack.compress.gguf_weights import load_gguf_quantized
@@ -14,9 +16,11 @@ from lmstack.recipes.configs.sampling import SamplingOptions
 def open_for_decoding(cfg: SamplingOptions) -> ModelFiles:
     """--model opened (an HF directory, a quantized directory or a GGUF file), quantized if --quantize asks,
     with the CPU decoding kernels swapped in."""
+    path = resolve_model_dir(cfg.model)
+    if cfg.quantize == "gguf" and not is_gguf(path):
+        raise ConfigError(f"--quantize gguf keeps a GGUF file's quantized tensors; {cfg.model} is not a GGUF file")
     keep = load_gguf_quantized if cfg.quantize == "gguf" else None
-    files = open_model(resolve_model_dir(cfg.model), hugepages=cfg.fast_kernels, load=load_any_model,
-                       load_gguf_file=keep)
+    files = open_model(path, hugepages=cfg.fast_kernels, load=load_any_model, load_gguf_file=keep)
     if cfg.quantize not in ("none", "gguf"):
         quantize_(files.model, cfg.quantize, group_size=cfg.group_size)
     prepare_for_decoding(files.model, cfg)

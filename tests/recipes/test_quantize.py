@@ -51,6 +51,11 @@ def test_generate_quantizes_on_the_fly(model_dir, capsys):
     assert capsys.readouterr().out.strip()
 
 
+def test_quantize_gguf_needs_a_gguf_file(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--prompt", "the", "--quantize", "gguf"]) == 2
+    assert "--quantize gguf keeps a GGUF file's quantized tensors" in capsys.readouterr().err
+
+
 def test_calibration_text_shorter_than_asked_is_a_clear_error(model_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("a few words only")
