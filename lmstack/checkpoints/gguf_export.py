@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmstack.checkpoints.gguf import _LLAMA_BLOCK, _LLAMA_NAMES
 from lmstack.checkpoints.gguf_quants import quantize
 from lmstack.checkpoints.gguf_tokenizer import CONTROL, PRE_TOKENIZERS, USER_DEFINED
 from lmstack.checkpoints.gguf_writer import BOOL, FLOAT32, INT32, STRING, UINT32, TensorData, Value, write_gguf
@@ -25,12 +26,9 @@ from lmstack.models.registry import family_for_config
 EXPORT_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # llama.cpp's general.file_type
 _ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-_BLOCK_NAMES = {"attn_norm.weight": "attn_norm.weight", "mlp_norm.weight": "ffn_norm.weight",
-                **{f"attn.{p}_proj.{k}": f"attn_{g}.{k}" for p, g in (("q", "q"), ("k", "k"), ("v", "v"),
-                                                                       ("o", "output")) for k in ("weight", "bias")},
-                **{f"mlp.{p}_proj.weight": f"ffn_{p}.weight" for p in ("gate", "up", "down")}}
-_TOP_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-              "lm_head.weight": "output.weight"}
+# Our names -> GGUF's: the import's maps (gguf.py), inverted, so the two directions cannot drift apart.
+_BLOCK_NAMES = {ours: theirs for theirs, ours in _LLAMA_BLOCK.items()}
+_TOP_NAMES = {ours: theirs for theirs, ours in _LLAMA_NAMES.items()}
 
 
 def permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -177,7 +175,7 @@ def _is_byte_level(data: dict[str, Any]) -> bool:
 
 
 def _same_pre(ours: dict, theirs: dict | None) -> bool:
-    """Pre-tokenizers equal in what they do (trim_offsets and add_prefix_space=False defaults ignored)."""
+    """Pre-tokenizers equal in what they do (``trim_offsets``, which only affects offsets, ignored)."""
     def core(node):
         if isinstance(node, dict):
             return {k: core(v) for k, v in node.items() if k not in ("trim_offsets",)}
