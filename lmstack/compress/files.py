@@ -6,6 +6,7 @@
 ``config.json`` is the family's Hugging Face config with one more key (documented in docs/quantization.md):
 
     "quantization_config": {"quant_method": "lmstack", "scheme": "int4", "group_size": 128, "lm_head": true,
+                            "activations": null,
                             "modules": {"layers.0.attn.q_proj": {"scheme": "int4", "group_size": 128}, ...}}
 
 (``scheme`` / ``group_size`` at the top say what was asked for; each module records its own, since a GGUF
@@ -47,7 +48,7 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (quantized by ``quantize_``) to directory ``path``; weights first, config.json last,
     each file atomically, so an interrupted save never leaves a loadable half."""
-    modules = {name: {"scheme": m.scheme, "group_size": m.group_size}
+    modules = {name: {"scheme": m.scheme, "group_size": m.group_size} | ({"activations": m.activations} if m.activations else {})
                for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not modules:
         raise ConfigError("the model holds no quantized layer: use save_hf for a plain model")
@@ -60,6 +61,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     first = next(m for m in model.modules() if isinstance(m, QuantizedLinear))
     hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "scheme": record.get("scheme", first.scheme),
                                         "group_size": record.get("group_size", first.group_size),
+                                        "activations": record.get("activations", first.activations),
                                         "lm_head": "lm_head" in modules,
                                         "modules": modules}
     write_json(directory / "config.json", hf_config)
@@ -109,7 +111,7 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
         if not isinstance(entry, dict) or "scheme" not in entry:
             raise CheckpointError(f"{directory}/config.json: quantization_config.modules[{name!r}] must be "
                                   '{"scheme": ..., "group_size": ...}')
-        _swap_in(model, name, entry["scheme"], entry.get("group_size"), state, directory)
+        _swap_in(model, name, entry, state, directory)
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     tied = set(tied_aliases(model))
@@ -126,12 +128,13 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.quantization = {"scheme": quant.get("scheme"), "group_size": quant.get("group_size"),
-                          "lm_head": bool(quant.get("lm_head")), "exclude": []}
+                          "activations": quant.get("activations"), "lm_head": bool(quant.get("lm_head")), "exclude": []}
     return model.eval()
 
 
-def _swap_in(model: nn.Module, name: str, scheme: str, group_size, state: dict, directory: Path) -> None:
-    """Replace linear ``name`` by a QuantizedLinear holding its stored tensors, checking their shapes."""
+def _swap_in(model: nn.Module, name: str, entry: dict, state: dict, directory: Path) -> None:
+    """Replace linear ``name`` by a QuantizedLinear holding its stored tensors (``entry``: the module's
+    quantization_config record), checking their shapes."""
     try:
         linear = model.get_submodule(name)
     except AttributeError:
@@ -142,7 +145,8 @@ def _swap_in(model: nn.Module, name: str, scheme: str, group_size, state: dict, 
     tensors = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix) and k != f"{name}.bias"}
     bias = state.pop(f"{name}.bias", None)
     try:
-        quantized = QuantizedLinear(linear.in_features, linear.out_features, scheme, tensors, bias, group_size)
+        quantized = QuantizedLinear(linear.in_features, linear.out_features, entry["scheme"], tensors, bias,
+                                    entry.get("group_size"), entry.get("activations"))
         quantized.check_tensors()
     except (ConfigError, KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{directory}: {name}: {error}") from None

@@ -15,6 +15,13 @@ The formulas follow the reference libraries so that the codes match theirs (test
            levels of QLoRA; double quantization stores each absmax as an 8-bit code of a signed dynamic
            map over blocks of 256 absmaxes, minus their mean (bitsandbytes' quantize_4bit / compress_statistics)
 
+Activations (``QuantizedLinear(..., activations="int8")``, dynamic quantization) are rounded to int8 per
+block of inputs as each call starts: scale = max(amax_block / L, eps), q = clamp(round(x * (1/scale)),
+-128, 127). Per token (per-row int8 weights) L = 127.5: torchao's Int8DynamicActivationInt8WeightConfig.
+Per group of the weight (grouped int8, int4: as llama.cpp pairs Q4_0 weights with Q8_0 activations)
+L = 127, llama.cpp's Q8_0 rule, which puts the largest element on +-127 exactly rather than on the rounding
+boundary -127.5 (where a last-bit difference in x picks -127 or -128).
+
 Packing: two 4-bit codes per byte. int4 stores element 2j in the low nibble of byte j and 2j+1 in the high
 nibble (codes offset by 8 to 0..15); nf4 stores element 2j in the *high* nibble, as bitsandbytes does.
 """
@@ -51,6 +58,26 @@ def dequantize_int8(t: dict[str, torch.Tensor], group_size: int | None = None) -
     if group_size is None:
         return codes * t["scales"][:, None]
     return codes * per_column(t["scales"], group_size, codes.shape[1])
+
+
+def quantize_activations(x: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., n) float -> int8 codes (..., n) and fp32 scales (..., ceil(n / block)), one per block of ``block``
+    inputs (None: one per row, i.e. per token, torchao's rule); the last block may be shorter."""
+    n = x.shape[-1]
+    levels = 127.5 if block is None else 127.0  # see the module docstring
+    block = block or n
+    padded = torch.nn.functional.pad(x.float(), (0, (-n) % block))
+    blocks = padded.reshape(*x.shape[:-1], -1, block)
+    scales = (blocks.abs().amax(dim=-1) / levels).clamp(min=torch.finfo(torch.float32).eps)
+    codes = torch.clamp(torch.round(blocks * (1.0 / scales)[..., None]), -128, 127)
+    return codes.reshape(padded.shape)[..., :n].to(torch.int8), scales
+
+
+def fake_quantize_activations(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """The float values ``quantize_activations`` codes stand for (codes * their block's scale)."""
+    codes, scales = quantize_activations(x, block)
+    block = block or x.shape[-1]
+    return codes.float() * scales.repeat_interleave(block, dim=-1)[..., :x.shape[-1]]
 
 
 def int4_params(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

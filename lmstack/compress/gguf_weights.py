@@ -53,8 +53,10 @@ def block_tensors(tensor: GGUFTensor) -> tuple[str, dict[str, torch.Tensor]]:
     return "int4", {**out, "mins": _fp16(blocks[:, 2:4]).reshape(rows, cols // 32)}
 
 
-def load_gguf_quantized(path: "str | os.PathLike | GGUFFile") -> nn.Module:
+def load_gguf_quantized(path: "str | os.PathLike | GGUFFile", activations: str | None = None) -> nn.Module:
     """The model in a GGUF file with its Q8_0 / Q4_0 / Q4_1 linears kept quantized (CPU, eval mode).
+    ``activations="int8"``: the kept layers round their inputs to int8 per block of 32 (dynamic quantization,
+    as llama.cpp computes these types).
 
     Raises:
         CheckpointError, ConfigError: as ``lmstack.checkpoints.gguf.load_gguf``.
@@ -74,9 +76,9 @@ def load_gguf_quantized(path: "str | os.PathLike | GGUFFile") -> nn.Module:
         ours = targets[0][0]
         if tensor.kind in KEPT and len(targets) == 1 and ours.endswith(".weight") and len(tensor.shape) == 2 \
                 and ours != "embed_tokens.weight":
-            kept[ours.removesuffix(".weight")] = _layer(model, ours, tensor, targets[0][1])
+            kept[ours.removesuffix(".weight")] = _layer(model, ours, tensor, targets[0][1], activations)
     if tied_head and file.tensors["token_embd.weight"].kind in KEPT:
-        kept["lm_head"] = _layer(model, "lm_head.weight", file.tensors["token_embd.weight"], lambda t: t)
+        kept["lm_head"] = _layer(model, "lm_head.weight", file.tensors["token_embd.weight"], lambda t: t, activations)
     rest = GGUFFile(file.path, file.metadata, {n: t for n, t in file.tensors.items()
                                                if plan[n][0][0].removesuffix(".weight") not in kept})
     state = gguf_state_dict(rest, config)
@@ -92,11 +94,11 @@ def load_gguf_quantized(path: "str | os.PathLike | GGUFFile") -> nn.Module:
         raise CheckpointError(f"{file.path}: tensors do not fill the model: missing {sorted(expected - set(state))[:5]}, "
                               f"unexpected {sorted(set(state) - expected)[:5]}")
     model.load_state_dict(state, strict=True, assign=True)
-    model.quantization = {"scheme": "gguf", "group_size": 32, "lm_head": "lm_head" in kept, "exclude": []}
+    model.quantization = {"scheme": "gguf", "group_size": 32, "activations": activations, "lm_head": "lm_head" in kept, "exclude": []}
     return model.eval()
 
 
-def _layer(model: nn.Module, ours: str, tensor: GGUFTensor, fix) -> QuantizedLinear:
+def _layer(model: nn.Module, ours: str, tensor: GGUFTensor, fix, activations: str | None) -> QuantizedLinear:
     """A QuantizedLinear for linear ``ours`` (a weight name) from a block-quantized GGUF tensor."""
     linear = model.get_submodule(ours.removesuffix(".weight"))
     if not isinstance(linear, nn.Linear) or tuple(tensor.shape) != (linear.out_features, linear.in_features):
@@ -104,4 +106,4 @@ def _layer(model: nn.Module, ours: str, tensor: GGUFTensor, fix) -> QuantizedLin
     scheme, tensors = block_tensors(tensor)
     tensors = {k: fix(v).contiguous() for k, v in tensors.items()}  # llama q/k: un-permute rows of everything
     bias = torch.zeros(linear.out_features) if linear.bias is not None else None  # filled by the state dict
-    return QuantizedLinear(linear.in_features, linear.out_features, scheme, tensors, bias, 32)
+    return QuantizedLinear(linear.in_features, linear.out_features, scheme, tensors, bias, 32, activations)

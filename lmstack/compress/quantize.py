@@ -6,6 +6,8 @@
 
 Schemes: ``int8`` (per output row, symmetric; or per group), ``int4`` (per group, asymmetric), ``nf4`` (QLoRA's
 NormalFloat4 with double-quantised block scales), and the calibrated int4 methods ``gptq`` and ``awq``.
+``activations="int8"`` adds dynamic quantization of the inputs (per token, or per weight group) to the int8 and
+int4 schemes: ``quantize_(model, "int8", activations="int8")`` is torchao's Int8DynamicActivationInt8Weight.
 Every nn.Linear is swapped (SkinnyLinear too), the LM head included unless ``lm_head=False``; a head
 tied to the embedding is untied first (the embedding stays fp32: a lookup reads one row per token, the
 head reads all of them every step). The embedding itself is never quantized.
@@ -17,7 +19,7 @@ import fnmatch
 import torch
 from torch import nn
 
-from lmstack.compress.quantized_linear import QuantizedLinear, check_shape
+from lmstack.compress.quantized_linear import QuantizedLinear, check_activations, check_shape
 from lmstack.errors import ConfigError
 from lmstack.kernels.skinny_linear import SkinnyLinear
 
@@ -39,11 +41,11 @@ def quantization_targets(model: nn.Module, lm_head: bool = True, exclude: tuple[
 
 def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int | None = None, lm_head: bool = True,
               exclude: tuple[str, ...] = (), calibration: list[torch.Tensor] | None = None,
-              progress=None) -> nn.Module:
+              activations: str | None = None, progress=None) -> nn.Module:
     """Quantize ``model``'s linears in place (returns ``model``). ``group_size``: inputs per scale (int4,
     gptq, awq: default 128; int8: default None, one scale per row); nf4 has its fixed blocks of 64.
-    ``calibration``: token-id batches (B, T) for ``gptq`` / ``awq``; ``progress(done, total)`` is called
-    after each layer.
+    ``calibration``: token-id batches (B, T) for ``gptq`` / ``awq``; ``activations``: None (weight-only) or
+    ``"int8"`` (dynamic, see the module docstring); ``progress(done, total)`` is called after each layer.
 
     Raises:
         ConfigError: an unknown scheme, an unsupported group size, a layer width the scheme cannot store
@@ -54,6 +56,7 @@ def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int | None 
     targets = quantization_targets(model, lm_head, exclude)
     storage = "int4" if scheme in CALIBRATED else scheme
     group_size = None if storage == "nf4" else (group_size or 128) if storage == "int4" else group_size
+    check_activations(storage, activations)
     for name, module in targets.items():  # every shape is checked before anything is swapped
         try:
             check_shape(storage, module.in_features, group_size)
@@ -71,11 +74,12 @@ def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int | None 
     else:
         chosen = {}
     for i, (name, module) in enumerate(targets.items()):
-        quantized = QuantizedLinear.from_linear(module, storage, group_size, tensors=chosen.get(name))
+        quantized = QuantizedLinear.from_linear(module, storage, group_size, tensors=chosen.get(name),
+                                                activations=activations)
         _set_submodule(model, name, quantized)
         if progress is not None and scheme not in CALIBRATED:
             progress(i + 1, len(targets))
-    model.quantization = {"scheme": scheme, "group_size": group_size,
+    model.quantization = {"scheme": scheme, "group_size": group_size, "activations": activations,
                           "lm_head": "lm_head" in targets, "exclude": list(exclude)}
     return model
 

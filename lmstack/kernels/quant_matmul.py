@@ -16,7 +16,8 @@ import torch
 from lmstack.native import shared_library
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("csrc") / "quant_matmul.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCE = _CSRC / "quant_matmul.cpp"
 _FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp")
 MAX_ROWS = 8
 
@@ -24,6 +25,8 @@ _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_flo
 _SIGNATURES = {
     "lmstack_int8_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_int4_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
+    "lmstack_int8_dynamic_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
+    "lmstack_int4_dynamic_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_nf4_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _F, _P, _P, _I64, _I64, _I64, _INT]),
     "lmstack_int8_dequant": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_int4_dequant": (None, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
@@ -36,7 +39,7 @@ def quant_kernels() -> ctypes.CDLL | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     try:
-        lib = ctypes.CDLL(str(shared_library("lmstack_quant_matmul", [_SOURCE], _FLAGS)))
+        lib = ctypes.CDLL(str(shared_library("lmstack_quant_matmul", [_SOURCE], _FLAGS, sorted(_CSRC.glob("*.h")))))
     except Exception as error:  # no compiler: the eager paths remain
         log.warning("quantized CPU kernels unavailable (%s); using the eager paths", error)
         return None
@@ -49,22 +52,24 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def int8_matmul(x, qweight, scales, bias, group_size: int = 0):
-    """x (rows, in) fp32 with 1 <= rows <= 8 -> (rows, out); scales per row (group_size 0) or per group."""
+def int8_matmul(x, qweight, scales, bias, group_size: int = 0, dynamic: bool = False):
+    """x (rows, in) fp32 with 1 <= rows <= 8 -> (rows, out); scales per row (group_size 0) or per group.
+    ``dynamic``: x is quantized to int8 first, per row or per group (csrc/dynamic_kernels.h)."""
     y = torch.empty(x.shape[0], qweight.shape[0])
-    code = quant_kernels().lmstack_int8_matmul(_ptr(x), _ptr(qweight), _ptr(scales), _ptr(bias), _ptr(y), x.shape[0],
-                                               qweight.shape[0], x.shape[1], group_size, torch.get_num_threads())
+    kernel = quant_kernels().lmstack_int8_dynamic_matmul if dynamic else quant_kernels().lmstack_int8_matmul
+    code = kernel(_ptr(x), _ptr(qweight), _ptr(scales), _ptr(bias), _ptr(y), x.shape[0], qweight.shape[0], x.shape[1],
+                  group_size, torch.get_num_threads())
     assert code == 0, "int8_matmul: unsupported shape"
     return y
 
 
-def int4_matmul(x, qweight, scales, zeros, mins, bias, group_size: int):
-    """Integer ``zeros``, or float ``mins`` (weight = code * scale + min) with zeros None."""
+def int4_matmul(x, qweight, scales, zeros, mins, bias, group_size: int, dynamic: bool = False):
+    """Integer ``zeros``, or float ``mins`` (weight = code * scale + min) with zeros None. ``dynamic``: x is
+    quantized to int8 per group first."""
     y = torch.empty(x.shape[0], qweight.shape[0])
-    code = quant_kernels().lmstack_int4_matmul(_ptr(x), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(mins), _ptr(bias),
-                                               _ptr(y),
-                                               x.shape[0], qweight.shape[0], x.shape[1], group_size,
-                                               torch.get_num_threads())
+    kernel = quant_kernels().lmstack_int4_dynamic_matmul if dynamic else quant_kernels().lmstack_int4_matmul
+    code = kernel(_ptr(x), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(mins), _ptr(bias), _ptr(y), x.shape[0],
+                  qweight.shape[0], x.shape[1], group_size, torch.get_num_threads())
     assert code == 0, "int4_matmul: unsupported shape"
     return y
 

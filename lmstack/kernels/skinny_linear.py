@@ -55,6 +55,7 @@ class SkinnyLinear(nn.Module):
 
 # Weight formats of the fused decoding step (csrc/decode_step.cpp, enum Format).
 FP32, INT8, INT4, NF4 = 0, 1, 2, 3
+INT8_DYNAMIC, INT4_DYNAMIC = 4, 5  # stored as INT8 / INT4; activations rounded to int8 per call
 AUX_SLOTS = 6
 
 

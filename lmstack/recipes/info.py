@@ -62,6 +62,7 @@ def _describe_quantized(path: Path) -> str:
 
     model = load_quantized(path)
     layers = Counter(f"{m.scheme}" + (f" group {m.group_size}" if m.group_size else "")
+                     + (f" ({m.activations} activations)" if m.activations else "")
                      for m in model.modules() if isinstance(m, QuantizedLinear))
     lines = [f"checkpoint      {path} (lmstack-quantized, {model.quantization['scheme']})",
              f"family          {family_for_config(model.config).model_type}",

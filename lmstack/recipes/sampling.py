@@ -1,6 +1,8 @@
 """The decoding flags `lmstack generate` and `lmstack chat` share: how the model is opened and prepared,
 and how the flags become a GenerationConfig."""
 
+import functools
+
 from lmstack.checkpoints import is_gguf
 from lmstack.checkpoints.model_files import ModelFiles, open_model
 from lmstack.errors import ConfigError
@@ -19,10 +21,11 @@ def open_for_decoding(cfg: SamplingOptions) -> ModelFiles:
     path = resolve_model_dir(cfg.model)
     if cfg.quantize == "gguf" and not is_gguf(path):
         raise ConfigError(f"--quantize gguf keeps a GGUF file's quantized tensors; {cfg.model} is not a GGUF file")
-    keep = load_gguf_quantized if cfg.quantize == "gguf" else None
+    activations = None if cfg.activations == "none" else cfg.activations
+    keep = functools.partial(load_gguf_quantized, activations=activations) if cfg.quantize == "gguf" else None
     files = open_model(path, hugepages=cfg.fast_kernels, load=load_any_model, load_gguf_file=keep)
     if cfg.quantize not in ("none", "gguf"):
-        quantize_(files.model, cfg.quantize, group_size=cfg.group_size)
+        quantize_(files.model, cfg.quantize, group_size=cfg.group_size, activations=activations)
     prepare_for_decoding(files.model, cfg)
     return files
 

@@ -356,3 +356,141 @@ def test_the_fused_step_refuses_scales_that_are_not_fp32():
     assert fused_step_blocker(model, 1) is None
     model.layers[0].attn.q_proj.scales = model.layers[0].attn.q_proj.scales.half()
     assert fused_step_blocker(model, 1) == "buffers (e.g. quantization scales) are not all fp32 on CPU"
+
+
+# --- dynamic quantization: int8 activations ------------------------------------------------------------------
+
+def test_dynamic_int8_equals_torchao():
+    """quantize_(..., "int8", activations="int8") is torchao's Int8DynamicActivationInt8WeightConfig: per-token
+    int8 activations times per-row int8 weights, integer products, then both scales."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    from torchao.quantization import quantize_ as torchao_quantize_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64))
+    ours = QuantizedLinear.from_linear(model[0], "int8", activations="int8")
+    torchao_quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    assert torch.equal(model[0].weight.qdata, ours.qweight)
+    x = torch.randn(40, 256) * torch.linspace(0.1, 5.0, 256)  # unequal channels, as real activations
+    x[3, 7] = -x[3].abs().max() * 2  # a token whose absmax is negative: code -128
+    codes, scales = formats.quantize_activations(x)
+    assert codes[3, 7] == -128 and scales.shape == (40, 1)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(ours.reference_forward(x), want, rtol=1e-5, atol=1e-5)
+        if quant_kernels() is not None:
+            for rows in (1, 3, 8):  # the integer kernels: exact products, so equal to the last bits
+                torch.testing.assert_close(ours(x[:rows]), want[:rows], rtol=1e-6, atol=1e-6)
+
+
+def test_activation_blocks_follow_the_weight_groups():
+    x = torch.randn(3, 96)
+    codes, scales = formats.quantize_activations(x, 64)  # blocks of 64 and 32 (the last is shorter)
+    assert codes.shape == (3, 96) and scales.shape == (3, 2)
+    assert torch.equal(scales[:, 1], (x[:, 64:].abs().amax(dim=1) / 127))  # llama.cpp's Q8_0 rule per group
+    assert torch.equal(formats.quantize_activations(x)[1][:, 0], x.abs().amax(dim=1) / 127.5)  # torchao's per token
+    assert torch.equal(formats.fake_quantize_activations(x, 64)[:, 64:], formats.fake_quantize_activations(x[:, 64:], 32))
+    assert codes.abs().max() <= 127
+    assert (formats.fake_quantize_activations(x, 64) - x).abs().max() <= scales.max() / 2 * 1.0001  # half a step
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme, group", [("int8", None), ("int8", 32), ("int8", 128), ("int4", 32), ("int4", 64),
+                                           ("int4", 128), ("int4", 256)])
+def test_dynamic_kernels_equal_quantise_both_then_matmul(scheme, group):
+    torch.manual_seed(0)
+    for n_out, n_in in ((37, 576), (5, 1024)):  # 576: a shorter last group for 128 and 256
+        layer = QuantizedLinear.from_linear(nn.Linear(n_in, n_out), scheme, group, activations="int8")
+        for rows in (1, 2, 3, 5, 8, 9, 40):
+            x = torch.randn(rows, n_in)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ["int8 per group", "int4 with mins", "int4 zero 0"])
+def test_dynamic_kernels_on_gguf_layouts(variant, tmp_path):
+    """Q8_0 / Q4_1 / Q4_0 kept as they are, with int8 activations per block of 32 (llama.cpp's arithmetic)."""
+    from lmstack.checkpoints.gguf_export import save_gguf
+    from lmstack.compress.gguf_weights import load_gguf_quantized
+
+    model = _tiny().float()
+    model.config = model.config.replace(model_type="llama")
+    kind = {"int8 per group": "Q8_0", "int4 with mins": "Q4_1", "int4 zero 0": "Q4_0"}[variant]
+    loaded = load_gguf_quantized(save_gguf(model, tmp_path / "m.gguf", kind), activations="int8")
+    layer = loaded.layers[0].mlp.down_proj
+    assert layer.activations == "int8" and layer.group_size == 32
+    for rows in (1, 4, 8):
+        x = torch.randn(rows, layer.in_features)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+def _forced_reference(model: nn.Module) -> nn.Module:
+    """A copy whose quantized layers all run reference_forward (the readable definition)."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.forward = module.reference_forward
+    return model
+
+
+@needs_kernels
+@pytest.mark.skipif(load_cpu_kernels() is None, reason="the CPU kernels cannot be built here")
+@pytest.mark.parametrize("scheme, group", [("int8", None), ("int8", 32), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fused_step_with_int8_activations_equals_the_reference_model(scheme, group, rows):
+    from lmstack.kernels.fused_step import FusedDecodeStep, fused_step_blocker
+    from lmstack.kernels.skinny_linear import INT4_DYNAMIC, INT8_DYNAMIC
+    from lmstack.nn.kv_cache import StaticKVCache
+
+    quantized = use_skinny_linears_(quantize_(_tiny(), scheme, group_size=group, activations="int8"), hugepages=False)
+    reference = _forced_reference(quantized)
+    assert fused_step_blocker(quantized, rows) is None
+    ids = torch.randint(0, 96, (rows, 12), generator=torch.Generator().manual_seed(rows))
+    caches = [StaticKVCache.for_model(reference, rows, 12) for _ in range(2)]
+    step = FusedDecodeStep(quantized)
+    assert set(step.formats[0::2]) == {INT8_DYNAMIC if scheme == "int8" else INT4_DYNAMIC}
+    # Per token, torchao's rule puts a token's largest negative element on the rounding boundary -127.5, where
+    # the last bit of x (torch's norms against the fused step's) picks -127 or -128: one code step, which
+    # moves these logits (std 1) by up to ~1e-1 in this 64-wide model. Per group (llama.cpp's rule) no element
+    # sits on a boundary, and the step must match to float accuracy.
+    atol = 2e-1 if group is None else 1e-4
+    with torch.inference_mode():
+        for model, cache in zip((reference, quantized), caches):
+            model(ids[:, :6], kv_cache=cache)
+        for t in range(6, 12):
+            positions = torch.full((rows, 1), t)
+            want = reference(ids[:, t:t + 1], position_ids=positions, kv_cache=caches[0])[:, -1]
+            got = step(ids[:, t], positions, caches[1], None)
+            torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
+
+
+def test_int8_activations_are_saved_and_loaded(tmp_path):
+    model = quantize_(_tiny(), "int4", group_size=32, activations="int8")
+    save_quantized(model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["activations"] == "int8"
+    assert config["modules"]["layers.0.attn.q_proj"] == {"scheme": "int4", "group_size": 32, "activations": "int8"}
+    loaded = load_quantized(tmp_path / "q")
+    assert all(m.activations == "int8" for m in loaded.modules() if isinstance(m, QuantizedLinear))
+    ids = torch.randint(0, 96, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids), loaded(ids))
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"]["modules"]["layers.0.attn.q_proj"]["activations"] = "fp8"
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.attn\.q_proj: unknown activation quantization 'fp8'"):
+        load_quantized(tmp_path / "q")
+
+
+@pytest.mark.parametrize("scheme, activations, message", [
+    ("nf4", "int8", "nf4 keeps fp32 activations"),
+    ("int8", "int4", "unknown activation quantization 'int4'"),
+])
+def test_bad_activation_requests_are_refused(scheme, activations, message):
+    model = _tiny()
+    with pytest.raises(ConfigError, match=message):
+        quantize_(model, scheme, activations=activations)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())

@@ -70,3 +70,35 @@ def test_unsupported_group_size_is_refused(model_dir, tmp_path, capsys):
     assert main(["quantize", str(model_dir), str(tmp_path / "q"), "--scheme", "int4", "--group-size", "48"]) == 2
     assert "group size must be 32, 64, 128 or 256" in capsys.readouterr().err
     assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.tmp-*"))
+
+
+def test_int8_activations_from_the_command_line(model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), str(out), "--scheme", "int4", "--group-size", "32",
+                 "--activations", "int8"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "int4 group 32 (int8 activations)" in capsys.readouterr().out
+    model = load_quantized(out)
+    assert model.quantization["activations"] == "int8"
+    ids = "5 17 42 9"
+    assert main(["generate", "--model", str(out), "--prompt-ids", ids, "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    want = generate(model, torch.tensor([[5, 17, 42, 9]]), GenerationConfig(max_new_tokens=6, eos_token_id=[]))
+    assert printed == load_tokenizer(out).decode(want[0, 4:].tolist(), skip_special_tokens=True) + "\n"
+    assert main(["generate", "--model", str(model_dir), "--prompt", "the", "--max-new-tokens", "4",
+                 "--quantize", "int8", "--activations", "int8"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", "the", "--activations", "int8"], "--activations int8 needs --quantize int8, int4 or gguf"),
+    (["generate", "--prompt", "the", "--quantize", "nf4", "--activations", "int8"], "(got --quantize nf4)"),
+    (["quantize", "OUT", "--scheme", "nf4", "--activations", "int8"], "needs int8 or int4 weights"),
+])
+def test_int8_activations_with_a_scheme_that_cannot_take_them_are_refused(model_dir, tmp_path, capsys, argv, message):
+    argv = [a.replace("OUT", str(tmp_path / "q")) for a in argv]
+    argv = argv[:1] + ([str(model_dir)] if argv[0] == "quantize" else ["--model", str(model_dir)]) + argv[1:]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

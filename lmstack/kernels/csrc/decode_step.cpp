@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "dynamic_kernels.h"
 #include "quant_kernels.h"
 #include "skinny_kernels.h"
 
@@ -106,8 +107,9 @@ void attend_cached(const float* q, const float* k, const float* v, const int64_t
 // are in aux (six per linear, an absent one empty): int8 [scales (per row, or per group: group > 0), -, -, -,
 // -, input_scale]; int4 [scales, zeros, mins (instead of zeros: weight = code * scale + min), -, -,
 // input_scale]; nf4 [absmax_codes, absmax_scales (or the plain absmax without double
-// quantization), absmax_code, levels, offset, input_scale].
-enum Format : int64_t { kFp32 = 0, kInt8 = 1, kInt4 = 2, kNf4 = 3 };
+// quantization), absmax_code, levels, offset, input_scale]. kInt8Dynamic and kInt4Dynamic store weights as
+// kInt8 and kInt4 do and quantize the input to int8 first (dynamic_kernels.h).
+enum Format : int64_t { kFp32 = 0, kInt8 = 1, kInt4 = 2, kNf4 = 3, kInt8Dynamic = 4, kInt4Dynamic = 5 };
 constexpr int kAux = 6;
 
 struct Linear {
@@ -126,7 +128,8 @@ void matmul(const float* x, const Linear& L, float* y, const Shape& s, Epilogue 
     lmstack::skinny_matmul(x, L.w->data_ptr<float>(), data(*L.b), y, s.rows, n_out, L.w->size(1), e);
     return;
   }
-  const int64_t n_in = L.format == kInt8 ? L.w->size(1) : 2 * L.w->size(1);
+  const bool int8 = L.format == kInt8 || L.format == kInt8Dynamic;
+  const int64_t n_in = int8 ? L.w->size(1) : 2 * L.w->size(1);
   std::vector<float> scaled;
   if (const float* input_scale = ptr<float>(L.aux[5])) {  // AWQ: x * input_scale per input channel
     scaled.assign(x, x + s.rows * n_in);
@@ -143,6 +146,13 @@ void matmul(const float* x, const Linear& L, float* y, const Shape& s, Epilogue 
   } else if (L.format == kInt4) {
     failed = lmstack::quant::int4_matmul(x, ptr<uint8_t>(*L.w), ptr<float>(L.aux[0]), ptr<int8_t>(L.aux[1]),
                                          ptr<float>(L.aux[2]), bias, y, s.rows, n_out, n_in, L.group, threads, e);
+  } else if (L.format == kInt8Dynamic) {
+    failed = lmstack::quant::int8_dynamic_matmul(x, ptr<int8_t>(*L.w), ptr<float>(L.aux[0]), bias, y, s.rows, n_out,
+                                                 n_in, L.group, threads, e);
+  } else if (L.format == kInt4Dynamic) {
+    failed = lmstack::quant::int4_dynamic_matmul(x, ptr<uint8_t>(*L.w), ptr<float>(L.aux[0]), ptr<int8_t>(L.aux[1]),
+                                                 ptr<float>(L.aux[2]), bias, y, s.rows, n_out, n_in, L.group, threads,
+                                                 e);
   } else if (L.format == kNf4) {
     const float offset = L.aux[4].numel() ? L.aux[4].item<float>() : 0.0f;
     failed = lmstack::quant::nf4_matmul(x, ptr<uint8_t>(*L.w), ptr<float>(L.aux[3]), ptr<uint8_t>(L.aux[0]),

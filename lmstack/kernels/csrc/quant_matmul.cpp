@@ -2,6 +2,7 @@
 // Plain C ABI; OpenMP over output rows (torch's own libgomp, loaded first, is reused).
 #include <cstdint>
 
+#include "dynamic_kernels.h"
 #include "quant_kernels.h"
 
 using lmstack::Epilogue;
@@ -27,6 +28,18 @@ int lmstack_nf4_matmul(const float* x, const uint8_t* q, const float* levels, co
                        int64_t rows, int64_t n_out, int64_t n_in, int threads) {
   return lmstack::quant::nf4_matmul(x, q, levels, absmax_codes, absmax_code, absmax_scales, offset, bias, y, rows,
                                     n_out, n_in, threads);
+}
+
+// The same with x quantized to int8 on the fly (dynamic_kernels.h).
+int lmstack_int8_dynamic_matmul(const float* x, const int8_t* q, const float* scales, const float* bias, float* y,
+                                int64_t rows, int64_t n_out, int64_t n_in, int64_t group, int threads) {
+  return lmstack::quant::int8_dynamic_matmul(x, q, scales, bias, y, rows, n_out, n_in, group, threads);
+}
+
+int lmstack_int4_dynamic_matmul(const float* x, const uint8_t* q, const float* scales, const int8_t* zeros,
+                                const float* mins, const float* bias, float* y, int64_t rows, int64_t n_out,
+                                int64_t n_in, int64_t group, int threads) {
+  return lmstack::quant::int4_dynamic_matmul(x, q, scales, zeros, mins, bias, y, rows, n_out, n_in, group, threads);
 }
 
 // Row-range dequantisation to fp32 (out: (stop - start, n_in)), for the tiled prompt-processing path.

@@ -19,6 +19,8 @@ class QuantizeConfig:
                                                                   "int4 chosen from calibration text")
     group_size: int | None = field(None, help="inputs per scale: 32, 64, 128 or 256 (default: 128 for int4 / "
                                               "gptq / awq; one scale per row for int8)")
+    activations: Literal["none", "int8"] = field("none", help="int8: the saved model also rounds each layer's "
+                                                 "input to int8 (dynamic quantization; int8 / int4 / gptq / awq)")
     lm_head: bool = field(True, help="quantize the LM head too (a tied head gets its own quantized copy)")
     calibration: list[str] = field(default_factory=lambda: ["shakespeare"], help="gptq / awq: calibration text "
                                    "(files, globs, directories, JSONL, or shakespeare)")
@@ -30,5 +32,7 @@ class QuantizeConfig:
         check_seed(self.seed)
         from lmstack.errors import ConfigError
 
+        if self.activations != "none" and self.scheme == "nf4":
+            raise ConfigError("--activations int8 needs int8 or int4 weights (int8, int4, gptq, awq), not nf4")
         if self.calibration_tokens < self.calibration_seq_len or self.calibration_seq_len < 1:
             raise ConfigError("calibration_tokens must be at least calibration_seq_len (>= 1)")

@@ -25,10 +25,16 @@ class SamplingOptions:
         "keep a GGUF file's Q8_0/Q4_0/Q4_1 tensors as they are (no fp32 copy)")
     group_size: int | None = field(None, help="inputs per scale when quantizing: 32, 64, 128 or 256 (default: "
                                               "128 for int4, per row for int8)")
+    activations: Literal["none", "int8"] = field("none", help="with --quantize int8 / int4 / gguf: round each "
+                                                 "layer's input to int8 too (dynamic quantization: integer "
+                                                 "products, faster decoding)")
     fast_kernels: bool = field(True, help="use lmstack's memory-bandwidth-bound CPU decoding kernels (compiled "
                                           "once per machine on first use, about 2 minutes)")
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
+        if self.activations != "none" and self.quantize not in ("int8", "int4", "gguf"):
+            raise ConfigError(f"--activations {self.activations} needs --quantize int8, int4 or gguf "
+                              f"(got --quantize {self.quantize})")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
