@@ -21,6 +21,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "quant_kernels.h"  // LMSTACK_DISPATCH_ROWS
@@ -149,16 +150,20 @@ inline void block_dot(const Row& row, int64_t c, int runs, const Activations* xs
 // weight rows from j: the exact integer dot of each block (RUNS runs of 32 columns; a last block may be
 // shorter) scaled in fp32, still as 8 lanes. Blocks alternate between two accumulators, so that blocks
 // of 32 do not wait on one FMA chain; R > 1 (with one row of x) interleaves independent weight rows.
-template <int B, int R, int RUNS, class Products, class RowOf, class Activations, class WScale>
+// offsets[r][b] = sum over blocks of offset(j + r, g) * xq.sums (int4's zero points or mins; Offset is
+// std::nullptr_t for none), computed here beside the products rather than in a second pass over the row.
+template <int B, int R, int RUNS, class Products, class RowOf, class Activations, class WScale, class Offset>
 inline void dynamic_row_block(const QuantizedActivations& xq, const Activations* xs, int64_t j, RowOf row_of,
-                              WScale w_scale, __m256 out[R][B]) {
+                              WScale w_scale, Offset offset, __m256 out[R][B], float offsets[R][B]) {
+  constexpr bool kOffsets = !std::is_same_v<Offset, std::nullptr_t>;
+  const float* sums = xq.sums.data();
   const int64_t n_in = xq.n, n_blocks = xq.n_blocks, full = n_in / (32 * RUNS);
   const float* x_scales = xq.scales.data();
   decltype(row_of(j)) rows[R];
   for (int r = 0; r < R; ++r) rows[r] = row_of(j + r);
   __m256 acc[R][B][2];
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < B; ++b) acc[r][b][0] = acc[r][b][1] = _mm256_setzero_ps();
+    for (int b = 0; b < B; ++b) acc[r][b][0] = acc[r][b][1] = _mm256_setzero_ps(), offsets[r][b] = 0.0f;
   auto block = [&](int64_t g, int runs, int k) {
     for (int r = 0; r < R; ++r) {
       __m256i idot[B];
@@ -167,6 +172,10 @@ inline void dynamic_row_block(const QuantizedActivations& xq, const Activations*
       for (int b = 0; b < B; ++b)
         acc[r][b][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(idot[b]), _mm256_set1_ps(ws * x_scales[b * n_blocks + g]),
                                        acc[r][b][k]);
+      if constexpr (kOffsets) {
+        const float c = offset(j + r, g);
+        for (int b = 0; b < B; ++b) offsets[r][b] += c * sums[b * n_blocks + g];
+      }
     }
   };
   int64_t g = 0;
@@ -179,32 +188,34 @@ inline void dynamic_row_block(const QuantizedActivations& xq, const Activations*
     for (int b = 0; b < B; ++b) out[r][b] = _mm256_add_ps(acc[r][b][0], acc[r][b][1]);
 }
 
-// y[b, j] = the dot of dynamic_row_block + shift(j, b) + bias[j], through the epilogue. With one row of x,
+// y[b, j] = the dot and offsets of dynamic_row_block + bias[j], through the epilogue. With one row of x,
 // weight rows go in pairs (more independent work per iteration, one horizontal reduction for two sums).
-template <int B, int RUNS, class Products, class RowOf, class Activations, class WScale, class Shift>
+template <int B, int RUNS, class Products, class RowOf, class Activations, class WScale, class Offset>
 void dynamic_rows(const QuantizedActivations& xq, const Activations* xs, const float* bias, float* y, int64_t n_out,
-                  int threads, RowOf row_of, WScale w_scale, Shift shift, Epilogue e) {
+                  int threads, RowOf row_of, WScale w_scale, Offset offset, Epilogue e) {
   constexpr int R = B == 1 ? 2 : 1;
-  auto store = [&](int64_t j, int b, float dot) { finish(y + b * n_out + j, dot + shift(j, b) + (bias ? bias[j] : 0.0f), e); };
+  auto store = [&](int64_t j, int b, float dot) { finish(y + b * n_out + j, dot + (bias ? bias[j] : 0.0f), e); };
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < n_out / R; ++i) {
     const int64_t j = i * R;
     __m256 dot[R][B];
-    dynamic_row_block<B, R, RUNS, Products>(xq, xs, j, row_of, w_scale, dot);
+    float offsets[R][B];
+    dynamic_row_block<B, R, RUNS, Products>(xq, xs, j, row_of, w_scale, offset, dot, offsets);
     if constexpr (R == 2) {
       const __m256 t = _mm256_hadd_ps(dot[0][0], dot[1][0]);  // [a01 a23 b01 b23 | a45 a67 b45 b67]
       const __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
       const __m128 v = _mm_hadd_ps(u, u);  // [a b a b]
-      store(j, 0, _mm_cvtss_f32(v));
-      store(j + 1, 0, _mm_cvtss_f32(_mm_movehdup_ps(v)));
+      store(j, 0, _mm_cvtss_f32(v) + offsets[0][0]);
+      store(j + 1, 0, _mm_cvtss_f32(_mm_movehdup_ps(v)) + offsets[1][0]);
     } else {
-      for (int b = 0; b < B; ++b) store(j, b, horizontal_sum(dot[0][b]));
+      for (int b = 0; b < B; ++b) store(j, b, horizontal_sum(dot[0][b]) + offsets[0][b]);
     }
   }
   for (int64_t j = n_out / R * R; j < n_out; ++j) {  // the last row when R == 2 and n_out is odd
     __m256 dot[1][B];
-    dynamic_row_block<B, 1, RUNS, Products>(xq, xs, j, row_of, w_scale, dot);
-    for (int b = 0; b < B; ++b) store(j, b, horizontal_sum(dot[0][b]));
+    float offsets[1][B];
+    dynamic_row_block<B, 1, RUNS, Products>(xq, xs, j, row_of, w_scale, offset, dot, offsets);
+    for (int b = 0; b < B; ++b) store(j, b, horizontal_sum(dot[0][b]) + offsets[0][b]);
   }
 }
 
@@ -261,8 +272,7 @@ inline int int8_dynamic_matmul(const float* x, const int8_t* q, const float* sca
   const int64_t n_groups = xq.n_blocks;
   auto row_of = [=](int64_t j) { return Int8Row{q + j * n_in}; };
   auto w_scale = [=](int64_t j, int64_t g) { return scales[j * n_groups + g]; };
-  auto no_shift = [](int64_t, int) { return 0.0f; };
-#define CALL(B) dynamic_rows<B, RUNS, Int8Products>(xq, xq.q16.data(), bias, y, n_out, threads, row_of, w_scale, no_shift, e)
+#define CALL(B) dynamic_rows<B, RUNS, Int8Products>(xq, xq.q16.data(), bias, y, n_out, threads, row_of, w_scale, nullptr, e)
 #define CALL_ROWS(R)                      \
   {                                       \
     constexpr int RUNS = R;               \
@@ -274,28 +284,6 @@ inline int int8_dynamic_matmul(const float* x, const int8_t* q, const float* sca
   return 0;
 }
 
-// sum over the n groups of a row of c_g * sums[g], with c_g = -(8 + zeros[g]) * scales[g], or mins[g] where
-// mins is given: what int4's zero points (or Q4_1's mins) add to a row. Eight groups per vector: a row of
-// 576 inputs has 18 groups of 32, which one at a time would cost about half as much as the products.
-inline float offset_terms(const float* scales, const int8_t* zeros, const float* mins, const float* sums, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= n; g += 8) {
-    __m256 c;
-    if (mins) {
-      c = _mm256_loadu_ps(mins + g);
-    } else {
-      const __m256i z = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g)));
-      const __m256 eight_plus_z = _mm256_cvtepi32_ps(_mm256_add_epi32(z, _mm256_set1_epi32(8)));
-      c = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), eight_plus_z), _mm256_loadu_ps(scales + g));
-    }
-    acc = _mm256_fmadd_ps(c, _mm256_loadu_ps(sums + g), acc);
-  }
-  float total = horizontal_sum(acc);
-  for (; g < n; ++g) total += (mins ? mins[g] : -(8.0f + zeros[g]) * scales[g]) * sums[g];
-  return total;
-}
-
 // int4 weights (see int4_matmul in quant_kernels.h: integer zeros, or float mins) times int8 activations
 // quantized per weight group: a group adds scale * x_scale * idot(codes, x codes) + c * sum(quantized x),
 // c = -(8 + zero) * scale or c = min.
@@ -305,15 +293,14 @@ inline int int4_dynamic_matmul(const float* x, const uint8_t* q, const float* sc
   if (n_in % 32 || group % 32 || group == 0 || group > 256 || rows < 1 || rows > 8) return 1;
   const QuantizedActivations xq(x, rows, n_in, group, true);
   const int64_t n_groups = xq.n_blocks;
-  const float* sums = xq.sums.data();
   auto row_of = [=](int64_t j) { return Int4Row{q + j * (n_in / 2)}; };
   auto w_scale = [=](int64_t j, int64_t g) { return scales[j * n_groups + g]; };
-  auto shift = [=](int64_t j, int b) {
-    const int64_t at = j * n_groups;
-    return offset_terms(scales + at, zeros ? zeros + at : nullptr, mins ? mins + at : nullptr, sums + b * n_groups,
-                        n_groups);
+  // what a group adds per unit of sum(quantized x): -(8 + zero) * scale, or Q4_1's min
+  auto offset = [=](int64_t j, int64_t g) {
+    const int64_t i = j * n_groups + g;
+    return mins ? mins[i] : -static_cast<float>(8 + zeros[i]) * scales[i];
   };
-#define CALL(B) dynamic_rows<B, RUNS, Int4Products>(xq, xq.q8.data(), bias, y, n_out, threads, row_of, w_scale, shift, e)
+#define CALL(B) dynamic_rows<B, RUNS, Int4Products>(xq, xq.q8.data(), bias, y, n_out, threads, row_of, w_scale, offset, e)
 #define CALL_ROWS(R)                      \
   {                                       \
     constexpr int RUNS = R;               \
