@@ -3,7 +3,8 @@ with dynamically quantized int8 activations: "dyn") vs transformers fp32 (and
 llama.cpp where llama-cpp-python is installed), at 1 and 2 threads, in one interleaved run.
 
 Per configuration and thread count: decode tokens/s at batch 1 and 8 (a --prompt-token prompt, --new-tokens
-new; decode excludes the time to the first token), prompt tokens/s (--prefill tokens, one forward pass),
+new; decode excludes the time to the first token), prompt tokens/s (--prefill tokens, one forward pass with
+the LM head on the last position only, as generation runs a prompt and as llama.cpp does by default),
 the weight bytes one decode step reads and the fraction of the bandwidth bound (bytes/token x tokens/s over
 the read bandwidth measured in this run at that thread count). Each figure is the median of --rounds rounds;
 a round runs every configuration once, so machine noise spreads over all of them.
@@ -53,7 +54,7 @@ def decode_bytes(model) -> int:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
-    return total + model.embed_tokens.weight.shape[1] * 4
+    return total + model.embed_tokens.embedding_dim * 4
 
 
 def disk_bytes(model, scheme: str) -> int:
@@ -126,7 +127,7 @@ def main() -> None:
                         decode_rate(_runner(model, prompts[batch], name), batch, args.new_tokens, 1)[0])
                 with torch.inference_mode():
                     start = time.perf_counter()
-                    model(long_prompt)
+                    _prefill(model, long_prompt, name)
                     results[(threads, name, "prefill")].append(args.prefill / (time.perf_counter() - start))
         print(f"round {round_ + 1}/{args.rounds} done", flush=True)
 
@@ -201,6 +202,14 @@ def _llama_cpp_rates(path: Path, threads: int, prompt: torch.Tensor, long_prompt
     prefill = long_prompt.shape[1] / (time.perf_counter() - start)
     del llm
     return decode, prefill
+
+
+def _prefill(model, prompt, name):
+    """What generation does with a prompt: every position through the blocks, the LM head on the last one
+    only (lmstack's engine; transformers' logits_to_keep=1; llama.cpp's default, logits for the last token)."""
+    if name == "transformers":
+        return model(prompt, logits_to_keep=1).logits
+    return model.lm_head(model.hidden_states(prompt)[:, -1])
 
 
 def _runner(model, prompt, name):

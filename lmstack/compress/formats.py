@@ -146,11 +146,15 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = True) -> dict[str, t
             "absmax_offset": offset}
 
 
-def nf4_absmax(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The per-block absmax, decoded from the double quantization where it was used."""
+def nf4_absmax(t: dict[str, torch.Tensor], blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-block absmax, decoded from the double quantization where it was used; with ``blocks`` (int64
+    indices), only those blocks' (an embedding lookup's rows)."""
     if "absmax" in t:
-        return t["absmax"]
-    return dequantize_blockwise_dynamic(t["absmax_codes"], t["absmax_scales"]) + t["absmax_offset"]
+        return t["absmax"] if blocks is None else t["absmax"][blocks]
+    if blocks is None:
+        return dequantize_blockwise_dynamic(t["absmax_codes"], t["absmax_scales"]) + t["absmax_offset"]
+    values = dynamic_map_signed()[t["absmax_codes"][blocks].long()]
+    return values * t["absmax_scales"][blocks // NF4_ABSMAX_BLOCK] + t["absmax_offset"]
 
 
 def dequantize_nf4(t: dict[str, torch.Tensor]) -> torch.Tensor:

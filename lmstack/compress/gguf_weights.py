@@ -10,9 +10,9 @@ The block formats map onto lmstack's with the same values bit for bit (tested ag
     Q4_1 (32 4-bit codes u, fp16 d, fp16 m):   int4, group 32, float mins:  w = u * d + m
 
 The codes are repacked into lmstack's nibble order (element 2i low, 2i + 1 high, per row) and the llama q/k
-rows un-permuted as the fp32 import does. Other types, 1-D tensors and the token embedding (looked up one
-row at a time) are dequantised to fp32. A tied output (no output.weight) gets the embedding's codes as its
-own quantized head.
+rows un-permuted as the fp32 import does. The token embedding in one of these types stays quantized too
+(a ``QuantizedEmbedding``; ``embedding=False`` dequantises it), and a tied output (no output.weight) reads
+the same table, as llama.cpp does. Other types and 1-D tensors are dequantised to fp32.
 """
 
 import os
@@ -25,6 +25,7 @@ from lmstack.checkpoints.gguf import GGUFFile, GGUFTensor, gguf_state_dict, gguf
     read_gguf
 from lmstack.checkpoints.hf import tied_aliases
 from lmstack.compress.formats import pack_nibbles
+from lmstack.compress.quantized_embedding import QuantizedEmbedding
 from lmstack.compress.quantized_linear import QuantizedLinear
 from lmstack.errors import CheckpointError
 from lmstack.models.registry import FAMILIES
@@ -53,7 +54,8 @@ def block_tensors(tensor: GGUFTensor) -> tuple[str, dict[str, torch.Tensor]]:
     return "int4", {**out, "mins": _fp16(blocks[:, 2:4]).reshape(rows, cols // 32)}
 
 
-def load_gguf_quantized(path: "str | os.PathLike | GGUFFile", activations: str | None = None) -> nn.Module:
+def load_gguf_quantized(path: "str | os.PathLike | GGUFFile", activations: str | None = None,
+                        embedding: bool = True) -> nn.Module:
     """The model in a GGUF file with its Q8_0 / Q4_0 / Q4_1 linears kept quantized (CPU, eval mode).
     ``activations="int8"``: the kept layers round their inputs to int8 per block of 32 (dynamic quantization,
     as llama.cpp computes these types).
@@ -70,15 +72,21 @@ def load_gguf_quantized(path: "str | os.PathLike | GGUFFile", activations: str |
     if tied_head:
         config = config.replace(tie_embeddings=False)
     model = family.build_empty(config)
-    kept: dict[str, QuantizedLinear] = {}
+    kept: dict[str, nn.Module] = {}  # module name -> QuantizedLinear or QuantizedEmbedding
     for name, targets in plan.items():
         tensor = file.tensors[name]
         ours = targets[0][0]
         if tensor.kind in KEPT and len(targets) == 1 and ours.endswith(".weight") and len(tensor.shape) == 2 \
                 and ours != "embed_tokens.weight":
             kept[ours.removesuffix(".weight")] = _layer(model, ours, tensor, targets[0][1], activations)
-    if tied_head and file.tensors["token_embd.weight"].kind in KEPT:
-        kept["lm_head"] = _layer(model, "lm_head.weight", file.tensors["token_embd.weight"], lambda t: t, activations)
+    table = file.tensors["token_embd.weight"]
+    if embedding and table.kind in KEPT:
+        head = _layer(model, "lm_head.weight", table, lambda t: t, activations)
+        kept["embed_tokens"] = QuantizedEmbedding.from_table(head)
+        if tied_head:
+            kept["lm_head"] = head
+    elif tied_head and table.kind in KEPT:
+        kept["lm_head"] = _layer(model, "lm_head.weight", table, lambda t: t, activations)
     rest = GGUFFile(file.path, file.metadata, {n: t for n, t in file.tensors.items()
                                                if plan[n][0][0].removesuffix(".weight") not in kept})
     state = gguf_state_dict(rest, config)
@@ -94,7 +102,8 @@ def load_gguf_quantized(path: "str | os.PathLike | GGUFFile", activations: str |
         raise CheckpointError(f"{file.path}: tensors do not fill the model: missing {sorted(expected - set(state))[:5]}, "
                               f"unexpected {sorted(set(state) - expected)[:5]}")
     model.load_state_dict(state, strict=True, assign=True)
-    model.quantization = {"scheme": "gguf", "group_size": 32, "activations": activations, "lm_head": "lm_head" in kept, "exclude": []}
+    model.quantization = {"scheme": "gguf", "group_size": 32, "activations": activations,
+                          "embedding": "embed_tokens" in kept, "lm_head": "lm_head" in kept, "exclude": []}
     return model.eval()
 
 

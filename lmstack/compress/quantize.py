@@ -8,9 +8,11 @@ Schemes: ``int8`` (per output row, symmetric; or per group), ``int4`` (per group
 NormalFloat4 with double-quantised block scales), and the calibrated int4 methods ``gptq`` and ``awq``.
 ``activations="int8"`` adds dynamic quantization of the inputs (per token, or per weight group) to the int8 and
 int4 schemes: ``quantize_(model, "int8", activations="int8")`` is torchao's Int8DynamicActivationInt8Weight.
-Every nn.Linear is swapped (SkinnyLinear too), the LM head included unless ``lm_head=False``; a head
-tied to the embedding is untied first (the embedding stays fp32: a lookup reads one row per token, the
-head reads all of them every step). The embedding itself is never quantized.
+Every nn.Linear is swapped (SkinnyLinear too), the LM head included unless ``lm_head=False``. The token
+embedding stays fp32 unless ``embedding=True`` (``QuantizedEmbedding``: the same formats, dequantising only
+the rows a lookup reads). A head tied to the embedding is untied first when only the head is quantized
+(it gets its own quantized copy; the head reads every row every step, the embedding one row per token);
+with ``embedding=True`` the two share one quantized table, as in llama.cpp's files.
 """
 
 import dataclasses
@@ -19,6 +21,7 @@ import fnmatch
 import torch
 from torch import nn
 
+from lmstack.compress.quantized_embedding import QuantizedEmbedding
 from lmstack.compress.quantized_linear import QuantizedLinear, check_activations, check_shape
 from lmstack.errors import ConfigError
 from lmstack.kernels.skinny_linear import SkinnyLinear
@@ -41,11 +44,13 @@ def quantization_targets(model: nn.Module, lm_head: bool = True, exclude: tuple[
 
 def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int | None = None, lm_head: bool = True,
               exclude: tuple[str, ...] = (), calibration: list[torch.Tensor] | None = None,
-              activations: str | None = None, progress=None) -> nn.Module:
+              activations: str | None = None, embedding: bool = False, progress=None) -> nn.Module:
     """Quantize ``model``'s linears in place (returns ``model``). ``group_size``: inputs per scale (int4,
     gptq, awq: default 128; int8: default None, one scale per row); nf4 has its fixed blocks of 64.
     ``calibration``: token-id batches (B, T) for ``gptq`` / ``awq``; ``activations``: None (weight-only) or
-    ``"int8"`` (dynamic, see the module docstring); ``progress(done, total)`` is called after each layer.
+    ``"int8"`` (dynamic, see the module docstring); ``embedding``: quantize the token embedding too (int4
+    round-to-nearest for gptq / awq, which have no calibration for it; a tied head shares it);
+    ``progress(done, total)`` is called after each layer.
 
     Raises:
         ConfigError: an unknown scheme, an unsupported group size, a layer width the scheme cannot store
@@ -57,15 +62,24 @@ def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int | None 
     storage = "int4" if scheme in CALIBRATED else scheme
     group_size = None if storage == "nf4" else (group_size or 128) if storage == "int4" else group_size
     check_activations(storage, activations)
-    for name, module in targets.items():  # every shape is checked before anything is swapped
+    shapes = {name: module.in_features for name, module in targets.items()}
+    table = getattr(model, "embed_tokens", None)
+    if embedding:
+        if type(table) is not nn.Embedding:
+            raise ConfigError(f"embedding=True needs an nn.Embedding named embed_tokens, found {type(table).__name__}")
+        shapes["embed_tokens"] = table.embedding_dim
+    for name, width in shapes.items():  # every shape is checked before anything is swapped
         try:
-            check_shape(storage, module.in_features, group_size)
+            check_shape(storage, width, group_size)
         except ConfigError as error:
             raise ConfigError(f"{name}: {error}") from None
     if scheme in CALIBRATED and not calibration:
         raise ConfigError(f"{scheme} needs calibration text (token batches)")
+    tied = _tied(model)
+    shared = embedding and "lm_head" in targets and tied
+    if "lm_head" in targets or (embedding and tied):  # a fp32 head keeps the tied Parameter for itself
+        _untie_head(model, copy="lm_head" in targets and not shared)
     if "lm_head" in targets:
-        _untie_head(model)
         targets["lm_head"] = model.lm_head
     if scheme in CALIBRATED:
         from lmstack.compress.calibrated import calibrated_int4
@@ -79,18 +93,27 @@ def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int | None 
         _set_submodule(model, name, quantized)
         if progress is not None and scheme not in CALIBRATED:
             progress(i + 1, len(targets))
+    if embedding:
+        quantized_table = (QuantizedEmbedding.from_table(model.lm_head) if shared
+                           else QuantizedEmbedding.from_embedding(table, storage, group_size))
+        model.embed_tokens = quantized_table
     model.quantization = {"scheme": scheme, "group_size": group_size, "activations": activations,
-                          "lm_head": "lm_head" in targets, "exclude": list(exclude)}
+                          "embedding": embedding, "lm_head": "lm_head" in targets, "exclude": list(exclude)}
     return model
 
 
-def _untie_head(model: nn.Module) -> None:
-    """Give the LM head its own weight (a copy) and record it in the config, so nothing re-ties them."""
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "tie_embeddings", False):
-        head = model.lm_head
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-        model.config = dataclasses.replace(config, tie_embeddings=False)
+def _tied(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "tie_embeddings", False))
+
+
+def _untie_head(model: nn.Module, copy: bool = True) -> None:
+    """Give the LM head its own weight (a copy, unless the embedding is about to share the head's quantized
+    table) and record it in the config, so that nothing re-ties them."""
+    if _tied(model):
+        if copy:
+            head = model.lm_head
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+        model.config = dataclasses.replace(model.config, tie_embeddings=False)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -4,7 +4,7 @@ tensors holding NaN or inf (reading each weight once; --no-check-weights skips t
 from pathlib import Path
 
 from lmstack.checkpoints import inspect_hf, is_gguf, non_finite_tensors
-from lmstack.compress import QuantizedLinear, quantized_bytes
+from lmstack.compress import QuantizedEmbedding, QuantizedLinear, quantized_bytes
 from lmstack.compress.files import is_quantized_checkpoint, load_quantized
 from lmstack.models.registry import family_for_config
 from lmstack.models import DecoderConfig, EncoderConfig, EncoderDecoderConfig
@@ -64,12 +64,22 @@ def _describe_quantized(path: Path) -> str:
     layers = Counter(f"{m.scheme}" + (f" group {m.group_size}" if m.group_size else "")
                      + (f" ({m.activations} activations)" if m.activations else "")
                      for m in model.modules() if isinstance(m, QuantizedLinear))
+    tables = {m.qweight.data_ptr(): m for m in model.modules() if isinstance(m, QuantizedEmbedding)}
+    held = sum(m.in_features * m.out_features for m in model.modules()  # a head sharing the table: once
+               if isinstance(m, QuantizedLinear) and m.qweight.data_ptr() not in tables)
+    held += sum(m.num_embeddings * m.embedding_dim for m in tables.values())
+    embedding = "fp32"
+    if tables:
+        table = next(iter(tables.values()))
+        embedding = f"{table.scheme}" + (f" group {table.group_size}" if table.group_size else "")
+        if isinstance(model.lm_head, QuantizedLinear) and model.lm_head.qweight.data_ptr() in tables:
+            embedding += ", shared with the LM head"
     lines = [f"checkpoint      {path} (lmstack-quantized, {model.quantization['scheme']})",
              f"family          {family_for_config(model.config).model_type}",
-             *_common_lines(model, extra=sum(m.in_features * m.out_features for m in model.modules()
-                                             if isinstance(m, QuantizedLinear))),
+             *_common_lines(model, extra=held),
              f"quantized       {', '.join(f'{n} x {kind}' for kind, n in layers.most_common())}; "
-             f"{quantized_bytes(model) / 2**20:,.1f} MiB of tensors"]
+             f"{quantized_bytes(model) / 2**20:,.1f} MiB of tensors",
+             f"embedding       {embedding}"]
     return "\n".join(lines + ["", "(per-module table: see the unquantized checkpoint)"])
 
 

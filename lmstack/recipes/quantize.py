@@ -61,7 +61,8 @@ def _quantize_into(work: Path, source: Path, cfg: QuantizeConfig) -> tuple[torch
             bar.update(done - bar.n)
 
         quantize_(model, cfg.scheme, group_size=cfg.group_size, lm_head=cfg.lm_head, calibration=calibration,
-                  activations=None if cfg.activations == "none" else cfg.activations, progress=progress)
+                  activations=None if cfg.activations == "none" else cfg.activations, embedding=cfg.embedding,
+                  progress=progress)
     save_quantized(model, work)
     return model, size_before
 

@@ -494,3 +494,96 @@ def test_bad_activation_requests_are_refused(scheme, activations, message):
     with pytest.raises(ConfigError, match=message):
         quantize_(model, scheme, activations=activations)
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+# --- the token embedding ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme, group", [("int8", None), ("int4", 32), ("nf4", None)])
+def test_quantized_embedding_lookup_equals_the_dequantised_table(scheme, group):
+    from lmstack.compress import QuantizedEmbedding
+
+    table = nn.Embedding(96, 128)
+    embedding = QuantizedEmbedding.from_embedding(table, scheme, group)
+    ids = torch.tensor([[0, 5, 95], [7, 7, 1]])
+    assert torch.equal(embedding(ids), embedding.dequantize()[ids])
+    # the same codes a linear of shape (vocab, dim) gets: the tied head's table
+    assert torch.equal(embedding.dequantize(), QuantizedLinear.from_linear(_linear(table), scheme, group).dequantize())
+    with pytest.raises(IndexError, match=r"token ids must be in \[0, 96\), got 0..96"):
+        embedding(torch.tensor([0, 96]))
+
+
+def _linear(table: nn.Embedding) -> nn.Linear:
+    linear = nn.Linear(table.embedding_dim, table.num_embeddings, bias=False)
+    linear.weight = table.weight
+    return linear
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "awq"])
+def test_a_tied_head_and_the_embedding_share_one_quantized_table(scheme, tmp_path):
+    from lmstack.compress import QuantizedEmbedding
+
+    base = _tiny()
+    model = quantize_(copy.deepcopy(base), scheme, group_size=32, calibration=_calibration(), embedding=True)
+    assert isinstance(model.embed_tokens, QuantizedEmbedding) and isinstance(model.lm_head, QuantizedLinear)
+    assert model.embed_tokens.qweight.data_ptr() == model.lm_head.qweight.data_ptr()  # one table, as in llama.cpp
+    reference = dequantize_model(copy.deepcopy(model))
+    assert reference.config.tie_embeddings and reference.lm_head.weight is reference.embed_tokens.weight
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids), rtol=1e-5, atol=1e-5)
+        assert ((model(ids) - base(ids)).square().mean() / base(ids).square().mean()) < 0.2
+    save_quantized(model, tmp_path / "q")
+    entries = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"]
+    assert entries["embed_tokens"] == {"scheme": "int8" if scheme == "int8" else "int4", "group_size": 32,
+                                       "embedding": True}
+    assert entries["lm_head"]["shares"] == "embed_tokens"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
+        assert "embed_tokens.qweight" in f.keys() and not [k for k in f.keys() if k.startswith("lm_head.")]
+    loaded = load_quantized(tmp_path / "q")
+    assert loaded.embed_tokens.qweight.data_ptr() == loaded.lm_head.qweight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_an_untied_or_fp32_head_keeps_its_own_weight_when_the_embedding_is_quantized():
+    from lmstack.compress import QuantizedEmbedding
+
+    model = quantize_(_tiny(), "int4", group_size=32, lm_head=False, embedding=True)
+    assert isinstance(model.embed_tokens, QuantizedEmbedding) and type(model.lm_head) is nn.Linear
+    assert not model.config.tie_embeddings
+    model.tie_weights()  # nothing re-ties the fp32 head to the quantized table
+    assert type(model.lm_head.weight) is nn.Parameter
+    untied = build_model(TINY.replace(tie_embeddings=False), seed=1)
+    untied = quantize_(untied, "int8", embedding=True)
+    assert untied.embed_tokens.qweight.data_ptr() != untied.lm_head.qweight.data_ptr()
+
+
+def test_damaged_shared_table_records_are_clear_errors(tmp_path):
+    directory = save_quantized(quantize_(_tiny(), "int4", group_size=32, embedding=True), tmp_path / "q")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["modules"]["lm_head"]["shares"] = "layers.0.attn.q_proj"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="lm_head: shares 'layers.0.attn.q_proj', which is not a quantized embedding"):
+        load_quantized(directory)
+
+
+@needs_kernels
+def test_gguf_files_keep_their_embedding_quantized_and_shared(tmp_path):
+    from lmstack.checkpoints.gguf import load_gguf
+    from lmstack.checkpoints.gguf_export import save_gguf
+    from lmstack.compress import QuantizedEmbedding
+    from lmstack.compress.gguf_weights import load_gguf_quantized
+
+    model = _tiny().float()
+    model.config = model.config.replace(model_type="llama")
+    path = save_gguf(model, tmp_path / "m.gguf", "Q4_0")
+    kept, plain = load_gguf_quantized(path), load_gguf(path)
+    assert isinstance(kept.embed_tokens, QuantizedEmbedding)
+    assert kept.embed_tokens.qweight.data_ptr() == kept.lm_head.qweight.data_ptr()
+    assert torch.equal(kept.embed_tokens.dequantize(), plain.embed_tokens.weight)
+    ids = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(kept(ids), plain(ids), rtol=1e-5, atol=1e-5)
+    assert type(load_gguf_quantized(path, embedding=False).embed_tokens) is nn.Embedding

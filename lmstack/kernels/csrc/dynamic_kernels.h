@@ -38,7 +38,7 @@ inline int32_t hsum_epi32(__m256i v) {
 
 // x (rows, n) quantized per block of `block` inputs. Codes are stored as int16 (int8 weights are multiplied
 // with vpmaddwd) or int8 reordered per run of 32 as [elements 0, 2, ..., 30 | 1, 3, ..., 31] (matching the
-// nibbles of the int4 layout, see int4_dot_run); `sums` holds scale * sum(codes) per block (the sum of the
+// nibbles of the int4 layout, see int4_run_codes); `sums` holds scale * sum(codes) per block (the sum of the
 // quantized x, which int4's zero points multiply).
 struct QuantizedActivations {
   int64_t rows, n, block, n_blocks;
@@ -125,6 +125,8 @@ struct Int8Products {
 struct Int4Row {
   const uint8_t* p;
   __m256i run(int64_t c) const {
+    // 2 KiB ahead (seven 576-wide rows): at half a byte per weight the stream outruns the hardware
+    // prefetcher on one thread (measured: 108 -> 116 tokens/s decoding SmolLM2 int4 with int8 activations)
     _mm_prefetch(reinterpret_cast<const char*>(p + (c >> 1) + 2048), _MM_HINT_T0);
     return int4_run_codes(p + (c >> 1));
   }

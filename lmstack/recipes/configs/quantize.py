@@ -21,6 +21,8 @@ class QuantizeConfig:
                                               "gptq / awq; one scale per row for int8)")
     activations: Literal["none", "int8"] = field("none", help="int8: the saved model also rounds each layer's "
                                                  "input to int8 (dynamic quantization; int8 / int4 / gptq / awq)")
+    embedding: bool = field(False, help="quantize the token embedding too (int4 for gptq / awq); a tied LM head "
+                                         "then shares its table, as llama.cpp's files do")
     lm_head: bool = field(True, help="quantize the LM head too (a tied head gets its own quantized copy)")
     calibration: list[str] = field(default_factory=lambda: ["shakespeare"], help="gptq / awq: calibration text "
                                    "(files, globs, directories, JSONL, or shakespeare)")
