@@ -22,9 +22,12 @@ def hugepages_available() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE")
 
 
-def hugepage_tensors(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
-    """Uninitialised float32 CPU tensors of ``shapes``, all in one huge-page mapping (kept alive by them)."""
-    spans = [-(-max(1, _numel(s)) * 4 // _ALIGN) * _ALIGN for s in shapes]
+def hugepage_tensors(shapes: list[tuple[int, ...]], dtypes: list[torch.dtype] | None = None) -> list[torch.Tensor]:
+    """Uninitialised CPU tensors of ``shapes`` (float32, or ``dtypes``), all in one huge-page mapping (kept
+    alive by them)."""
+    dtypes = dtypes or [torch.float32] * len(shapes)
+    sizes = [_numel(s) * d.itemsize for s, d in zip(shapes, dtypes)]
+    spans = [-(-max(1, n) // _ALIGN) * _ALIGN for n in sizes]
     # Private anonymous memory: a shared mapping (mmap's default) is shmem, which THP leaves alone.
     # Whole huge pages from the first 2 MiB boundary on: one page of slack for the alignment.
     size = -(-sum(spans) // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE
@@ -35,8 +38,8 @@ def hugepage_tensors(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     offset = -memory.data_ptr() % HUGE_PAGE
     _ARENAS.append((memory.data_ptr(), memory.data_ptr() + memory.numel()))
     tensors = []
-    for shape, span in zip(shapes, spans):
-        tensors.append(memory[offset:offset + _numel(shape) * 4].view(torch.float32).view(shape))
+    for shape, dtype, n, span in zip(shapes, dtypes, sizes, spans):
+        tensors.append(memory[offset:offset + n].view(dtype).view(shape))
         offset += span
     return tensors
 
@@ -53,6 +56,30 @@ def move_to_hugepages_(params: list[torch.nn.Parameter]) -> None:
     for param, view in zip(unique, hugepage_tensors([tuple(p.shape) for p in unique])):
         view.copy_(param.data)
         param.data = view
+
+
+@torch.no_grad()
+def move_buffers_to_hugepages_(module: torch.nn.Module, min_bytes: int = 1 << 16) -> None:
+    """Copy the large CPU buffers of ``module``'s tree (a quantized layer's codes and scales) into one
+    huge-page mapping. A buffer several modules hold (a quantized table shared by the embedding and a tied
+    head) moves once and stays shared. A no-op where the platform has no MADV_HUGEPAGE."""
+    holders: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for owner in module.modules():
+        for name, buffer in owner._buffers.items():
+            if (buffer is None or buffer.device.type != "cpu" or not buffer.is_contiguous() or in_hugepages(buffer)
+                    or buffer.numel() * buffer.element_size() < min_bytes):
+                continue
+            key = buffer.data_ptr()
+            holders.setdefault(key, []).append((owner, name))
+            tensors.setdefault(key, buffer)
+    if not tensors or not hugepages_available():
+        return
+    unique = list(tensors.values())
+    for key, view in zip(tensors, hugepage_tensors([tuple(t.shape) for t in unique], [t.dtype for t in unique])):
+        view.copy_(tensors[key])
+        for owner, name in holders[key]:
+            owner._buffers[name] = view
 
 
 def in_hugepages(tensor: torch.Tensor) -> bool:

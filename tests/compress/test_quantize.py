@@ -587,3 +587,18 @@ def test_gguf_files_keep_their_embedding_quantized_and_shared(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(kept(ids), plain(ids), rtol=1e-5, atol=1e-5)
     assert type(load_gguf_quantized(path, embedding=False).embed_tokens) is nn.Embedding
+
+
+def test_quantized_codes_move_into_huge_pages_and_stay_shared():
+    from lmstack.nn.memory import hugepages_available, in_hugepages, move_buffers_to_hugepages_
+
+    if not hugepages_available():
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    model = quantize_(_tiny(), "int4", group_size=32, embedding=True)
+    ids = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        want = model(ids)
+        move_buffers_to_hugepages_(model, min_bytes=0)  # use_skinny_linears_ does this for buffers >= 64 KiB
+        assert in_hugepages(model.layers[0].mlp.down_proj.qweight) and in_hugepages(model.lm_head.scales)
+        assert model.embed_tokens.qweight.data_ptr() == model.lm_head.qweight.data_ptr()
+        assert torch.equal(model(ids), want)
