@@ -149,7 +149,7 @@ class QuantizedLinear(nn.Module):
         if rows <= kernels.MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
             out = self._skinny(flat.contiguous())
         else:  # prompts: int8 activations are rounded here and multiplied in fp32 (no faster int8 GEMM yet)
-            out = self._tiled(flat if self.activations is None else formats.fake_quantize_activations(flat, self.group_size))
+            out = self._tiled(flat if self.activations is None else self._rounded(flat))
         return out.view(*x.shape[:-1], self.out_features)
 
     def _native(self, x: torch.Tensor) -> bool:
@@ -157,6 +157,12 @@ class QuantizedLinear(nn.Module):
         return (x.device.type == "cpu" and x.dtype is torch.float32 and x.numel() > 0
                 and self.qweight.device.type == "cpu" and kernels.quant_kernels() is not None
                 and all(t.dtype is torch.float32 for t in self._buffers.values() if t.is_floating_point()))
+
+    def _rounded(self, x: torch.Tensor) -> torch.Tensor:
+        """A(x) for a prompt's rows: compiled, or the reference where autograd needs to see it."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return formats.fake_quantize_activations(x, self.group_size)
+        return kernels.fake_quantize_activations(x.contiguous(), self.group_size)
 
     def _skinny(self, x: torch.Tensor) -> torch.Tensor:
         bias, dynamic = None if self.bias is None else self.bias.detach(), self.activations == "int8"

@@ -28,6 +28,7 @@ _SIGNATURES = {
     "lmstack_int8_dynamic_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_int4_dynamic_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_nf4_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _F, _P, _P, _I64, _I64, _I64, _INT]),
+    "lmstack_fake_quantize_activations": (None, [_P, _P, _I64, _I64, _I64, _INT]),
     "lmstack_int8_dequant": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_int4_dequant": (None, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_nf4_dequant": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _INT]),
@@ -81,6 +82,15 @@ def nf4_matmul(x, qweight, levels, absmax_codes, absmax_code, absmax_scales, off
                                               _ptr(absmax_code), _ptr(absmax_scales), offset, _ptr(bias), _ptr(y),
                                               x.shape[0], qweight.shape[0], x.shape[1], torch.get_num_threads())
     assert code == 0, "nf4_matmul: unsupported shape"
+    return y
+
+
+def fake_quantize_activations(x, block: int | None) -> torch.Tensor:
+    """x (rows, n) contiguous fp32, n a multiple of 32 -> each value as its int8 code times the code's scale
+    (``formats.fake_quantize_activations``: per row with block None, else per block)."""
+    y = torch.empty_like(x)
+    quant_kernels().lmstack_fake_quantize_activations(_ptr(x), _ptr(y), x.shape[0], x.shape[1], block or 0,
+                                                      torch.get_num_threads())
     return y
 
 

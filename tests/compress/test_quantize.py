@@ -602,3 +602,13 @@ def test_quantized_codes_move_into_huge_pages_and_stay_shared():
         assert in_hugepages(model.layers[0].mlp.down_proj.qweight) and in_hugepages(model.lm_head.scales)
         assert model.embed_tokens.qweight.data_ptr() == model.lm_head.qweight.data_ptr()
         assert torch.equal(model(ids), want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("block", [None, 32, 128])
+def test_compiled_activation_rounding_equals_the_reference_bit_for_bit(block):
+    from lmstack.kernels import quant_matmul as kernels
+
+    x = torch.randn(40, 576) * torch.linspace(0.1, 8.0, 576)
+    x[3, 7] = -50.0  # a negative absmax: -127.5 exactly, which rounds (half to even) to -128
+    assert torch.equal(kernels.fake_quantize_activations(x, block), formats.fake_quantize_activations(x, block))

@@ -36,6 +36,39 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)));
 }
 
+// The scale of one block of activations (n a multiple of 8): max(amax / levels, eps).
+inline float block_scale(const float* x, int64_t n, float levels) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 top = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return std::max(_mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))) / levels, FLT_EPSILON);
+}
+
+// The int8 codes of 8 activations, as floats: round half to even (as torch.round) of x * (1 / scale),
+// clamped to [-128, 127].
+inline __m256 block_codes(const float* x, __m256 inv) {
+  const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-128.0f), v));
+}
+
+// x (rows, n) -> y (rows, n): every value replaced by the one its int8 code stands for (code * scale; block 0:
+// per row with L = 127.5, else per block of `block` with L = 127), for prompts, which multiply these in
+// fp32 over dequantised tiles. Equal to formats.fake_quantize_activations bit for bit.
+inline void fake_quantize_activations(const float* x, float* y, int64_t rows, int64_t n, int64_t block, int threads) {
+  const float levels = block ? 127.0f : 127.5f;
+  const int64_t size = block ? block : n, n_blocks = (n + size - 1) / size;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < rows * n_blocks; ++i) {
+    const int64_t r = i / n_blocks, lo = (i % n_blocks) * size, hi = std::min(lo + size, n);
+    const float* xr = x + r * n;
+    const float scale = block_scale(xr + lo, hi - lo, levels);
+    const __m256 inv = _mm256_set1_ps(1.0f / scale), s = _mm256_set1_ps(scale);
+    for (int64_t k = lo; k < hi; k += 8) _mm256_storeu_ps(y + r * n + k, _mm256_mul_ps(block_codes(xr + k, inv), s));
+  }
+}
+
 // x (rows, n) quantized per block of `block` inputs. Codes are stored as int16 (int8 weights are multiplied
 // with vpmaddwd) or int8 reordered per run of 32 as [elements 0, 2, ..., 30 | 1, 3, ..., 31] (matching the
 // nibbles of the int4 layout, see int4_run_codes); `sums` holds scale * sum(codes) per block (the sum of the
@@ -56,19 +89,11 @@ struct QuantizedActivations {
       for (int64_t b = 0; b < n_blocks; ++b) {
         const int64_t lo = b * block, hi = std::min(lo + block, n);  // multiples of 8 (of 32, in fact)
         const float* xr = x + r * n;
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        __m256 top = _mm256_setzero_ps();
-        for (int64_t i = lo; i < hi; i += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + i)));
-        __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-        const float scale = std::max(amax / levels, FLT_EPSILON), inv = 1.0f / scale;
+        const float scale = block_scale(xr + lo, hi - lo, levels);
+        const __m256 inv = _mm256_set1_ps(1.0f / scale);
         __m256i total = _mm256_setzero_si256();
         for (int64_t i = lo; i < hi; i += 8) {
-          // round half to even (as torch.round), clamp to [-128, 127], narrow to int16
-          const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), _mm256_set1_ps(inv)),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-128.0f), v)));
+          const __m256i q = _mm256_cvtps_epi32(block_codes(xr + i, inv));  // narrowed to int16 below
           total = _mm256_add_epi32(total, q);
           _mm_storeu_si128(reinterpret_cast<__m128i*>(codes.data() + r * n + i),
                            _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));

@@ -42,6 +42,13 @@ int lmstack_int4_dynamic_matmul(const float* x, const uint8_t* q, const float* s
   return lmstack::quant::int4_dynamic_matmul(x, q, scales, zeros, mins, bias, y, rows, n_out, n_in, group, threads);
 }
 
+// x (rows, n_in) -> y: each value as its int8 code times the code's scale (n_in a multiple of 32; block 0:
+// per row, else per block of `block` inputs).
+void lmstack_fake_quantize_activations(const float* x, float* y, int64_t rows, int64_t n_in, int64_t block,
+                                       int threads) {
+  lmstack::quant::fake_quantize_activations(x, y, rows, n_in, block, threads);
+}
+
 // Row-range dequantisation to fp32 (out: (stop - start, n_in)), for the tiled prompt-processing path.
 void lmstack_int8_dequant(const int8_t* q, const float* scales, float* out, int64_t start, int64_t stop, int64_t n_in,
                           int64_t group, int threads) {
