@@ -208,8 +208,7 @@ def test_a_width_no_scheme_can_store_names_the_layer():
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "awq", "gguf-q8_0", "gguf-q4_1"])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_fused_step_over_quantized_weights_equals_the_dequantised_model(scheme, rows, tmp_path):
-    from lmstack.kernels.fused_step import FusedDecodeStep, fused_step_blocker
-    from lmstack.nn.kv_cache import StaticKVCache
+    from lmstack.kernels.fused_step import fused_step_blocker
 
     if scheme.startswith("gguf"):  # GGUF blocks loaded as they are: grouped int8, int4 with float mins
         from lmstack.checkpoints.gguf_export import save_gguf
@@ -223,6 +222,15 @@ def test_fused_step_over_quantized_weights_equals_the_dequantised_model(scheme, 
     quantized = use_skinny_linears_(quantized, hugepages=False)
     reference = dequantize_model(copy.deepcopy(quantized))  # plain fp32 linears holding the dequantised weights
     assert fused_step_blocker(quantized, rows) is None
+    _compare_fused_steps(quantized, reference, rows, atol=1e-4)
+
+
+def _compare_fused_steps(quantized, reference, rows: int, atol: float) -> None:
+    """Six decoding steps of the fused step over ``quantized`` against ``reference`` run eagerly, after the
+    same 6-token prompt."""
+    from lmstack.kernels.fused_step import FusedDecodeStep
+    from lmstack.nn.kv_cache import StaticKVCache
+
     ids = torch.randint(0, 96, (rows, 12), generator=torch.Generator().manual_seed(rows))
     caches = [StaticKVCache.for_model(reference, rows, 12) for _ in range(2)]
     step = FusedDecodeStep(quantized)
@@ -233,7 +241,7 @@ def test_fused_step_over_quantized_weights_equals_the_dequantised_model(scheme, 
             positions = torch.full((rows, 1), t)
             want = reference(ids[:, t:t + 1], position_ids=positions, kv_cache=caches[0])[:, -1]
             got = step(ids[:, t], positions, caches[1], None)
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
 
 
 # --- calibrated methods --------------------------------------------------------------------------------------
@@ -443,28 +451,16 @@ def _forced_reference(model: nn.Module) -> nn.Module:
 def test_fused_step_with_int8_activations_equals_the_reference_model(scheme, group, rows):
     from lmstack.kernels.fused_step import FusedDecodeStep, fused_step_blocker
     from lmstack.kernels.skinny_linear import INT4_DYNAMIC, INT8_DYNAMIC
-    from lmstack.nn.kv_cache import StaticKVCache
 
     quantized = use_skinny_linears_(quantize_(_tiny(), scheme, group_size=group, activations="int8"), hugepages=False)
     reference = _forced_reference(quantized)
     assert fused_step_blocker(quantized, rows) is None
-    ids = torch.randint(0, 96, (rows, 12), generator=torch.Generator().manual_seed(rows))
-    caches = [StaticKVCache.for_model(reference, rows, 12) for _ in range(2)]
-    step = FusedDecodeStep(quantized)
-    assert set(step.formats[0::2]) == {INT8_DYNAMIC if scheme == "int8" else INT4_DYNAMIC}
+    assert set(FusedDecodeStep(quantized).formats[0::2]) == {INT8_DYNAMIC if scheme == "int8" else INT4_DYNAMIC}
     # Per token, torchao's rule puts a token's largest negative element on the rounding boundary -127.5, where
     # the last bit of x (torch's norms against the fused step's) picks -127 or -128: one code step, which
     # moves these logits (std 1) by up to ~1e-1 in this 64-wide model. Per group (llama.cpp's rule) no element
     # sits on a boundary, and the step must match to float accuracy.
-    atol = 2e-1 if group is None else 1e-4
-    with torch.inference_mode():
-        for model, cache in zip((reference, quantized), caches):
-            model(ids[:, :6], kv_cache=cache)
-        for t in range(6, 12):
-            positions = torch.full((rows, 1), t)
-            want = reference(ids[:, t:t + 1], position_ids=positions, kv_cache=caches[0])[:, -1]
-            got = step(ids[:, t], positions, caches[1], None)
-            torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
+    _compare_fused_steps(quantized, reference, rows, atol=2e-1 if group is None else 1e-4)
 
 
 def test_int8_activations_are_saved_and_loaded(tmp_path):

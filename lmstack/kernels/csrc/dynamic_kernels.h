@@ -246,14 +246,15 @@ void dynamic_rows(const QuantizedActivations& xq, const Activations* xs, const f
   }
 }
 
-// Dispatch on rows of x (1..8) and runs of 32 per block (1, 2, 4 or 8).
-#define LMSTACK_DISPATCH_RUNS(block, CALL_ROWS) \
-  switch (block) {                                \
-    case 32: CALL_ROWS(1); break;                 \
-    case 64: CALL_ROWS(2); break;                 \
-    case 128: CALL_ROWS(4); break;                \
-    case 256: CALL_ROWS(8); break;                \
-    default: return 1;                            \
+// Dispatch on runs of 32 per block (block 32, 64, 128 or 256: RUNS = 1, 2, 4 or 8, a constexpr that CALL(B)
+// sees) and on rows of x (B = 1..8).
+#define LMSTACK_DISPATCH_RUNS_AND_ROWS(block, rows, CALL)                          \
+  switch (block) {                                                                \
+    case 32: { constexpr int RUNS = 1; LMSTACK_DISPATCH_ROWS(rows, CALL) } break;  \
+    case 64: { constexpr int RUNS = 2; LMSTACK_DISPATCH_ROWS(rows, CALL) } break;  \
+    case 128: { constexpr int RUNS = 4; LMSTACK_DISPATCH_ROWS(rows, CALL) } break; \
+    case 256: { constexpr int RUNS = 8; LMSTACK_DISPATCH_ROWS(rows, CALL) } break; \
+    default: return 1;                                                            \
   }
 
 // Per-row int8 weights with per-token activations: one integer dot per row (at most 2^31 / 128^2 = 131072
@@ -300,13 +301,7 @@ inline int int8_dynamic_matmul(const float* x, const int8_t* q, const float* sca
   auto row_of = [=](int64_t j) { return Int8Row{q + j * n_in}; };
   auto w_scale = [=](int64_t j, int64_t g) { return scales[j * n_groups + g]; };
 #define CALL(B) dynamic_rows<B, RUNS, Int8Products>(xq, xq.q16.data(), bias, y, n_out, threads, row_of, w_scale, nullptr, e)
-#define CALL_ROWS(R)                      \
-  {                                       \
-    constexpr int RUNS = R;               \
-    LMSTACK_DISPATCH_ROWS(rows, CALL)     \
-  }
-  LMSTACK_DISPATCH_RUNS(group, CALL_ROWS)
-#undef CALL_ROWS
+  LMSTACK_DISPATCH_RUNS_AND_ROWS(group, rows, CALL)
 #undef CALL
   return 0;
 }
@@ -328,13 +323,7 @@ inline int int4_dynamic_matmul(const float* x, const uint8_t* q, const float* sc
     return mins ? mins[i] : -static_cast<float>(8 + zeros[i]) * scales[i];
   };
 #define CALL(B) dynamic_rows<B, RUNS, Int4Products>(xq, xq.q8.data(), bias, y, n_out, threads, row_of, w_scale, offset, e)
-#define CALL_ROWS(R)                      \
-  {                                       \
-    constexpr int RUNS = R;               \
-    LMSTACK_DISPATCH_ROWS(rows, CALL)     \
-  }
-  LMSTACK_DISPATCH_RUNS(group, CALL_ROWS)
-#undef CALL_ROWS
+  LMSTACK_DISPATCH_RUNS_AND_ROWS(group, rows, CALL)
 #undef CALL
   return 0;
 }
