@@ -5,7 +5,8 @@
 ``input_scale`` (in,) exists only for AWQ-chosen weights (its per-channel scaling divided back out). A is
 the identity (weight-only quantization), or with ``activations="int8"`` (dynamic quantization; int8 and
 int4 weights) the rounding of x to int8 per token or per weight group (``formats.quantize_activations``):
-then the decoding kernels multiply integers (``csrc/dynamic_kernels.h``), about twice as fast at batch 1.
+then the decoding kernels multiply integers (``csrc/dynamic_kernels.h``): 1.2x (int8) to 1.6x (int4) faster
+at batch 1 (README table).
 
 The fast paths compute the same thing without materialising the whole fp32 weight:
 - 1 to 8 rows (a decoding step): the C++ kernels (``lmstack.kernels.quant_matmul``) unpack codes in
