@@ -58,7 +58,8 @@ def load_gguf_quantized(path: "str | os.PathLike | GGUFFile", activations: str |
                         embedding: bool = True) -> nn.Module:
     """The model in a GGUF file with its Q8_0 / Q4_0 / Q4_1 linears kept quantized (CPU, eval mode).
     ``activations="int8"``: the kept layers round their inputs to int8 per block of 32 (dynamic quantization,
-    as llama.cpp computes these types).
+    as llama.cpp computes these types). ``embedding``: keep a Q8_0 / Q4_0 / Q4_1 token embedding quantized
+    (a tied output shares it); False dequantises it to fp32.
 
     Raises:
         CheckpointError, ConfigError: as ``lmstack.checkpoints.gguf.load_gguf``.

@@ -102,3 +102,17 @@ def test_int8_activations_with_a_scheme_that_cannot_take_them_are_refused(model_
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_quantize_with_the_embedding_from_the_command_line(model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), str(out), "--scheme", "int4", "--group-size", "32", "--embedding"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "embedding       int4 group 32, shared with the LM head" in capsys.readouterr().out
+    model = load_quantized(out)
+    assert model.embed_tokens.qweight.data_ptr() == model.lm_head.qweight.data_ptr()
+    assert main(["generate", "--model", str(out), "--prompt-ids", "5 17 42 9", "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    want = generate(model, torch.tensor([[5, 17, 42, 9]]), GenerationConfig(max_new_tokens=6, eos_token_id=[]))
+    assert printed == load_tokenizer(out).decode(want[0, 4:].tolist(), skip_special_tokens=True) + "\n"
