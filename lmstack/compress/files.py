@@ -51,7 +51,7 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (quantized by ``quantize_``) to directory ``path``; weights first, config.json last,
     each file atomically, so an interrupted save never leaves a loadable half."""
-    modules = _module_records(model)
+    modules = module_records(model)
     if not modules:
         raise ConfigError("the model holds no quantized layer: use save_hf for a plain model")
     record = getattr(model, "quantization", {})
@@ -70,7 +70,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     return directory
 
 
-def _module_records(model: nn.Module) -> dict[str, dict]:
+def module_records(model: nn.Module) -> dict[str, dict]:
     """quantization_config.modules: each quantized module's scheme, group size and options."""
     tables = {m.qweight.data_ptr(): name for name, m in model.named_modules() if isinstance(m, QuantizedEmbedding)}
     records = {}
@@ -212,7 +212,7 @@ def load_any_model(path: str | os.PathLike, **options) -> nn.Module:
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every QuantizedLinear by an nn.Linear holding its dequantised weight, and a QuantizedEmbedding
     by an nn.Embedding (in place). A head that shared the embedding's table is tied to it again."""
-    shared = {name for name, entry in _module_records(model).items() if "shares" in entry}
+    shared = {name for name, entry in module_records(model).items() if "shares" in entry}
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
             replacement = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)

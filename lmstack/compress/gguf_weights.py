@@ -81,13 +81,12 @@ def load_gguf_quantized(path: "str | os.PathLike | GGUFFile", activations: str |
                 and ours != "embed_tokens.weight":
             kept[ours.removesuffix(".weight")] = _layer(model, ours, tensor, targets[0][1], activations)
     table = file.tensors["token_embd.weight"]
-    if embedding and table.kind in KEPT:
+    if table.kind in KEPT and (embedding or tied_head):  # the embedding's codes, as a (vocab, dim) linear
         head = _layer(model, "lm_head.weight", table, lambda t: t, activations)
-        kept["embed_tokens"] = QuantizedEmbedding.from_table(head)
+        if embedding:
+            kept["embed_tokens"] = QuantizedEmbedding.from_table(head)
         if tied_head:
             kept["lm_head"] = head
-    elif tied_head and table.kind in KEPT:
-        kept["lm_head"] = _layer(model, "lm_head.weight", table, lambda t: t, activations)
     rest = GGUFFile(file.path, file.metadata, {n: t for n, t in file.tensors.items()
                                                if plan[n][0][0].removesuffix(".weight") not in kept})
     state = gguf_state_dict(rest, config)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from lmstack.checkpoints import inspect_hf, is_gguf, non_finite_tensors
 from lmstack.compress import QuantizedEmbedding, QuantizedLinear, quantized_bytes
-from lmstack.compress.files import is_quantized_checkpoint, load_quantized
+from lmstack.compress.files import is_quantized_checkpoint, load_quantized, module_records
 from lmstack.models.registry import family_for_config
 from lmstack.models import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from lmstack.models.summary import format_parameter_table
@@ -64,15 +64,15 @@ def _describe_quantized(path: Path) -> str:
     layers = Counter(f"{m.scheme}" + (f" group {m.group_size}" if m.group_size else "")
                      + (f" ({m.activations} activations)" if m.activations else "")
                      for m in model.modules() if isinstance(m, QuantizedLinear))
-    tables = {m.qweight.data_ptr(): m for m in model.modules() if isinstance(m, QuantizedEmbedding)}
-    held = sum(m.in_features * m.out_features for m in model.modules()  # a head sharing the table: once
-               if isinstance(m, QuantizedLinear) and m.qweight.data_ptr() not in tables)
-    held += sum(m.num_embeddings * m.embedding_dim for m in tables.values())
+    records = module_records(model)
+    held = sum(m.in_features * m.out_features for name, m in model.named_modules()  # a shared table: once
+               if isinstance(m, QuantizedLinear) and "shares" not in records[name])
+    held += sum(m.num_embeddings * m.embedding_dim for m in model.modules() if isinstance(m, QuantizedEmbedding))
     embedding = "fp32"
-    if tables:
-        table = next(iter(tables.values()))
-        embedding = f"{table.scheme}" + (f" group {table.group_size}" if table.group_size else "")
-        if isinstance(model.lm_head, QuantizedLinear) and model.lm_head.qweight.data_ptr() in tables:
+    if "embed_tokens" in records:
+        table = records["embed_tokens"]
+        embedding = table["scheme"] + (f" group {table['group_size']}" if table["group_size"] else "")
+        if records.get("lm_head", {}).get("shares") == "embed_tokens":
             embedding += ", shared with the LM head"
     lines = [f"checkpoint      {path} (lmstack-quantized, {model.quantization['scheme']})",
              f"family          {family_for_config(model.config).model_type}",

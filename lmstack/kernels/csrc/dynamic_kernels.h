@@ -36,6 +36,9 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)));
 }
 
+// L of the rule above: 127.5 per token (block 0), 127 per group.
+inline float activation_levels(int64_t block) { return block ? 127.0f : 127.5f; }
+
 // The scale of one block of activations (n a multiple of 8): max(amax / levels, eps).
 inline float block_scale(const float* x, int64_t n, float levels) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -57,7 +60,7 @@ inline __m256 block_codes(const float* x, __m256 inv) {
 // per row with L = 127.5, else per block of `block` with L = 127), for prompts, which multiply these in
 // fp32 over dequantised tiles. Equal to formats.fake_quantize_activations bit for bit.
 inline void fake_quantize_activations(const float* x, float* y, int64_t rows, int64_t n, int64_t block, int threads) {
-  const float levels = block ? 127.0f : 127.5f;
+  const float levels = activation_levels(block);
   const int64_t size = block ? block : n, n_blocks = (n + size - 1) / size;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < rows * n_blocks; ++i) {
@@ -82,7 +85,7 @@ struct QuantizedActivations {
   // block_ == 0: per token (L = 127.5), else per group of block_ (L = 127).
   QuantizedActivations(const float* x, int64_t rows_, int64_t n_, int64_t block_, bool for_int4)
       : rows(rows_), n(n_), block(block_ ? block_ : n_), n_blocks((n_ + block - 1) / block) {
-    const float levels = block_ ? 127.0f : 127.5f;
+    const float levels = activation_levels(block_);
     std::vector<int16_t> codes(rows * n);
     scales.resize(rows * n_blocks), sums.resize(rows * n_blocks);
     for (int64_t r = 0; r < rows; ++r)
