@@ -20,6 +20,7 @@ ALLOWED = {
     "recipes": {"nn", "models", "checkpoints", "generate", "config", "tokenizers", "data", "train", "rag", "eval",
                 "kernels", "fileio", "compress"},
     "compress": {"nn", "models", "kernels", "checkpoints", "fileio"},
+    "peft": {"nn", "models", "checkpoints", "fileio"},
     "rag": {"models", "nn", "checkpoints", "tokenizers"},
     "eval": set(),
     "data": {"tokenizers", "fileio"},

@@ -14,6 +14,7 @@ from torch import nn
 
 from lmstack.checkpoints.hf import inspect_hf, is_finite, load_hf, resolve_dtype, save_hf
 from lmstack.checkpoints.io import index_checkpoint, load_tensors
+from lmstack.nn.transforms import Transform, apply_transforms
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -26,8 +27,9 @@ def is_gguf(path: str | os.PathLike) -> bool:
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype = "auto") -> nn.Module:
-    """The model in ``path``: a Hugging Face-format directory or a ``.gguf`` file, in eval mode.
+               dtype: str | torch.dtype = "auto", transforms: list[Transform] = ()) -> nn.Module:
+    """The model in ``path``: a Hugging Face-format directory or a ``.gguf`` file, in eval mode, with
+    ``transforms`` applied (see ``load_hf``; a GGUF file is dequantised first, then transformed).
 
     Raises:
         CheckpointError, ConfigError: see ``load_hf`` and ``load_gguf``.
@@ -35,8 +37,9 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     if is_gguf(path):
         from lmstack.checkpoints.gguf import load_gguf  # imports the gguf package only when needed
 
-        return load_gguf(path, device=device, dtype=dtype)
-    return load_hf(path, device=device, dtype=dtype)
+        model = load_gguf(path, device=device, dtype=dtype)
+        return apply_transforms(model, transforms).eval()
+    return load_hf(path, device=device, dtype=dtype, transforms=transforms)
 
 
 def non_finite_tensors(path: str | os.PathLike) -> list[str]:

@@ -21,6 +21,8 @@ from lmstack.checkpoints.io import (INDEX_FILE, SINGLE_FILE, TensorInfo, index_c
 from lmstack.errors import CheckpointError, ConfigError
 from lmstack.models import hf_configs
 from lmstack.models.registry import Family, TensorRule, family_for_config, family_for_hf_config
+from lmstack.nn.transforms import (Transform, added_tensor_names, apply_transforms, base_state_dict, initialize_added_,
+                                   split_transforms)
 
 log = logging.getLogger("lmstack")
 CONFIG_FILE = "config.json"
@@ -85,13 +87,18 @@ def inspect_hf(path: str | os.PathLike) -> CheckpointPlan:
 
 
 def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-            dtype: str | torch.dtype = "auto") -> nn.Module:
+            dtype: str | torch.dtype = "auto", transforms: list[Transform] = ()) -> nn.Module:
     """Load a Hugging Face-format checkpoint directory into an lmstack model, in eval mode.
 
     Args:
         path: directory with config.json and model.safetensors (or model.safetensors.index.json + shards).
         device: where the weights go.
         dtype: "auto" (float32 on CPU, the stored dtype elsewhere), "stored", or a dtype or its name.
+        transforms: callables ``t(model)`` (``partial(apply_lora, rank=8)``, ...) applied in order. Those
+            that can run on the meta device do, before any weight is read (see ``lmstack.nn.transforms``):
+            only the base model's tensors are planned and loaded, then each transform's added tensors get
+            their starting values. A transform with ``needs_weights`` (quantization), and every one after
+            it, runs on the loaded model.
     Returns:
         The model: a Decoder, Encoder or EncoderDecoder as config.json's ``model_type`` says, with
         ``model.config`` its config; a decoder's ``model(input_ids)`` gives (B, T, vocab) logits.
@@ -115,13 +122,25 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
             rule, ours = checkpoint.plan[stored_to_hf[stored_name]]
             for name, value in zip(ours, rule.to_ours(tensor)):
                 state[name] = value.to(device=device, dtype=target)
-    model = checkpoint.model
+    on_meta, on_weights = split_transforms(transforms)
+    model = apply_transforms(checkpoint.model, on_meta)
     report_non_finite(state, checkpoint.directory)
     for alias, source in tied_aliases(model).items():
         state[alias] = state[source]
-    model.load_state_dict(state, strict=True, assign=True)
+    load_base_state(model, state)
     model.tie_weights()  # assign=True replaced the shared Parameter objects: share them again
-    return model.eval()
+    initialize_added_(model)
+    return apply_transforms(model, on_weights).eval()
+
+
+def load_base_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict(state, assign=True)`` that expects every tensor but the ones transforms added."""
+    added = added_tensor_names(model)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = sorted(set(result.missing_keys) - added)
+    if missing or result.unexpected_keys:  # the plan was made from this model: a transform renamed base tensors
+        raise CheckpointError(f"transformed model does not hold the base tensors it planned: missing {_few(missing)}, "
+                              f"unexpected {_few(result.unexpected_keys)}")
 
 
 def _check_layer_count(config_path: Path, config, tensors: dict[str, TensorInfo]) -> None:
@@ -256,7 +275,7 @@ def _few(names: list[str], n: int = 6) -> str:
 
 
 def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-            dtype: str | torch.dtype | None = None) -> Path:
+            dtype: str | torch.dtype | None = None, dequantize: bool = False) -> Path:
     """Save ``model`` as a Hugging Face-format directory that ``transformers`` loads with the same logits.
 
     Writes config.json and model.safetensors, or numbered shards plus model.safetensors.index.json when
@@ -265,14 +284,19 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | 
     Other files in the directory (a tokenizer, say) are left alone.
 
     Args:
-        model: an lmstack model with ``.config``.
+        model: an lmstack model with ``.config``; transforms that can be merged (LoRA, DoRA, IA3) are
+            written merged (the model itself is left as it is).
         path: output directory (created if needed).
         max_shard_size: e.g. "5GB", "200MB" or bytes.
         dtype: cast floating weights to this dtype; None keeps the model's.
+        dequantize: write quantized layers (a QLoRA base, say) as their dequantised fp32 weights instead of
+            refusing them.
     Returns:
         The directory.
     Raises:
         ConfigError: the config cannot be expressed exactly in its family's config.json.
+        TransformError: a transform that cannot be merged into plain weights (quantization, prefix tuning,
+            ...), named; nothing is written then.
     """
     config = model.config
     family = family_for_config(config)
@@ -280,9 +304,10 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | 
     if reason is not None:
         raise ConfigError(f"cannot save as a {family.model_type} checkpoint: {reason}")
     target = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"), torch.float32)
-    state = model.state_dict()
+    state = base_state_dict(model, dequantize=dequantize)  # LoRA / DoRA / IA3 merged in; a transform that cannot merge refuses here
+    aliases = tied_aliases(model)
     tensors = {}
-    for hf_name, (rule, ours) in family.hf_plan(our_tensor_names(model)).items():
+    for hf_name, (rule, ours) in family.hf_plan([n for n in state if n not in aliases]).items():
         tensor = rule.to_hf(tuple(state[name].detach().cpu() for name in ours))
         if rule.save_only:
             tensor = tensor.clone()  # safetensors refuses two names for one storage

@@ -1,9 +1,12 @@
-"""Training checkpoints: a Hugging Face-format model directory plus the state that resumes the run exactly.
+"""Training checkpoints: the trained weights plus the state that resumes the run exactly.
 
     RUN/checkpoints/step-0000200/
-        config.json, model.safetensors     the weights (``load_hf`` / ``lmstack generate`` read this directly)
+        config.json, model.safetensors     a plain model's weights (``load_hf`` / ``lmstack generate`` read them)
+        trainable.safetensors              or, for a transformed model (LoRA, QLoRA, IA3, ...): only the
+                                           parameters that train, by state-dict name (an adapter of a few MB,
+                                           not the whole base); resumed into the live transformed model
         train_state.pt                     optimizer, scheduler, RNG states, data position, step
-        (plus whatever ``extra_files`` adds: the tokenizer, the resolved run config)
+        (plus whatever ``extra_files`` adds: the tokenizer, the resolved run config, a peft adapter)
 
 A checkpoint is written in full to a hidden temporary directory and renamed into place, so a run
 killed at any moment leaves either the new checkpoint or none — never a damaged one — and older
@@ -21,9 +24,12 @@ import torch
 from torch import nn
 
 from lmstack.checkpoints.hf import load_hf, save_hf
+from lmstack.checkpoints.io import load_tensors, read_safetensors_header, write_safetensors
 from lmstack.errors import CheckpointError, ConfigError
+from lmstack.nn.transforms import transformed_modules
 
 STATE_FILE = "train_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -46,7 +52,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dic
     """Write checkpoint ``step`` atomically and keep only the newest ``keep`` checkpoints.
 
     Args:
-        model: an lmstack model (saved with ``save_hf``).
+        model: an lmstack model: saved with ``save_hf`` if plain, as its trainable parameters if transformed
+            (``trainable_state``).
         train_state: tensors and plain values (optimizer/scheduler state dicts, RNG states, ...).
         extra_files: called with the temporary directory to add files (tokenizer, config) before the rename.
     Returns:
@@ -57,7 +64,11 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dic
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_hf(model, tmp)
+        if transformed_modules(model):
+            tmp.mkdir(parents=True)
+            write_safetensors(tmp / TRAINABLE_FILE, trainable_state(model), metadata={"format": "pt"})
+        else:
+            save_hf(model, tmp)
         torch.save(train_state, tmp / STATE_FILE)
         if extra_files is not None:
             extra_files(tmp)
@@ -74,6 +85,16 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dic
     for stale in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State-dict name -> tensor for every parameter that trains (requires_grad), tied ones once."""
+    seen, state = set(), {}
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            state[name] = param.detach()
+    return state
 
 
 def _fsync_dir_files(directory: Path) -> None:
@@ -94,7 +115,10 @@ def load_checkpoint(checkpoint: Path, model: nn.Module) -> dict:
     checkpoint = Path(checkpoint)
     hint = (f"; delete {checkpoint} to resume from the checkpoint before it, or start a new run without --resume")
     try:
-        saved = load_hf(checkpoint)
+        if (checkpoint / TRAINABLE_FILE).is_file():
+            _load_trainable(checkpoint / TRAINABLE_FILE, model, hint)
+        else:
+            _load_plain(checkpoint, model, hint)
         state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint {checkpoint} is incomplete ({error}){hint}") from None
@@ -104,6 +128,11 @@ def load_checkpoint(checkpoint: Path, model: nn.Module) -> dict:
         raise CheckpointError(f"checkpoint {checkpoint}: {STATE_FILE} is corrupted ({error}){hint}") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"checkpoint {checkpoint}: {STATE_FILE} holds no training state{hint}")
+    return state
+
+
+def _load_plain(checkpoint: Path, model: nn.Module, hint: str) -> None:
+    saved = load_hf(checkpoint)
     ours, theirs = model.state_dict(), saved.state_dict()
     if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
         raise CheckpointError(f"checkpoint {checkpoint} holds a different model architecture than the run's "
@@ -111,4 +140,16 @@ def load_checkpoint(checkpoint: Path, model: nn.Module) -> dict:
     with torch.no_grad():
         for name, tensor in ours.items():
             tensor.copy_(theirs[name])
-    return state
+
+
+def _load_trainable(path: Path, model: nn.Module, hint: str) -> None:
+    """Copy a transformed model's trained parameters back: the same names and shapes as the live model's."""
+    ours = trainable_state(model)
+    stored = read_safetensors_header(path)
+    if set(stored) != set(ours) or any(tuple(stored[n].shape) != tuple(ours[n].shape) for n in ours):
+        differ = sorted(set(stored) ^ set(ours))[:4]
+        raise CheckpointError(f"{path} holds other trainable parameters than this run's model ({differ or 'shapes'}: "
+                              f"another adapter, rank or target?){hint}")
+    with torch.no_grad():
+        for name, tensor in load_tensors(path, list(stored)):
+            ours[name].copy_(tensor)

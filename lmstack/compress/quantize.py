@@ -102,6 +102,9 @@ def quantize_(model: nn.Module, scheme: str = "int8", *, group_size: int | None 
     return model
 
 
+quantize_.needs_weights = True  # as a load transform (lmstack.nn.transforms): it rounds the loaded weights
+
+
 def _tied(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "tie_embeddings", False))
 

@@ -18,7 +18,21 @@ from lmstack.compress.quantized_linear import QuantizedLinear, check_shape
 
 
 class QuantizedEmbedding(nn.Module):
-    """Holds ``scheme``'s tensors for a (num_embeddings, embedding_dim) table as buffers."""
+    """Holds ``scheme``'s tensors for a (num_embeddings, embedding_dim) table as buffers (a transform that
+    ``save_hf`` refuses, as ``QuantizedLinear``)."""
+
+    save_hint = QuantizedLinear.save_hint
+
+    @property
+    def transform_name(self) -> str:
+        return f"{self.scheme} quantization"
+
+    def added_tensors(self) -> list[str]:
+        return list(self.tensors())
+
+    def dequantized_state(self) -> dict[str, torch.Tensor]:
+        """The nn.Embedding state the codes stand for (``save_hf(..., dequantize=True)``)."""
+        return {"weight": self.dequantize()}
 
     def __init__(self, num_embeddings: int, embedding_dim: int, scheme: str, tensors: dict[str, torch.Tensor],
                  group_size: int | None = None) -> None:

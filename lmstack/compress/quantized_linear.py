@@ -57,7 +57,25 @@ def check_activations(scheme: str, activations: str | None) -> None:
 
 
 class QuantizedLinear(nn.Module):
-    """Holds ``scheme``'s tensors (see ``lmstack.compress.formats``) as buffers and the bias as a Parameter."""
+    """Holds ``scheme``'s tensors (see ``lmstack.compress.formats``) as buffers and the bias as a Parameter.
+
+    A transform in the sense of ``lmstack.nn.transforms``: its codes are tensors a Hugging Face file has no
+    place for, and it offers no merge, so ``save_hf`` refuses it (``save_hint`` says what to do instead).
+    """
+
+    save_hint = ("save it with lmstack.compress.files.save_quantized (lmstack quantize), or write a plain fp32 "
+                 "checkpoint with save_hf(model, path, dequantize=True)")
+
+    @property
+    def transform_name(self) -> str:
+        return f"{self.scheme} quantization"
+
+    def added_tensors(self) -> list[str]:
+        return list(self.tensors())
+
+    def dequantized_state(self) -> dict[str, torch.Tensor]:
+        """The nn.Linear state the codes stand for (``save_hf(..., dequantize=True)``)."""
+        return {"weight": self.dequantize()} | ({} if self.bias is None else {"bias": self.bias.detach()})
 
     def __init__(self, in_features: int, out_features: int, scheme: str, tensors: dict[str, torch.Tensor],
                  bias: torch.Tensor | None = None, group_size: int | None = None, activations: str | None = None) -> None:
@@ -147,8 +165,11 @@ class QuantizedLinear(nn.Module):
         flat = x.reshape(rows, self.in_features)
         if "input_scale" in self._buffers:
             flat = flat * self.input_scale
-        if rows <= kernels.MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
+        training = torch.is_grad_enabled() and (flat.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if rows <= kernels.MAX_ROWS and not training:
             out = self._skinny(flat.contiguous())
+        elif training and self.activations is None:  # QLoRA: no dequantised weight kept for backward
+            out = _FrozenQuantizedMatmul.apply(flat, self.bias, self)
         else:  # prompts: int8 activations are rounded here and multiplied in fp32 (no faster int8 GEMM yet)
             out = self._tiled(flat if self.activations is None else self._rounded(flat))
         return out.view(*x.shape[:-1], self.out_features)
@@ -179,9 +200,23 @@ class QuantizedLinear(nn.Module):
 
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in) -> (rows, out) as matmuls over tiles of dequantised weight rows."""
+        bias = None if self.bias is None else self.bias.detach()
+        tiles = [F.linear(x, weight, None if bias is None else bias[start:stop])
+                 for start, stop, weight in self._weight_tiles()]
+        return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+
+    def _tiled_input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """(rows, out) -> (rows, in): grad @ W, over the same tiles (dequantised again, not kept)."""
+        total = None
+        for start, stop, weight in self._weight_tiles():
+            part = grad[:, start:stop] @ weight
+            total = part if total is None else total.add_(part)
+        return total
+
+    def _weight_tiles(self):
+        """(start, stop, fp32 rows start:stop of the weight), about TILE_ELEMENTS elements at a time."""
         step = max(1, TILE_ELEMENTS // self.in_features)
         absmax = formats.nf4_absmax(self.tensors()) if self.scheme == "nf4" else None
-        tiles = []
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
             if self.scheme == "int8":
@@ -191,8 +226,7 @@ class QuantizedLinear(nn.Module):
                                               self._buffers.get("mins"), start, stop, self.group_size)
             else:
                 weight = kernels.nf4_dequant(self.qweight, self.levels, absmax, start, stop)
-            tiles.append(F.linear(x, weight, None if self.bias is None else self.bias[start:stop]))
-        return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+            yield start, stop, weight
 
     def decode_operands(self) -> DecodeOperands:
         """The tensors the fused decoding step reads (slots of decode_step.cpp's ``Format`` comment)."""
@@ -214,3 +248,22 @@ class QuantizedLinear(nn.Module):
         activations = f", activations={self.activations}" if self.activations else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{group}"
                 f"{activations}, bias={self.bias is not None}")
+
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """x @ W^T + b for a frozen quantized W, differentiable in x and b, saving no weight for backward:
+    the backward pass dequantises the tiles again (as bitsandbytes' 4-bit matmul does). Without it, autograd
+    would keep every fp32 tile of every layer alive until backward: QLoRA at full fine-tuning's memory."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, module: QuantizedLinear) -> torch.Tensor:
+        ctx.module, ctx.has_bias = module, bias is not None
+        return module._tiled(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        grad_x = ctx.module._tiled_input_grad(grad) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, None
+

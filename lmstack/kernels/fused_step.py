@@ -47,8 +47,8 @@ def fused_step_blocker(model: nn.Module, batch_size: int) -> str | None:
         return "parameters are not all fp32 on CPU"
     if any((b.is_floating_point() and b.dtype != torch.float32) or b.device.type != "cpu" for b in model.buffers()):
         return "buffers (e.g. quantization scales) are not all fp32 on CPU"
-    if not hasattr(model.lm_head, "decode_operands"):
-        return "lm_head is not a SkinnyLinear or quantized linear (call use_skinny_linears_)"
+    if not kernel_layer(model.lm_head):
+        return "lm_head is not a SkinnyLinear or quantized linear (call use_skinny_linears_), or carries an adapter"
     for layer in model.layers:
         reason = _layer_blocker(layer)
         if reason:
@@ -69,12 +69,18 @@ def _layer_blocker(layer: nn.Module) -> str | None:
     if type(mlp) not in (MLP, GatedMLP):
         return f"feed-forward is a {type(mlp).__name__}"
     linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_mlp_linears(mlp)]
-    if any(not hasattr(linear, "decode_operands") for linear in linears):
-        return "a projection is not a SkinnyLinear or quantized linear"
+    if not all(kernel_layer(linear) for linear in linears):
+        return "a projection is not a SkinnyLinear or quantized linear, or carries an adapter (LoRA, IA3)"
     for norm in (layer.attn_norm, layer.mlp_norm):
         if type(norm) not in (nn.LayerNorm, RMSNorm) or getattr(norm, "unit_offset", False):
             return f"norm is a {type(norm).__name__}"
     return None
+
+
+def kernel_layer(module: nn.Module) -> bool:
+    """True for a layer the fused step reads as it is (its ``decode_operands`` method). A PEFT-adapted layer
+    sets the attribute to None: its output is more than its base weights'."""
+    return getattr(module, "decode_operands", None) is not None
 
 
 def _mlp_linears(mlp: nn.Module) -> list[nn.Module]:

@@ -92,6 +92,11 @@ class TensorRule:
     to_hf: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] = _identity_out
     save_only: bool = False  # a second stored copy for transformers' sake: written, never required or read
 
+    @property
+    def is_rename(self) -> bool:
+        """The tensor is stored as it is, under another name (no split, fuse or transpose)."""
+        return self.to_ours is _identity_in and self.to_hf is _identity_out
+
 
 def rename(hf: str, ours: str) -> TensorRule:
     return TensorRule(hf, (ours,))
@@ -121,6 +126,12 @@ class Family:
     ignored_hf: tuple[str, ...] = ()
     extra_architectures: tuple[str, ...] = ()  # other HF class names that mean this family
     stored_fallbacks: tuple[tuple[str, str], ...] = ()  # (HF name, the name older files store it under)
+
+    # PEFT defaults (our module names; peft's defaults for the family): LoRA targets, IA3 targets and the
+    # IA3 targets whose inputs (not outputs) are scaled.
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    ia3_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
+    ia3_feedforward: tuple[str, ...] = ("down_proj",)
 
     model_class: Callable[[Any], torch.nn.Module] = Decoder  # built from the mapped config
     config_class: type = DecoderConfig
@@ -253,7 +264,8 @@ _LLAMA_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", "GPT2LMHeadModel", hf_configs.gpt2_from_hf, hf_configs.gpt2_to_hf, _gpt2_rules(),
-                   base_prefix="transformer.", ignored_hf=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",)),
+                   base_prefix="transformer.", ignored_hf=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",),
+                   ia3_targets=("k_proj", "v_proj", "fc_out"), ia3_feedforward=("fc_out",)),
     "llama": Family("llama", "LlamaForCausalLM", hf_configs.llama_from_hf, hf_configs.llama_to_hf,
                     _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
     "mistral": Family("mistral", "MistralForCausalLM", hf_configs.mistral_from_hf, hf_configs.mistral_to_hf,
@@ -264,10 +276,11 @@ FAMILIES: dict[str, Family] = {
                    _bert_rules(), base_prefix="bert.", ignored_hf=_BERT_IGNORED,
                    stored_fallbacks=(("cls.predictions.decoder.bias", "cls.predictions.bias"),),
                    extra_architectures=tuple(hf_encoder_configs.BERT_ARCHITECTURES), model_class=Encoder,
-                   config_class=EncoderConfig),
+                   config_class=EncoderConfig, ia3_targets=("k_proj", "v_proj", "fc_out"), ia3_feedforward=("fc_out",)),
     "t5": Family("t5", "T5ForConditionalGeneration", hf_encoder_configs.t5_from_hf, hf_encoder_configs.t5_to_hf,
                  _t5_rules(), ignored_hf=_T5_IGNORED, model_class=EncoderDecoder,
-                 config_class=EncoderDecoderConfig),
+                 config_class=EncoderDecoderConfig, ia3_targets=("k_proj", "v_proj", "fc_out", "down_proj"),
+                 ia3_feedforward=("fc_out", "down_proj")),
 }
 
 

@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+
+from lmstack.peft import apply_lora
 from torch import nn
 
 from lmstack.generate import GenerationConfig, generate
@@ -90,15 +92,22 @@ class _Wrapped(nn.Module):
 
 def test_falls_back_wherever_it_would_not_be_exact():
     eager, fast = _models("gpt2")
-    assert fused_step_blocker(eager, 1) == "lm_head is not a SkinnyLinear or quantized linear (call use_skinny_linears_)"
+    assert fused_step_blocker(eager, 1) == ("lm_head is not a SkinnyLinear or quantized linear (call "
+                                            "use_skinny_linears_), or carries an adapter")
     assert "rows" in fused_step_blocker(fast, 9)
     wrapped = copy.deepcopy(fast)
     wrapped.layers[1].attn.v_proj = _Wrapped(wrapped.layers[1].attn.v_proj)
-    assert fused_step_blocker(wrapped, 1) == "layer 1: a projection is not a SkinnyLinear or quantized linear"
+    assert fused_step_blocker(wrapped, 1) == ("layer 1: a projection is not a SkinnyLinear or quantized linear, or "
+                                              "carries an adapter (LoRA, IA3)")
     ids = torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(0))
     config = GenerationConfig(max_new_tokens=6, eos_token_id=[])
     unwrapped_tokens = generate(fast, ids, config)
     assert not torch.equal(generate(wrapped, ids, config), unwrapped_tokens)  # the adapter took effect
+    # A LoRA layer over a SkinnyLinear still offers the kernel's class, but must not be read as one.
+    adapted = apply_lora(copy.deepcopy(fast), targets=["v_proj"], rank=2)
+    torch.nn.init.normal_(adapted.layers[0].attn.v_proj.lora_B.weight)
+    assert "carries an adapter" in fused_step_blocker(adapted, 1)
+    assert not torch.equal(generate(adapted, ids, config), unwrapped_tokens)
     dropout = use_skinny_linears_(build_model(DecoderConfig(**BASE, **CONFIGS["gpt2"], dropout=0.1)))
     assert fused_step_blocker(dropout.train(), 1) == "dropout is active (model in training mode)"
     assert fused_step_blocker(dropout.eval(), 1) is None
