@@ -13,6 +13,7 @@ from lmstack.lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "apply": ["ParameterCount", "adapter_layers", "apply_ia3", "apply_lora", "disabled", "find_targets", "merge_",
               "remove_", "trainable_parameters", "unmerge_"],
+    "config": ["PeftSection"],
     "files": ["load_adapter", "save_adapter"],
     "ia3": ["IA3Layer"],
     "lora": ["LoRALayer"],

