@@ -21,6 +21,7 @@ from lmstack.checkpoints.io import (INDEX_FILE, SINGLE_FILE, TensorInfo, index_c
 from lmstack.errors import CheckpointError, ConfigError
 from lmstack.models import hf_configs
 from lmstack.models.registry import Family, TensorRule, family_for_config, family_for_hf_config
+from lmstack.nn.memory import release_freed_memory
 from lmstack.nn.transforms import (Transform, added_tensor_names, apply_transforms, base_state_dict, initialize_added_,
                                    split_transforms)
 
@@ -130,7 +131,19 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     load_base_state(model, state)
     model.tie_weights()  # assign=True replaced the shared Parameter objects: share them again
     initialize_added_(model)
-    return apply_transforms(model, on_weights).eval()
+    if not on_weights:
+        return model.eval()
+    model = apply_transforms(model, on_weights)
+    del state
+    # A quantizer replaced most weights by codes. The tensors left (norms, an fp32 embedding) may still be
+    # views of the memory-mapped safetensors file, which keeps every page of it that quantization read
+    # resident: copy them out so the mapping closes, and give freed heap memory back (release_freed_memory).
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    model.tie_weights()
+    release_freed_memory()
+    return model.eval()
 
 
 def load_base_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -83,7 +83,7 @@ def _config(model: nn.Module, layers: dict, to_hf: dict[str, str], kind: type, b
     common = {"base_model_name_or_path": base, "fan_in_fan_out": False, "inference_mode": True,
               "modules_to_save": None, "revision": None, "task_type": "CAUSAL_LM" if _is_decoder(model) else None,
               "auto_mapping": {"base_model_class": family.architecture,
-                               "parent_library": f"transformers.models.{family.model_type}"}}
+                               "parent_library": f"transformers.models.{family.model_type}.modeling_{family.model_type}"}}
     targets = _target_modules(set(layers), to_hf)
     if kind is IA3Layer:
         feedforward = _target_modules({n for n, layer in layers.items() if layer.feedforward}, to_hf)
@@ -134,6 +134,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"{config_path}: peft_type {kind!r}; lmstack loads LORA (and DoRA) and IA3 adapters")
     if config.get("fan_in_fan_out"):
         raise CheckpointError(f"{config_path}: fan_in_fan_out adapters (GPT-2's fused Conv1D) have no lmstack layer")
+    unsupported = [key for key, plain in (("bias", "none"), ("lora_bias", False), ("modules_to_save", None),
+                                          ("layers_to_transform", None), ("use_qalora", False))
+                   if config.get(key, plain) not in (plain, None, [], False)]
+    if unsupported:  # trained biases or whole modules saved beside the adapter: not loaded, so refused
+        raise CheckpointError(f"{config_path}: {', '.join(f'{k}={config[k]!r}' for k in unsupported)} is not "
+                              f"supported; lmstack loads the LoRA / DoRA / IA3 tensors alone")
     from_hf = {hf: ours for ours, hf in module_names_to_hf(model).items()}
     grouped = _grouped_tensors(weights_path, from_hf)
     if kind == "IA3":

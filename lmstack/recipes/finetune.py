@@ -24,6 +24,7 @@ from lmstack.data.labeled import (encode_sequences, encode_tagged, eval_example_
 from lmstack.errors import ConfigError
 from lmstack.models import Encoder
 from lmstack.models.config import LABELED_HEADS
+from lmstack.nn.checkpointing import checkpoint_layers_
 from lmstack.nn.transforms import apply_transforms
 from lmstack.peft import trainable_parameters
 from lmstack.recipes.bundled import resolve_model_dir
@@ -66,7 +67,8 @@ def run(cfg: FinetuneConfig) -> dict:
     model = with_task_head(load_hf(model_dir), cfg.task, labels, cfg.model.reset_head, cfg.seed)
     # The new task head trains in full beside the adapters (peft's modules_to_save); seeded adapter init.
     torch.manual_seed(cfg.seed + 1)
-    model = apply_transforms(model, peft_transforms(cfg.peft, trainable=("classifier", "pooler"))).to(device)
+    model = apply_transforms(model, peft_transforms(cfg.peft, trainable=("classifier", "pooler")))
+    model = (checkpoint_layers_(model) if cfg.model.activation_checkpointing else model).to(device)
     pad_id = tokenizer.vocab[tokenizer.pad_token]
     objective = ClassificationObjective(labels)
     eval_data = (lambda: eval_example_batches(eval_set, cfg.train.batch_size, pad_id)) if eval_set else None

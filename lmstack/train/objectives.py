@@ -59,7 +59,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_scored = (targets != IGNORE_INDEX).sum()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        # A frozen head (LoRA, QLoRA) needs no weight gradient: that matmul is a third of this function's work.
+        wants_weight = ctx.needs_input_grad[1]
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight else None
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
             valid = t != IGNORE_INDEX
@@ -74,14 +76,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs.scatter_add_(1, safe, -valid[:, None].to(probs.dtype))  # softmax - one_hot(target)
             probs.mul_((valid / n_scored)[:, None])  # d(mean loss)/d(logits); ignored rows get 0
             grad_hidden[start:start + chunk_rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-            grad_weight.addmm_(probs.T, h.float())
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            if wants_weight:
+                grad_weight.addmm_(probs.T, h.float())
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if wants_weight else None)
         return total / n_scored
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+        return grad_hidden * grad_loss, None if grad_weight is None else grad_weight * grad_loss, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
