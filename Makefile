@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/quantize.py            # llama.cpp columns with `pip install llama-cpp-python`
 	$(PY) benchmarks/quantize_quality.py
+	$(PY) benchmarks/peft.py                # full fine-tuning vs LoRA / DoRA / QLoRA, and peft's
 	$(PY) benchmarks/tokenizer_speed.py
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/train.py

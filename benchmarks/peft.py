@@ -8,7 +8,9 @@ configurations are
 interleaved across --rounds, and the median step time is reported. LoRA: rank 8, alpha 16, targets
 q_proj and v_proj (peft's default for Llama); QLoRA: the linears of the blocks in NF4, embedding and head fp32.
 "+ckpt" rows add activation checkpointing (lmstack.nn.checkpointing; transformers' gradient checkpointing for
-peft), the memory recipe QLoRA is trained with; "vs full" compares with full fine-tuning without it.
+peft), the memory recipe QLoRA is trained with; "+lowmem" rows also make the allocator unmap large frees
+(lmstack.nn.memory.unmap_large_frees, what `lmstack finetune --model.activation_checkpointing` sets);
+"vs full" compares with full fine-tuning with neither.
 
     python benchmarks/peft.py [--steps 3] [--rounds 2] [--batch 4] [--seq 256]
 """
@@ -25,7 +27,8 @@ from pathlib import Path
 
 # "+ckpt": activation checkpointing (each block recomputed in backward), as QLoRA recipes train.
 CONFIGS = ["lmstack full", "lmstack lora", "lmstack dora", "lmstack qlora", "peft lora", "peft dora",
-           "lmstack lora+ckpt", "lmstack qlora+ckpt", "peft lora+ckpt"]
+           "lmstack lora+ckpt", "lmstack qlora+ckpt", "peft lora+ckpt",
+           "lmstack full+lowmem", "lmstack lora+ckpt+lowmem", "lmstack qlora+ckpt+lowmem"]
 
 
 def _reset_peak_rss() -> bool:
@@ -81,9 +84,13 @@ def child(name: str, base_dir: Path, steps: int, batch: int, seq: int) -> dict:
 
     torch.manual_seed(0)
     library, method = name.split()
-    method, _, checkpointing = method.partition("+")
+    method, *options = method.split("+")
+    if "lowmem" in options:
+        from lmstack.nn.memory import unmap_large_frees
+
+        unmap_large_frees()
     build = _lmstack_model if library == "lmstack" else _peft_model
-    model = build(base_dir, method, checkpointing == "ckpt")
+    model = build(base_dir, method, "ckpt" in options)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     generator = torch.Generator().manual_seed(1)
@@ -120,6 +127,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="+", choices=CONFIGS, help="run these configurations only")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.base, args.steps, args.batch, args.seq)))
@@ -131,9 +139,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         base = save_hf(load_model(resolve_model_dir("smollm2-135m-instruct")), Path(tmp) / "smollm2")  # fp32 HF dir
-        results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+        results: dict[str, list[dict]] = {name: [] for name in args.only or CONFIGS}
         for round_ in range(args.rounds):
-            for name in CONFIGS:
+            for name in results:
                 command = [sys.executable, __file__, "--child", name, "--base", str(base), "--steps", str(args.steps),
                            "--batch", str(args.batch), "--seq", str(args.seq)]
                 done = subprocess.run(command, capture_output=True, text=True)
@@ -142,10 +150,10 @@ def main() -> None:
                     continue
                 results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(f"round {round_ + 1} {name}: {results[name][-1]['step_s']:.2f} s/step", flush=True)
-    full = results["lmstack full"]
+    full = results.get("lmstack full", [])
     full_peak = statistics.median(r["peak_mib"] for r in full) if full else None
     full_train = statistics.median(r["train_peak_mib"] for r in full) if full else None
-    peft_lora = statistics.median(r["step_s"] for r in results["peft lora"]) if results["peft lora"] else None
+    peft_lora = statistics.median(r["step_s"] for r in results["peft lora"]) if results.get("peft lora") else None
     rows = []
     for name, runs in results.items():
         if not runs:

@@ -14,21 +14,11 @@ import torch
 from torch import nn
 
 from lmstack.compress import formats
-from lmstack.compress.quantized_linear import QuantizedLinear, check_shape
+from lmstack.compress.quantized_linear import QuantizedLinear, QuantizedTransform, check_shape
 
 
-class QuantizedEmbedding(nn.Module):
-    """Holds ``scheme``'s tensors for a (num_embeddings, embedding_dim) table as buffers (a transform that
-    ``save_hf`` refuses, as ``QuantizedLinear``)."""
-
-    save_hint = QuantizedLinear.save_hint
-
-    @property
-    def transform_name(self) -> str:
-        return f"{self.scheme} quantization"
-
-    def added_tensors(self) -> list[str]:
-        return list(self.tensors())
+class QuantizedEmbedding(QuantizedTransform, nn.Module):
+    """Holds ``scheme``'s tensors for a (num_embeddings, embedding_dim) table as buffers."""
 
     def dequantized_state(self) -> dict[str, torch.Tensor]:
         """The nn.Embedding state the codes stand for (``save_hf(..., dequantize=True)``)."""

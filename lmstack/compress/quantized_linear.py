@@ -56,12 +56,10 @@ def check_activations(scheme: str, activations: str | None) -> None:
                           "int8 or int4 weights")
 
 
-class QuantizedLinear(nn.Module):
-    """Holds ``scheme``'s tensors (see ``lmstack.compress.formats``) as buffers and the bias as a Parameter.
-
-    A transform in the sense of ``lmstack.nn.transforms``: its codes are tensors a Hugging Face file has no
-    place for, and it offers no merge, so ``save_hf`` refuses it (``save_hint`` says what to do instead).
-    """
+class QuantizedTransform:
+    """What a quantized module (linear or embedding) is to ``lmstack.nn.transforms``: its codes are tensors a
+    Hugging Face file has no place for, and it offers no merge, so ``save_hf`` refuses it (``save_hint`` says
+    what to do instead) unless asked to write ``dequantized_state()``."""
 
     save_hint = ("save it with lmstack.compress.files.save_quantized (lmstack quantize), or write a plain fp32 "
                  "checkpoint with save_hf(model, path, dequantize=True)")
@@ -72,6 +70,10 @@ class QuantizedLinear(nn.Module):
 
     def added_tensors(self) -> list[str]:
         return list(self.tensors())
+
+
+class QuantizedLinear(QuantizedTransform, nn.Module):
+    """Holds ``scheme``'s tensors (see ``lmstack.compress.formats``) as buffers and the bias as a Parameter."""
 
     def dequantized_state(self) -> dict[str, torch.Tensor]:
         """The nn.Linear state the codes stand for (``save_hf(..., dequantize=True)``)."""

@@ -110,3 +110,22 @@ def release_freed_memory() -> bool:
         return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def unmap_large_frees(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve allocations of ``threshold`` bytes or more by mmap, and unmap them when freed
+    (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc from raising that threshold after big frees).
+
+    Why: training allocates and frees activation-sized tensors all the time; by default glibc soon keeps
+    such blocks in its heap, and the resident set holds the high-water mark of every fragment. Measured on
+    SmolLM2 QLoRA with activation checkpointing: peak RSS 1356 -> 912 MiB, for about 15% more time per
+    step (fresh pages are faulted in again). True if set (glibc only).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(ctypes.CDLL(name).mallopt(-3, int(threshold))) if name else False  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

@@ -25,6 +25,7 @@ from lmstack.errors import ConfigError
 from lmstack.models import Encoder
 from lmstack.models.config import LABELED_HEADS
 from lmstack.nn.checkpointing import checkpoint_layers_
+from lmstack.nn.memory import unmap_large_frees
 from lmstack.nn.transforms import apply_transforms
 from lmstack.peft import trainable_parameters
 from lmstack.recipes.bundled import resolve_model_dir
@@ -68,7 +69,10 @@ def run(cfg: FinetuneConfig) -> dict:
     # The new task head trains in full beside the adapters (peft's modules_to_save); seeded adapter init.
     torch.manual_seed(cfg.seed + 1)
     model = apply_transforms(model, peft_transforms(cfg.peft, trainable=("classifier", "pooler")))
-    model = (checkpoint_layers_(model) if cfg.model.activation_checkpointing else model).to(device)
+    if cfg.model.activation_checkpointing:  # the memory-saving mode (see finetune_lm)
+        checkpoint_layers_(model)
+        unmap_large_frees()
+    model = model.to(device)
     pad_id = tokenizer.vocab[tokenizer.pad_token]
     objective = ClassificationObjective(labels)
     eval_data = (lambda: eval_example_batches(eval_set, cfg.train.batch_size, pad_id)) if eval_set else None

@@ -23,6 +23,7 @@ from lmstack.config import save_yaml
 from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, write_token_shards
 from lmstack.errors import ConfigError, DataError
 from lmstack.nn.checkpointing import checkpoint_layers_
+from lmstack.nn.memory import unmap_large_frees
 from lmstack.nn.transforms import apply_transforms
 from lmstack.peft import apply_ia3, apply_lora, save_adapter, trainable_parameters
 from lmstack.peft.config import PeftSection
@@ -82,8 +83,9 @@ def run_causal_lm(cfg: FinetuneConfig, out: Path) -> dict:
         raise DataError(f"{path}: causal_lm fine-tuning needs the model's tokenizer and an end-of-text token")
     data_dir = _token_shards(cfg, out, tokenizer, eos_id)
     device = resolve_device(cfg.train.device)
-    if cfg.model.activation_checkpointing:
+    if cfg.model.activation_checkpointing:  # the memory-saving mode: fewer activations, and fragments unmapped
         checkpoint_layers_(model)
+        unmap_large_frees()
     model = model.to(device).train()
     task = denoising_task("causal_lm", tokenizer, eos_id, model.config, block, 0.0, False)
     blocks = PackedBlocks(open_split(data_dir, "train"), task.raw_block, cfg.train.batch_size, cfg.seed)

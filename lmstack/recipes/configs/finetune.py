@@ -17,8 +17,9 @@ class FinetuneModelSection:
     path: Path | None = field(None, help="checkpoint directory or .gguf, or all-minilm-l6-v2 / smollm2-135m-instruct "
                                          "(the bundled packages)")
     reset_head: bool = field(False, help="replace a task head that does not match this task's labels")
-    activation_checkpointing: bool = field(False, help="recompute each block's activations in backward (less "
-                                                       "memory, one more forward per step: QLoRA's recipe)")
+    activation_checkpointing: bool = field(False, help="memory-saving mode: recompute each block's activations in "
+                                                       "backward and unmap freed large blocks (QLoRA's recipe; "
+                                                       "slower steps)")
 
 
 @dataclass
