@@ -1,6 +1,6 @@
 """Adapter files in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``, both directions.
 
-    save_adapter(model, "out/adapter")           # peft: PeftModel.from_pretrained(hf_base, "out/adapter")
+    save_adapter(model, "out/adapter")           # a directory peft loads onto the same base (its PeftModel)
     load_adapter(model, "peft_saved_adapter")    # applies LoRA / DoRA / IA3 to ``model`` and fills it in
 
 Tensor keys are peft's: ``base_model.model.<Hugging Face module name>.<tensor>`` with ``<tensor>`` one of

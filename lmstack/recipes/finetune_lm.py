@@ -20,7 +20,7 @@ from lmstack.checkpoints import is_gguf, load_model, save_hf
 from lmstack.checkpoints.model_files import open_model
 from lmstack.compress import quantize_
 from lmstack.config import save_yaml
-from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, write_token_shards
+from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, read_meta, write_token_shards
 from lmstack.errors import ConfigError, DataError
 from lmstack.nn.checkpointing import checkpoint_layers_
 from lmstack.nn.memory import unmap_large_frees
@@ -121,9 +121,15 @@ def _token_shards(cfg: FinetuneConfig, out: Path, tokenizer, eos_id: int) -> Pat
                                if Path(f).is_file()],
                    "text_field": cfg.data.text_field, "tokenizer": hashlib.sha256(
                        repr(sorted(tokenizer.vocab.items())[:1000]).encode()).hexdigest()}
+    data_dir = out / "data"
+    try:  # as pretraining does: a resumed run reads the shards it wrote
+        if read_meta(data_dir).get("fingerprint") == fingerprint:
+            return data_dir
+    except DataError:
+        pass
     splits = {"train": [d.text for d in read_documents([Path(cfg.data.train)], cfg.data.text_field)]}
     if cfg.data.eval:
         splits["val"] = [d.text for d in read_documents([Path(cfg.data.eval)], cfg.data.text_field)]
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    return write_token_shards(out / "data", splits, encode, vocab_size=tokenizer.vocab_size, eos_id=eos_id,
+    return write_token_shards(data_dir, splits, encode, vocab_size=tokenizer.vocab_size, eos_id=eos_id,
                               fingerprint=fingerprint)
