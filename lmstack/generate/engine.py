@@ -41,6 +41,9 @@ class CausalLMEngine:
         else:
             self.prompt_positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         self.next_position = self.prompt_positions[:, -1:] + 1  # (B, 1)
+        # Tokens fed so far: the mask's columns. (The cache may hold more slots: a prompt-learning
+        # transform's virtual tokens, which it masks itself.)
+        self.fed = 0
         # Models opted in to the CPU decoding kernels take one fused C++ call per step where they can.
         self.fused_step = FusedDecodeStep(model) if fused_step_blocker(model, B) is None else None
 
@@ -51,17 +54,18 @@ class CausalLMEngine:
         mask = self.mask[:, :T] if self.mask is not None else None
         hidden = self.model.hidden_states(self.input_ids, attention_mask=mask, position_ids=self.prompt_positions,
                                           kv_cache=self.cache)
+        self.fed = T
         return self.model.lm_head(hidden[:, -1]).float()
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, tokens: (B,); return the next logits (B, V) in float32."""
+        self.fed += 1
         if self.fused_step is not None:
             logits = self.fused_step(tokens, self.next_position, self.cache, self.mask)
             self.next_position = self.next_position + 1
             return logits
-        length = self.cache.length + 1
-        mask = self.mask[:, :length] if self.mask is not None else None
+        mask = self.mask[:, :self.fed] if self.mask is not None else None
         hidden = self.model.hidden_states(tokens[:, None], attention_mask=mask, position_ids=self.next_position,
                                           kv_cache=self.cache)
         self.next_position = self.next_position + 1

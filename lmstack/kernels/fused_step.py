@@ -34,6 +34,8 @@ def fused_step_blocker(model: nn.Module, batch_size: int) -> str | None:
     """Why ``model`` cannot decode ``batch_size`` rows through the fused step, or None if it can."""
     if not isinstance(model, Decoder):
         return "not a Decoder"
+    if getattr(model, "transform_name", None) is not None:  # prompt learning: virtual tokens the kernel ignores
+        return f"the model carries {model.transform_name}"
     config = model.config
     if not 1 <= batch_size <= MAX_ROWS:
         return f"{batch_size} rows (the kernels take 1 to {MAX_ROWS})"

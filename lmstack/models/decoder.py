@@ -18,6 +18,7 @@ from torch import nn
 
 from lmstack.models.config import DecoderConfig
 from lmstack.nn.attention import Attention
+from lmstack.nn.embedding import embed_inputs
 from lmstack.nn.masks import AttentionMask
 from lmstack.nn.mlp import make_mlp
 from lmstack.nn.norms import RMSNorm, make_norm
@@ -103,16 +104,17 @@ class Decoder(nn.Module):
             elif isinstance(module, LearnedPositions):
                 nn.init.normal_(module.weight, std=std)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, kv_cache=None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final normalised hidden states (B, T, C); see ``forward`` for the arguments."""
         start = kv_cache.length if kv_cache is not None else 0
-        self._check_inputs(input_ids, attention_mask, start)
-        B, T = input_ids.shape
+        x = embed_inputs(self.embed_tokens, input_ids, inputs_embeds)
+        B, T = x.shape[:2]
+        self._check_inputs((B, T), attention_mask, start)
         if position_ids is None:
             # Same default as Hugging Face: cache slots, whatever the padding (generation passes positions).
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        x = self.embed_tokens(input_ids)
+            position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
         if self.embed_positions is not None:
             x = x + self.embed_positions(position_ids).to(x.dtype)
         if self.training and self.config.dropout > 0:
@@ -126,32 +128,34 @@ class Decoder(nn.Module):
             kv_cache.advance(T)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache=None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits.
 
         Args:
-            input_ids: (B, T) token ids.
+            input_ids: (B, T) token ids (None when ``inputs_embeds`` is given).
             attention_mask: (B, cached + T), 1 for real tokens and 0 for padding; None means no padding.
             position_ids: (B, T) positions; default: cache slots ``cached .. cached + T - 1``.
             kv_cache: a KVCache holding the earlier tokens; it is advanced by T.
+            inputs_embeds: (B, T, C) token embeddings to use instead of ``embed_tokens(input_ids)`` (soft
+                prompts, other modalities).
         Returns:
             logits: (B, T, vocab_size).
         """
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache))
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds))
 
     def _alibi_slopes(self, device: torch.device) -> torch.Tensor | None:
         return alibi_slopes(self.config.n_heads).to(device) if self.config.position == "alibi" else None
 
-    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, start: int) -> None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        total = start + input_ids.shape[1]
+    def _check_inputs(self, shape: tuple[int, int], attention_mask: torch.Tensor | None, start: int) -> None:
+        """shape: (B, T) of this call's tokens; start: slots already in the cache."""
+        total = start + shape[1]
         limit = self.config.context_limit
         if limit is not None and total > limit:
             raise ValueError(f"sequence of {total} tokens exceeds the context length max_seq_len={limit}")
-        if attention_mask is not None and tuple(attention_mask.shape) != (input_ids.shape[0], total):
-            raise ValueError(f"attention_mask must be (batch, cached + seq) = {(input_ids.shape[0], total)}, "
+        if attention_mask is not None and tuple(attention_mask.shape) != (shape[0], total):
+            raise ValueError(f"attention_mask must be (batch, cached + seq) = {(shape[0], total)}, "
                              f"got {tuple(attention_mask.shape)}")
 
     def num_parameters(self) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 from lmstack.models.config import EncoderConfig
 from lmstack.models.heads import ClassificationHead, MaskedLMHead, Pooler
 from lmstack.nn.attention import Attention
+from lmstack.nn.embedding import embed_inputs
 from lmstack.nn.masks import AttentionMask
 from lmstack.nn.mlp import MLP
 from lmstack.nn.positions import LearnedPositions
@@ -44,8 +45,9 @@ class EncoderOutput:
 class EncoderBlock(nn.Module):
     """One post-norm layer: attention and feed-forward, each added to its input and then normalised."""
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: EncoderConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.attn = Attention(config.dim, config.n_heads, qkv_bias=True, out_bias=True,
                               dropout=config.attention_dropout)
         self.attn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
@@ -53,9 +55,9 @@ class EncoderBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C)."""
-        x = self.attn_norm(x + self.dropout(self.attn(x, mask)))
+    def forward(self, x: torch.Tensor, mask: AttentionMask, kv_cache=None) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C); ``kv_cache`` may hold extra leading keys/values (a learned prefix)."""
+        x = self.attn_norm(x + self.dropout(self.attn(x, mask, kv_cache=kv_cache, layer_idx=self.layer_idx)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
@@ -70,7 +72,7 @@ class Encoder(nn.Module):
         self.embed_token_types = nn.Embedding(config.type_vocab_size, config.dim)
         self.embed_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(EncoderBlock(config, i) for i in range(config.n_layers))
         self.pooler = Pooler(config.dim) if config.uses_pooler else None
         head = config.head
         self.mlm_head = (MaskedLMHead(config.dim, config.vocab_size, config.activation, config.norm_eps)
@@ -102,34 +104,44 @@ class Encoder(nn.Module):
             elif isinstance(module, LearnedPositions):
                 nn.init.normal_(module.weight, std=self.config.init_std)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None, kv_cache=None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Last-layer states (B, T, C); see ``forward`` for the arguments."""
-        self._check_inputs(input_ids, attention_mask, token_type_ids)
-        B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        tokens = embed_inputs(self.embed_tokens, input_ids, inputs_embeds)
+        B, T = tokens.shape[:2]
+        extra = kv_cache.length if kv_cache is not None else 0
+        self._check_inputs((B, T), attention_mask, token_type_ids, extra)
+        positions = torch.arange(T, device=tokens.device).expand(B, T)
         if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = self.embed_tokens(input_ids) + self.embed_token_types(token_type_ids) + self.embed_positions(positions)
+            token_type_ids = torch.zeros((B, T), dtype=torch.long, device=tokens.device)
+        x = tokens + self.embed_token_types(token_type_ids) + self.embed_positions(positions)
         x = self.dropout(self.embed_norm(x))
         padding = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
         mask = AttentionMask(causal=False, key_padding=padding)
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, kv_cache)
         return x
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> EncoderOutput:
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, kv_cache=None,
+                inputs_embeds: torch.Tensor | None = None) -> EncoderOutput:
         """Encode a batch and apply the head.
 
         Args:
-            input_ids: (B, T) token ids.
-            attention_mask: (B, T) 1 for real tokens, 0 for padding; None means no padding.
+            input_ids: (B, T) token ids (None when ``inputs_embeds`` is given).
+            attention_mask: (B, extra + T) 1 for real tokens, 0 for padding; None means no padding.
             token_type_ids: (B, T) segment ids (0 for sentence A, 1 for B); default all 0.
+            kv_cache: a KVCache already holding ``extra`` leading keys/values every token may attend to
+                (prefix tuning's learned prefix); not advanced.
+            inputs_embeds: (B, T, C) token embeddings instead of ``embed_tokens(input_ids)``.
         Returns:
             EncoderOutput with the fields the head produces.
         """
-        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
+        return self.head_outputs(self.hidden_states(input_ids, attention_mask, token_type_ids, kv_cache, inputs_embeds))
+
+    def head_outputs(self, hidden: torch.Tensor) -> EncoderOutput:
+        """The head applied to last-layer states ``hidden`` (B, T, C)."""
         out = EncoderOutput(hidden_states=hidden)
         if self.pooler is not None:
             out.pooled = self.pooler(hidden)
@@ -143,17 +155,18 @@ class Encoder(nn.Module):
             out.logits = self.classifier(hidden)
         return out
 
-    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      token_type_ids: torch.Tensor | None) -> None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={self.config.max_seq_len}; "
+    def _check_inputs(self, shape: tuple[int, int], attention_mask: torch.Tensor | None,
+                      token_type_ids: torch.Tensor | None, extra: int) -> None:
+        """shape: (B, T) of the tokens; extra: leading keys in the cache (a prefix) the mask also covers."""
+        B, T = shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}; "
                              "truncate the input")
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(t.shape)}")
+        for name, t, want in (("attention_mask", attention_mask, (B, extra + T)),
+                              ("token_type_ids", token_type_ids, shape)):
+            if t is not None and tuple(t.shape) != want:
+                raise ValueError(f"{name} must be (batch, {'extra + ' if extra and t is attention_mask else ''}"
+                                 f"seq) = {want}, got {tuple(t.shape)}")
         if token_type_ids is not None and token_type_ids.numel() and int(token_type_ids.max()) >= \
                 self.config.type_vocab_size:
             raise ValueError(f"token_type_ids hold {int(token_type_ids.max())}, but type_vocab_size="

@@ -50,6 +50,9 @@ class StaticKVCache:
         """A cache shaped for ``model`` (anything with ``.config`` holding n_layers/n_kv_heads/head_dim)."""
         cfg = model.config
         p = next(model.parameters())
+        # A transform that keeps leading slots of its own (prefix tuning's keys, prompt tuning's virtual
+        # tokens) declares how many: the cache grows by that much so callers size it by their tokens alone.
+        max_len += getattr(model, "reserved_cache_slots", 0)
         return cls(cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, p.dtype, p.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,3 +78,26 @@ class StaticKVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class PrefixKVCache:
+    """Fixed keys/values in front of each layer's own, for one forward pass without a real cache (training).
+
+    ``update`` returns ``cat(prefix, new)`` along time and stores nothing, so gradients reach the prefix and
+    the model sees exactly what a StaticKVCache prefilled with the prefix would hold.
+
+    Args:
+        prefix: per layer, (keys, values) each (B, Hkv, P, D).
+    """
+
+    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.prefix = prefix
+        self.length = prefix[0][0].shape[2] if prefix else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, Hkv, T, D) -> (B, Hkv, P + T, D)."""
+        pk, pv = self.prefix[layer]
+        return torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+
+    def advance(self, n_tokens: int) -> None:
+        """Nothing is kept between calls."""

@@ -18,6 +18,10 @@ technique made them:
 
 A transform callable used by ``load_model(path, transforms=[...])`` may set ``needs_weights = True`` (a
 quantizer must see the real weights); the others run on the meta device before any weight is read.
+
+A transform of the whole model (prefix / prompt tuning swap the model's own class) that keeps leading
+KV-cache slots for itself declares ``reserved_cache_slots``: ``StaticKVCache.for_model`` adds them, so
+callers size caches by their own tokens; it then masks and numbers those slots itself.
 """
 
 from typing import Callable, Iterable

@@ -60,14 +60,14 @@ def is_linear(module: nn.Module) -> bool:
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Qualified name -> every linear layer of ``model``, adapted ones included, but not an adapter's own
-    (``lora_A``, ``lora_B``)."""
-    found, adapted = {}, []
+    (``lora_A``, a bottleneck's ``adapter_down``, prefix tuning's MLP)."""
+    found, owned = {}, []
     for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in adapted):
+        if any(name == root or name.startswith(root + ".") for root in owned):
             continue
         if isinstance(module, PeftLayer):
-            adapted.append(name + ".")
-        if isinstance(module, PeftLayer) or is_linear(module):
+            owned += [f"{name}.{t.split('.')[0]}" if name else t.split(".")[0] for t in module.added_tensors()]
+        if (isinstance(module, PeftLayer) and hasattr(module, "in_features")) or is_linear(module):
             found[name] = module
     return found
 

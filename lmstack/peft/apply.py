@@ -8,7 +8,8 @@
 
 Targets are module-name patterns as peft reads them: a list of names, each matching a module whose
 qualified name equals it or ends with "." + it ("q_proj"), or a glob ("layers.1*.attn.v_proj"); a single
-string is a regular expression the whole name must match. Only linear layers are adapted.
+string is a regular expression the whole name must match. LoRA and IA3 adapt linear layers; bottleneck
+adapters whole sub-layers (each block's ``attn`` and ``mlp``); prefix and prompt tuning the whole model.
 """
 
 import fnmatch
@@ -22,8 +23,12 @@ from torch import nn
 from lmstack.errors import ConfigError
 from lmstack.models.registry import family_for_config
 from lmstack.peft.adapted import PeftLayer, adapt_, linear_layers, restore_
+from lmstack.peft.bottleneck import ACTIVATIONS, BottleneckLayer
 from lmstack.peft.ia3 import IA3Layer
 from lmstack.peft.lora import LoRALayer
+from lmstack.peft.prefix import PrefixTuningModel
+from lmstack.peft.prompt import PromptTuningModel
+from lmstack.peft.virtual_tokens import adapt_model_
 
 Targets = list[str] | tuple[str, ...] | str | None
 
@@ -104,6 +109,70 @@ def apply_ia3(model: nn.Module, targets: Targets = None, feedforward: Targets = 
     _freeze(model, trainable)
     for name, layer in layers.items():
         adapt_(layer, IA3Layer).add_ia3(bool(feedforward) and matches(name, feedforward))
+    return model
+
+
+def apply_bottleneck(model: nn.Module, size: int = 64, activation: str = "relu", targets: Targets = ("attn", "mlp"),
+                     trainable: Targets = ()) -> nn.Module:
+    """Add a Houlsby bottleneck adapter of width ``size`` after each target sub-layer (by default every block's
+    attention and feed-forward network), in place; returns ``model``. Other parameters are frozen but those
+    in ``trainable``.
+
+    Raises:
+        ConfigError: size < 1, an unknown activation, targets that name no sub-layer, or layers already adapted.
+    """
+    if not isinstance(size, int) or size < 1:
+        raise ConfigError(f"bottleneck adapter size must be a positive integer, got {size!r}")
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"unknown adapter activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    linears = linear_layers(model)
+    found = {name: m for name, m in model.named_modules() if name and matches(name, targets)
+             and ".layers." in f".{name}" and name not in linears}
+    if not found:
+        raise ConfigError(f"target pattern(s) {targets} name no sub-layer of this model's blocks (try 'attn', 'mlp')")
+    taken = sorted(name for name, m in found.items() if isinstance(m, PeftLayer))
+    if taken:
+        raise ConfigError(f"{taken[:3]} already carry a {found[taken[0]].transform_name} transform")
+    _freeze(model, trainable)
+    for module in found.values():
+        adapt_(module, BottleneckLayer).add_bottleneck(model.config.dim, size, activation)
+    return model
+
+
+def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20, projection: int | None = None,
+                        trainable: Targets = ()) -> nn.Module:
+    """Give ``model`` (a Decoder or Encoder) ``num_virtual_tokens`` learned keys/values in front of every
+    layer's own, through a tanh MLP of width ``projection`` when set (``lmstack.peft.prefix``); in place.
+
+    Raises:
+        ConfigError: another kind of model, num_virtual_tokens < 1 or filling a decoder's context,
+            projection < 1, a model already carrying prompt learning.
+    """
+    if projection is not None and (not isinstance(projection, int) or projection < 1):
+        raise ConfigError(f"prefix projection width must be a positive integer, got {projection!r}")
+    adapt_model_(model, PrefixTuningModel, num_virtual_tokens)
+    _freeze(model, trainable)
+    model.add_prefix(projection)
+    return model
+
+
+def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20, init_token_ids: list[int] | None = None,
+                        trainable: Targets = ()) -> nn.Module:
+    """Give ``model`` (a Decoder or Encoder) ``num_virtual_tokens`` learned input embeddings in front of
+    every sequence, started from ``init_token_ids``' embeddings (an initialisation text's tokens) or from
+    tokens drawn at random (``lmstack.peft.prompt``); in place.
+
+    Raises:
+        ConfigError: another kind of model, num_virtual_tokens < 1 or filling the context, token ids outside
+            the vocabulary, a model already carrying prompt learning.
+    """
+    vocab = model.config.vocab_size
+    if init_token_ids is not None and (not init_token_ids or any(not 0 <= i < vocab for i in init_token_ids)):
+        raise ConfigError(f"prompt initialisation token ids must be a non-empty list in [0, {vocab}), "
+                          f"got {list(init_token_ids)[:8]}")
+    adapt_model_(model, PromptTuningModel, num_virtual_tokens)
+    _freeze(model, trainable)
+    model.add_prompt(init_token_ids)
     return model
 
 

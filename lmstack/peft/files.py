@@ -1,13 +1,16 @@
 """Adapter files in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``, both directions.
 
     save_adapter(model, "out/adapter")           # a directory peft loads onto the same base (its PeftModel)
-    load_adapter(model, "peft_saved_adapter")    # applies LoRA / DoRA / IA3 to ``model`` and fills it in
+    load_adapter(model, "peft_saved_adapter")    # applies the saved method to ``model`` and fills it in
 
-Tensor keys are peft's: ``base_model.model.<Hugging Face module name>.<tensor>`` with ``<tensor>`` one of
-``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r), ``lora_magnitude_vector`` (out,) or ``ia3_l``. Module
-names are translated by the model family's tensor rules (ours ``layers.0.attn.q_proj`` <-> Hugging Face's
-``model.layers.0.self_attn.q_proj``); a module Hugging Face stores fused (GPT-2's ``c_attn``) has no
-one-to-one name, and is refused.
+LoRA / DoRA / IA3 tensor keys are peft's: ``base_model.model.<Hugging Face module name>.<tensor>`` with
+``<tensor>`` one of ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r), ``lora_magnitude_vector`` (out,) or
+``ia3_l``. Module names are translated by the model family's tensor rules (ours ``layers.0.attn.q_proj`` <->
+Hugging Face's ``model.layers.0.self_attn.q_proj``); a module Hugging Face stores fused (GPT-2's ``c_attn``)
+has no one-to-one name, and is refused. Prefix and prompt tuning save one tensor, ``prompt_embeddings``: the
+prefix (P, L*2*Hkv*D) after its MLP, or the soft prompt (P, C). Bottleneck adapters, which peft lacks, are
+written in the same two files with ``peft_type`` "BOTTLENECK" and lmstack's module names; only lmstack
+reads them.
 """
 
 import os
@@ -23,14 +26,21 @@ from lmstack.checkpoints.io import load_tensors, read_json, read_safetensors_hea
 from lmstack.errors import CheckpointError, ConfigError
 from lmstack.fileio import atomic_path, write_json
 from lmstack.models.registry import family_for_config
-from lmstack.peft.apply import adapter_layers
+from lmstack.nn.transforms import added_tensor_names
+from lmstack.peft.apply import adapter_layers, apply_bottleneck, apply_prefix_tuning, apply_prompt_tuning, remove_
 from lmstack.peft.adapted import adapt_, linear_layers
+from lmstack.peft.bottleneck import BottleneckLayer
 from lmstack.peft.ia3 import IA3Layer
 from lmstack.peft.lora import LoRALayer
+from lmstack.peft.prefix import PrefixTuningModel
+from lmstack.peft.prompt import PromptTuningModel
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
+PROMPT_KEY = "prompt_embeddings"
 _TENSORS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "ia3_l")
+_KINDS = {LoRALayer: "LORA", IA3Layer: "IA3", PrefixTuningModel: "PREFIX_TUNING", PromptTuningModel: "PROMPT_TUNING",
+          BottleneckLayer: "BOTTLENECK"}
 
 
 def module_names_to_hf(model: nn.Module) -> dict[str, str]:
@@ -43,7 +53,7 @@ def module_names_to_hf(model: nn.Module) -> dict[str, str]:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write ``model``'s LoRA / DoRA or IA3 adapter (one method per file, as peft) to directory ``path``.
+    """Write ``model``'s adapter (one method per file, as peft) to directory ``path``.
 
     Both files are written to temporary names and renamed only once both are complete, so a failed save
     leaves the previous adapter as it was.
@@ -51,21 +61,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     Raises:
         ConfigError: no adapter, two methods mixed, settings peft's files cannot state, or a layer with no
             one-to-one Hugging Face name.
+
+    Parameters trained in full beside the adapter (a new task head) are saved too, as peft's
+    ``modules_to_save``.
     """
     layers = adapter_layers(model)
     if not layers:
-        raise ConfigError("the model carries no LoRA, DoRA or IA3 adapter to save")
-    kinds = {LoRALayer if isinstance(layer, LoRALayer) else IA3Layer for layer in layers.values()}
+        raise ConfigError("the model carries no PEFT adapter to save")
+    kinds = {kind for layer in layers.values() for cls, kind in _KINDS.items() if isinstance(layer, cls)}
     if len(kinds) > 1:
-        raise ConfigError("the model mixes LoRA and IA3 adapters; peft's files hold one method each")
-    to_hf = module_names_to_hf(model)
-    unnamed = sorted(name for name in layers if name not in to_hf)
-    if unnamed:
-        raise ConfigError(f"{unnamed[:3]} have no one-to-one Hugging Face module name (a fused tensor there?); "
-                          f"peft could not load such an adapter")
-    tensors = {f"{PREFIX}{to_hf[name]}.{local}": tensor.detach().contiguous().cpu()
-               for name, layer in layers.items() for local, tensor in layer.adapter_parameters().items()}
-    config = _config(model, layers, to_hf, kinds.pop(), base_model_name_or_path)
+        raise ConfigError(f"the model mixes {sorted(kinds)} adapters; an adapter file holds one method")
+    kind = kinds.pop()
+    if kind in ("PREFIX_TUNING", "PROMPT_TUNING", "BOTTLENECK"):
+        tensors, config = _other_files(model, layers, kind, base_model_name_or_path)
+    else:
+        tensors, config = _linear_files(model, layers, kind, base_model_name_or_path)
+    saved, config["modules_to_save"] = _saved_modules(model, kind)  # a trained task head, say
+    tensors.update(saved)
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory}: exists and is not a directory")
@@ -76,6 +88,53 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
         write_json(config_tmp, config)
     return directory
+
+
+def _linear_files(model: nn.Module, layers: dict, kind: str, base: str | None) -> tuple[dict, dict]:
+    """LoRA / DoRA / IA3: peft's tensors by Hugging Face module name, and the config."""
+    to_hf = module_names_to_hf(model)
+    unnamed = sorted(name for name in layers if name not in to_hf)
+    if unnamed:
+        raise ConfigError(f"{unnamed[:3]} have no one-to-one Hugging Face module name (a fused tensor there?); "
+                          f"peft could not load such an adapter")
+    tensors = {f"{PREFIX}{to_hf[name]}.{local}": tensor.detach().contiguous().cpu()
+               for name, layer in layers.items() for local, tensor in layer.adapter_parameters().items()}
+    return tensors, _config(model, layers, to_hf, IA3Layer if kind == "IA3" else LoRALayer, base)
+
+
+def _other_files(model: nn.Module, layers: dict, kind: str, base: str | None) -> tuple[dict, dict]:
+    """Prefix / prompt tuning (peft's one ``prompt_embeddings`` tensor) and bottleneck adapters (lmstack's)."""
+    cfg = model.config
+    common = {"base_model_name_or_path": base, "inference_mode": True, "modules_to_save": None, "revision": None,
+              "auto_mapping": None, "task_type": _task_type(model), "peft_type": kind}
+    if kind == "BOTTLENECK":
+        first = next(iter(layers.values()))
+        tensors = {f"{name}.{local}": t.detach().contiguous().cpu()
+                   for name, layer in layers.items() for local, t in layer.adapter_parameters().items()}
+        return tensors, {**common, "library": "lmstack", "target_modules": sorted(layers),
+                         "adapter_size": first.adapter_down.out_features, "activation": first.adapter_activation}
+    P = model.num_virtual_tokens
+    shared = {**common, "num_virtual_tokens": P, "num_transformer_submodules": 1, "num_layers": cfg.n_layers}
+    if kind == "PREFIX_TUNING":
+        projection = model.prefix_encoder.projection
+        with torch.no_grad():
+            prefix = model.prefix_encoder()
+        return {PROMPT_KEY: prefix.detach().contiguous().cpu()}, {
+            **shared, "token_dim": model.prefix_kv_heads * model.prefix_head_dim,
+            "num_attention_heads": model.prefix_kv_heads, "encoder_hidden_size": projection or cfg.dim,
+            "prefix_projection": bool(projection), "init_weights": None}
+    # The init method is history once trained; "RANDOM" keeps peft from loading a tokenizer to redo it.
+    return {PROMPT_KEY: model.prompt_embeddings.weight.detach().contiguous().cpu()}, {
+        **shared, "token_dim": cfg.dim, "num_attention_heads": cfg.n_heads, "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """peft's task type for this model (which PeftModel class it builds)."""
+    if _is_decoder(model):
+        return "CAUSAL_LM"
+    return {"sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}.get(
+        getattr(model.config, "head", None), "FEATURE_EXTRACTION")
 
 
 def _config(model: nn.Module, layers: dict, to_hf: dict[str, str], kind: type, base: str | None) -> dict:
@@ -118,10 +177,12 @@ def _target_modules(chosen: set[str], to_hf: dict[str, str]) -> list[str]:
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Apply the adapter saved in ``path`` (by lmstack or peft) to ``model`` in place; returns ``model``.
+    Modules saved whole beside it (peft's ``modules_to_save``: a trained classifier) are loaded and left
+    trainable.
 
     Raises:
-        CheckpointError: missing or unreadable files, a peft type other than LORA / IA3, tensors for modules
-            this model lacks or of other shapes (an adapter for another base), settings lmstack cannot honour.
+        CheckpointError: missing or unreadable files, an unknown peft type, tensors for modules this model
+            lacks or of other shapes (an adapter for another base), settings lmstack cannot honour.
     """
     directory = Path(path)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
@@ -130,43 +191,174 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise CheckpointError(f"{file}: no such file (an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
     config = read_json(config_path)
     kind = config.get("peft_type")
-    if kind not in ("LORA", "IA3"):
-        raise CheckpointError(f"{config_path}: peft_type {kind!r}; lmstack loads LORA (and DoRA) and IA3 adapters")
-    if config.get("fan_in_fan_out"):
-        raise CheckpointError(f"{config_path}: fan_in_fan_out adapters (GPT-2's fused Conv1D) have no lmstack layer")
-    unsupported = [key for key, plain in (("bias", "none"), ("lora_bias", False), ("modules_to_save", None),
-                                          ("layers_to_transform", None), ("use_qalora", False))
-                   if config.get(key, plain) not in (plain, None, [], False)]
-    if unsupported:  # trained biases or whole modules saved beside the adapter: not loaded, so refused
-        raise CheckpointError(f"{config_path}: {', '.join(f'{k}={config[k]!r}' for k in unsupported)} is not "
-                              f"supported; lmstack loads the LoRA / DoRA / IA3 tensors alone")
-    from_hf = {hf: ours for ours, hf in module_names_to_hf(model).items()}
-    grouped = _grouped_tensors(weights_path, from_hf)
-    if kind == "IA3":
-        feedforward = config.get("feedforward_modules") or []
-        for name, tensors in grouped.items():
-            layer = adapt_(model.get_submodule(name), IA3Layer)
-            layer.add_ia3(_named(from_hf, name, feedforward))
-            _fill(layer, tensors, weights_path, name)
-        return model
-    for name, tensors in grouped.items():
-        layer = model.get_submodule(name)
-        if "lora_A.weight" not in tensors or "lora_B.weight" not in tensors:
-            raise CheckpointError(f"{weights_path}: {name} lacks lora_A or lora_B")
-        rank = tensors["lora_A.weight"].shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, from_hf, name, config.get("lora_alpha", 8))
-        adapt_(layer, LoRALayer).add_lora(rank, float(alpha), float(config.get("lora_dropout") or 0.0),
-                                          bool(config.get("use_rslora")), bool(config.get("use_dora")))
-        _fill(layer, tensors, weights_path, name)
+    if kind not in _KINDS.values():
+        raise CheckpointError(f"{config_path}: peft_type {kind!r}; lmstack loads {sorted(_KINDS.values())} adapters")
+    tensors = dict(load_tensors(weights_path, list(read_safetensors_header(weights_path))))
+    saved = _take_saved_modules(model, config, tensors, weights_path)  # checked before any change
+    if kind in ("PREFIX_TUNING", "PROMPT_TUNING"):
+        _load_virtual(model, config, config_path, weights_path, tensors)
+    elif kind == "BOTTLENECK":
+        _load_bottleneck(model, config, config_path, weights_path, tensors)
+    else:
+        _load_linear(model, config, config_path, weights_path, tensors)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+            params[name].requires_grad_(True)
     return model
 
 
-def _grouped_tensors(weights_path: Path, from_hf: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+def _key_prefix(kind: str) -> str:
+    """What peft puts before a Hugging Face tensor name: its tuner model's path to the base model."""
+    return {"PREFIX_TUNING": "base_model.", "PROMPT_TUNING": "base_model.", "BOTTLENECK": ""}.get(kind, PREFIX)
+
+
+def _is_adapter_key(kind: str, key: str) -> bool:
+    if kind in ("PREFIX_TUNING", "PROMPT_TUNING"):
+        return key == PROMPT_KEY
+    if kind == "BOTTLENECK":
+        return ".adapter_down." in key or ".adapter_up." in key
+    return any(key.endswith("." + t) for t in _TENSORS)
+
+
+def tensor_names_to_hf(model: nn.Module) -> dict[str, str]:
+    """Our name -> Hugging Face's, for every base tensor the family's rules rename one to one."""
+    names = [n for n in model.state_dict() if n not in added_tensor_names(model)]
+    plan = family_for_config(model.config).hf_plan(names)
+    return {ours[0]: hf for hf, (rule, ours) in plan.items() if rule.is_rename and len(ours) == 1}
+
+
+def _saved_modules(model: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """peft's ``modules_to_save``: the trainable parameters outside the adapter (a new task head), by file key,
+    and the modules they belong to."""
+    added = added_tensor_names(model)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and n not in added]
+    if not trained:
+        return {}, None
+    to_hf = {n: n for n in trained} if kind == "BOTTLENECK" else tensor_names_to_hf(model)
+    unnamed = [n for n in trained if n not in to_hf]
+    if unnamed:
+        raise ConfigError(f"trainable tensors {unnamed[:3]} have no one-to-one Hugging Face name; an adapter file "
+                          f"cannot hold them")
+    params = dict(model.named_parameters())
+    tensors = {_key_prefix(kind) + to_hf[n]: params[n].detach().contiguous().cpu() for n in trained}
+    return tensors, sorted({to_hf[n].rsplit(".", 1)[0] for n in trained})
+
+
+def _take_saved_modules(model: nn.Module, config: dict, tensors: dict, weights_path: Path) -> dict[str, torch.Tensor]:
+    """Pop the ``modules_to_save`` tensors out of ``tensors``: our parameter name -> tensor, each checked."""
+    kind, modules = config["peft_type"], config.get("modules_to_save") or []
+    keys = [k for k in tensors if not _is_adapter_key(kind, k)]
+    if not keys:
+        return {}
+    prefix = _key_prefix(kind)
+    from_hf = ({n: n for n in model.state_dict()} if kind == "BOTTLENECK"
+               else {hf: ours for ours, hf in tensor_names_to_hf(model).items()})
+    params = dict(model.named_parameters())
+    saved, strangers = {}, []
+    for key in keys:
+        name = from_hf.get(key.removeprefix(prefix)) if key.startswith(prefix) else None
+        module = key.removeprefix(prefix).rsplit(".", 1)[0]
+        if name is None or name not in params or not any(module == m or module.endswith("." + m) or
+                                                         module.startswith(m + ".") for m in modules):
+            strangers.append(key)
+        elif tuple(tensors[key].shape) != tuple(params[name].shape):
+            raise CheckpointError(f"{weights_path}: {key} has shape {list(tensors[key].shape)}, this model's {name} "
+                                  f"has {list(params[name].shape)} (another base, or another number of labels?)")
+        else:
+            saved[name] = tensors.pop(key)
+    if strangers:
+        raise CheckpointError(f"{weights_path}: tensors {strangers[:3]} name nothing of this model's {kind} adapter "
+                              f"or its modules_to_save {modules} (an adapter for another base?)")
+    return saved
+
+
+def _load_linear(model: nn.Module, config: dict, config_path: Path, weights_path: Path, tensors: dict) -> None:
+    """LoRA / DoRA / IA3 layers from peft's tensors."""
+    kind = config["peft_type"]
+    if config.get("fan_in_fan_out"):
+        raise CheckpointError(f"{config_path}: fan_in_fan_out adapters (GPT-2's fused Conv1D) have no lmstack layer")
+    unsupported = [key for key, plain in (("bias", "none"), ("lora_bias", False), ("layers_to_transform", None),
+                                          ("use_qalora", False))
+                   if config.get(key, plain) not in (plain, None, [], False)]
+    if unsupported:  # trained biases beside the adapter: not loaded, so refused
+        raise CheckpointError(f"{config_path}: {', '.join(f'{k}={config[k]!r}' for k in unsupported)} is not "
+                              f"supported; lmstack loads the LoRA / DoRA / IA3 tensors alone")
+    from_hf = {hf: ours for ours, hf in module_names_to_hf(model).items()}
+    grouped = _grouped_tensors(weights_path, tensors, from_hf)
+    if kind == "IA3":
+        feedforward = config.get("feedforward_modules") or []
+        for name, own in grouped.items():
+            layer = adapt_(model.get_submodule(name), IA3Layer)
+            layer.add_ia3(_named(from_hf, name, feedforward))
+            _fill(layer, own, weights_path, name)
+        return
+    for name, own in grouped.items():
+        layer = model.get_submodule(name)
+        if "lora_A.weight" not in own or "lora_B.weight" not in own:
+            raise CheckpointError(f"{weights_path}: {name} lacks lora_A or lora_B")
+        rank = own["lora_A.weight"].shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, from_hf, name, config.get("lora_alpha", 8))
+        adapt_(layer, LoRALayer).add_lora(rank, float(alpha), float(config.get("lora_dropout") or 0.0),
+                                          bool(config.get("use_rslora")), bool(config.get("use_dora")))
+        _fill(layer, own, weights_path, name)
+
+
+def _load_virtual(model: nn.Module, config: dict, config_path: Path, weights_path: Path, tensors: dict) -> None:
+    """Prefix or prompt tuning from its one tensor; a trained prefix MLP comes back as the plain table it made."""
+    kind = config["peft_type"]
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise CheckpointError(f"{config_path}: num_transformer_submodules={config['num_transformer_submodules']} "
+                              f"(an encoder-decoder's prompt); lmstack loads decoder and encoder prompts")
+    if set(tensors) != {PROMPT_KEY}:
+        raise CheckpointError(f"{weights_path}: a {kind} adapter holds {PROMPT_KEY!r}, found {sorted(tensors)[:4]}")
+    table = tensors[PROMPT_KEY]
+    P = int(config.get("num_virtual_tokens") or table.shape[0])
+    if kind == "PREFIX_TUNING":
+        apply_prefix_tuning(model, P)
+        own = model.prefix_encoder.embedding.weight
+    else:
+        apply_prompt_tuning(model, P)
+        own = model.prompt_embeddings.weight
+    if tuple(table.shape) != tuple(own.shape):
+        remove_(model)  # nothing half-loaded stays behind
+        raise CheckpointError(f"{weights_path}: {PROMPT_KEY} has shape {list(table.shape)}, this model's "
+                              f"{kind.lower()} needs {list(own.shape)} (an adapter for another base?)")
+    with torch.no_grad():
+        own.copy_(table)
+
+
+def _load_bottleneck(model: nn.Module, config: dict, config_path: Path, weights_path: Path, tensors: dict) -> None:
+    """lmstack's bottleneck adapters: tensors by lmstack module name."""
+    targets = config.get("target_modules")
+    if config.get("library") != "lmstack" or not targets:
+        raise CheckpointError(f"{config_path}: not an lmstack bottleneck adapter (library / target_modules missing)")
+    modules = dict(model.named_modules())
+    missing = [t for t in targets if t not in modules]
+    if missing:
+        raise CheckpointError(f"{weights_path}: modules {missing[:3]} do not exist in this model (an adapter for "
+                              f"another base?)")
+    apply_bottleneck(model, int(config["adapter_size"]), config.get("activation", "relu"),
+                     targets="|".join(re.escape(t) for t in targets))
+    expected = {f"{name}.{local}": p for name in targets for local, p in modules[name].adapter_parameters().items()}
+    problems = sorted(set(tensors) ^ set(expected)) or [k for k, t in tensors.items()
+                                                        if tuple(t.shape) != tuple(expected[k].shape)]
+    if problems:
+        remove_(model)
+        raise CheckpointError(f"{weights_path}: tensors {problems[:3]} are missing, extra or of other shapes "
+                              f"(an adapter for another base?)")
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            expected[key].copy_(tensor)
+
+
+def _grouped_tensors(weights_path: Path, tensors: dict[str, torch.Tensor],
+                     from_hf: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
     """Our module name -> {local tensor name: tensor}, every key checked to name a module of this model."""
-    names = list(read_safetensors_header(weights_path))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     strangers = []
-    for key, tensor in load_tensors(weights_path, names):
+    for key, tensor in tensors.items():
         local = next((t for t in _TENSORS if key.endswith("." + t)), None)
         module = key.removeprefix(PREFIX).removesuffix("." + local) if local else None
         if local is None or module not in from_hf:

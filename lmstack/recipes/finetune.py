@@ -1,5 +1,6 @@
 """`lmstack finetune`: fine-tune an encoder checkpoint for sequence / pair classification or NER, or a decoder
-on text (``--task causal_lm``, in ``finetune_lm``); in full or with ``--peft.method lora|dora|qlora|ia3``.
+on text (``--task causal_lm``, in ``finetune_lm``); in full or with
+``--peft.method lora|dora|qlora|ia3|adapter|prefix|prompt``.
 
     lmstack finetune --config configs/finetune/sentiment-minilm.yaml --out runs/sentiment
     lmstack finetune --config configs/finetune/ner-minilm.yaml --out runs/ner --peft.method lora
@@ -8,7 +9,8 @@ Data: CSV or JSONL with named columns (text [+ text_pair] + label; or JSONL word
 set comes from data.labels or the training file. A checkpoint without a task head (BertModel, a
 pretraining checkpoint) gets a new, randomly initialised one; a checkpoint whose head is for another task
 or other labels is an error unless model.reset_head is set. The run directory gets metrics.jsonl,
-loss.png, checkpoints/ and model/ (HF format + tokenizer, loadable by transformers).
+loss.png, checkpoints/, model/ (HF format + tokenizer, loadable by transformers; adapters merged) and, for a
+PEFT run, adapter/ (peft's files, the trained task head as its modules_to_save).
 """
 
 import dataclasses
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lmstack.checkpoints.hf import load_hf, save_hf
+from lmstack.checkpoints.hf import load_hf
 from lmstack.config import save_yaml
 from lmstack.data.labeled import (encode_sequences, encode_tagged, eval_example_batches, label_ids, label_set,
                                   read_rows, ExampleBatches)
@@ -29,7 +31,7 @@ from lmstack.nn.memory import unmap_large_frees
 from lmstack.nn.transforms import apply_transforms
 from lmstack.peft import trainable_parameters
 from lmstack.recipes.bundled import resolve_model_dir
-from lmstack.recipes.finetune_lm import peft_transforms, run_causal_lm
+from lmstack.recipes.finetune_lm import export, peft_transforms, run_causal_lm
 from lmstack.tokenizers import WordPieceTokenizer, load_tokenizer
 from lmstack.train import Trainer
 from lmstack.train.run_dir import prepare_run_dir
@@ -68,7 +70,7 @@ def run(cfg: FinetuneConfig) -> dict:
     model = with_task_head(load_hf(model_dir), cfg.task, labels, cfg.model.reset_head, cfg.seed)
     # The new task head trains in full beside the adapters (peft's modules_to_save); seeded adapter init.
     torch.manual_seed(cfg.seed + 1)
-    model = apply_transforms(model, peft_transforms(cfg.peft, trainable=("classifier", "pooler")))
+    model = apply_transforms(model, peft_transforms(cfg.peft, trainable=("classifier", "pooler"), tokenizer=tokenizer))
     if cfg.model.activation_checkpointing:  # the memory-saving mode (see finetune_lm)
         checkpoint_layers_(model)
         unmap_large_frees()
@@ -87,12 +89,11 @@ def run(cfg: FinetuneConfig) -> dict:
     trainer = Trainer(model, objective, ExampleBatches(train_set, cfg.train.batch_size, cfg.seed, pad_id), cfg.train,
                       out, eval_data=eval_data, checkpoint_files=checkpoint_files)
     final = trainer.fit(resume=cfg.resume)
-    model_dir = save_hf(model, out / "model", dequantize=cfg.peft.method == "qlora")  # adapters merged
-    tokenizer.save(model_dir)
+    written = export(model.eval(), cfg, out, tokenizer)  # adapter/ (+ the trained head) and/or model/ (merged)
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=f"fine-tuning ({out.name})")
     shown = {k: v for k, v in final.items() if k.startswith("eval_")}
     print("held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in shown.items()))
-    print(f"model: {model_dir} ({time.perf_counter() - started:.0f} s)")
+    print(f"wrote {', '.join(map(str, written))} ({time.perf_counter() - started:.0f} s)")
     return final
 
 

@@ -7,7 +7,8 @@ Text comes from .txt / .md files (one document each) or JSONL (``data.text_field
 blocks of ``data.max_length`` tokens with the model's EOS between documents. The run directory gets what
 pretraining's does, and at the end ``adapter/`` (peft's adapter_config.json + adapter_model.safetensors; a
 PEFT run) and ``model/`` (the merged model as a Hugging Face checkpoint with its tokenizer; a full run, or
-``peft.merge``). Checkpoints of a PEFT run hold only the adapter (and its peft-format copy).
+a LoRA / DoRA / QLoRA / IA3 run unless ``peft.merge`` is false). Checkpoints of a PEFT run hold only the
+adapter (and its peft-format copy).
 """
 
 import functools
@@ -25,7 +26,8 @@ from lmstack.errors import ConfigError, DataError
 from lmstack.nn.checkpointing import checkpoint_layers_
 from lmstack.nn.memory import unmap_large_frees
 from lmstack.nn.transforms import apply_transforms
-from lmstack.peft import apply_ia3, apply_lora, save_adapter, trainable_parameters
+from lmstack.peft import (apply_bottleneck, apply_ia3, apply_lora, apply_prefix_tuning, apply_prompt_tuning,
+                          save_adapter, trainable_parameters)
 from lmstack.peft.config import PeftSection
 from lmstack.recipes.bundled import resolve_model_dir
 from lmstack.recipes.configs.finetune import FinetuneConfig
@@ -38,22 +40,38 @@ from lmstack.train.trainer import resolve_device
 QLORA_KEEP = ("classifier*", "pooler*", "mlm_head*", "nsp_head*")
 
 
-def peft_transforms(section: PeftSection, trainable: tuple[str, ...] = ()) -> list:
-    """The load transforms of ``section``'s method (``lmstack.nn.transforms``): [] for full fine-tuning."""
+def peft_transforms(section: PeftSection, trainable: tuple[str, ...] = (), tokenizer=None) -> list:
+    """The load transforms of ``section``'s method (``lmstack.nn.transforms``): [] for full fine-tuning.
+    ``tokenizer`` turns prompt tuning's initialisation text into token ids."""
     lora = functools.partial(apply_lora, targets=section.targets, rank=section.rank, alpha=section.alpha,
                              dropout=section.dropout, use_rslora=section.rslora, use_dora=section.method == "dora",
                              trainable=trainable)
+    method = section.method
+    if method == "qlora":
+        return [functools.partial(quantize_, scheme="nf4", lm_head=False, exclude=QLORA_KEEP), lora]
+    if method == "prompt":
+        init_ids = None
+        if section.prompt_init_text:
+            init_ids = tokenizer.encode(section.prompt_init_text, add_special_tokens=False)
+            if not init_ids:
+                raise ConfigError(f"peft.prompt_init_text {section.prompt_init_text!r} has no tokens")
+        return [functools.partial(apply_prompt_tuning, num_virtual_tokens=section.virtual_tokens,
+                                  init_token_ids=init_ids, trainable=trainable)]
     return {"none": [], "lora": [lora], "dora": [lora],
-            "qlora": [functools.partial(quantize_, scheme="nf4", lm_head=False, exclude=QLORA_KEEP), lora],
-            "ia3": [functools.partial(apply_ia3, targets=section.targets, trainable=trainable)]}[section.method]
+            "ia3": [functools.partial(apply_ia3, targets=section.targets, trainable=trainable)],
+            "adapter": [functools.partial(apply_bottleneck, size=section.adapter_size,
+                                          activation=section.adapter_activation,
+                                          targets=section.targets or ("attn", "mlp"), trainable=trainable)],
+            "prefix": [functools.partial(apply_prefix_tuning, num_virtual_tokens=section.virtual_tokens,
+                                         projection=section.prefix_projection, trainable=trainable)]}[method]
 
 
 def export(model: torch.nn.Module, cfg: FinetuneConfig, out: Path, tokenizer) -> list[Path]:
-    """adapter/ (a PEFT run) and model/ (a full run, or peft.merge): what the run leaves for users."""
+    """adapter/ (a PEFT run) and model/ (a full run, or a PEFT run that merges): what the run leaves for users."""
     written = []
     if cfg.peft.method != "none":
         written.append(save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model.path)))
-    if cfg.peft.method == "none" or cfg.peft.merge:
+    if cfg.peft.exports_merged:
         model_dir = save_hf(model, out / "model", dequantize=cfg.peft.method == "qlora")  # merged
         tokenizer.save(model_dir)
         written.append(model_dir)
@@ -68,16 +86,22 @@ def run_causal_lm(cfg: FinetuneConfig, out: Path) -> dict:
         DataError: an empty or unreadable training file.
     """
     path = resolve_model_dir(cfg.model.path)
-    transforms = peft_transforms(cfg.peft)
+    # Prompt tuning starts from the tokenizer's tokens, so it is applied once both are loaded; the other
+    # methods are applied to the meta model before its weights load.
+    transforms = [] if cfg.peft.method == "prompt" else peft_transforms(cfg.peft)
     torch.manual_seed(cfg.seed)  # the adapters' starting values (LoRA's A) are drawn while loading
     files = open_model(path, load=functools.partial(load_model, transforms=transforms))
     model = apply_transforms(files.model, transforms) if is_gguf(path) else files.model
+    if cfg.peft.method == "prompt":
+        model = apply_transforms(model, peft_transforms(cfg.peft, tokenizer=files.tokenizer))
     if not hasattr(model, "lm_head") or not hasattr(model.config, "context_limit"):
         raise ConfigError(f"task causal_lm needs a decoder checkpoint; {path} holds a {type(model).__name__}")
     tokenizer, block = files.tokenizer, cfg.data.max_length
     limit = model.config.context_limit
-    if limit is not None and block > limit:
-        raise ConfigError(f"data.max_length={block} exceeds the model's context of {limit} tokens")
+    virtual = getattr(model, "reserved_cache_slots", 0)  # prefix / prompt tuning's virtual tokens
+    if limit is not None and block + virtual > limit:
+        raise ConfigError(f"data.max_length={block}{f' + {virtual} virtual tokens' if virtual else ''} exceeds the "
+                          f"model's context of {limit} tokens")
     eos_id = files.stop_ids[0] if files.stop_ids else None
     if tokenizer is None or eos_id is None:
         raise DataError(f"{path}: causal_lm fine-tuning needs the model's tokenizer and an end-of-text token")

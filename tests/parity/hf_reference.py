@@ -51,3 +51,10 @@ def hf_logits(model, input_ids, attention_mask=None):
 
 def load_reference(directory: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def tiny_gqa_llama_dir(tmp_path_factory) -> Path:
+    """A saved random-init Llama with grouped-query attention (vocab 128, width 64, 2 layers, 4 q / 2 kv heads)."""
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return save_hf_model(make_hf_model(config), tmp_path_factory.mktemp("base"))

