@@ -8,8 +8,9 @@ configurations are
 interleaved across --rounds, and the median step time is reported. LoRA: rank 8, alpha 16, targets
 q_proj and v_proj (peft's default for Llama); QLoRA: the linears of the blocks in NF4, embedding and head fp32.
 "+ckpt" rows add activation checkpointing (lmstack.nn.checkpointing; transformers' gradient checkpointing for
-peft), the memory recipe QLoRA is trained with; "+lowmem" rows also make the allocator unmap large frees
-(lmstack.nn.memory.unmap_large_frees, what `lmstack finetune --model.activation_checkpointing` sets);
+peft), the memory recipe QLoRA is trained with; "+lowmem" rows make the allocator unmap large frees
+(lmstack.nn.memory.unmap_large_frees: what every `lmstack finetune` PEFT run sets, and
+`--model.activation_checkpointing`);
 "vs full" compares with full fine-tuning with neither.
 
     python benchmarks/peft.py [--steps 3] [--rounds 2] [--batch 4] [--seq 256]
@@ -28,7 +29,8 @@ from pathlib import Path
 # "+ckpt": activation checkpointing (each block recomputed in backward), as QLoRA recipes train.
 CONFIGS = ["lmstack full", "lmstack lora", "lmstack dora", "lmstack qlora", "peft lora", "peft dora",
            "lmstack lora+ckpt", "lmstack qlora+ckpt", "peft lora+ckpt",
-           "lmstack full+lowmem", "lmstack lora+ckpt+lowmem", "lmstack qlora+ckpt+lowmem"]
+           "lmstack full+lowmem", "lmstack lora+lowmem", "lmstack dora+lowmem", "lmstack qlora+lowmem",
+           "peft lora+lowmem", "lmstack lora+ckpt+lowmem", "lmstack qlora+ckpt+lowmem"]
 
 
 def _reset_peak_rss() -> bool:

