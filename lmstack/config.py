@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", 
         elif typing.get_origin(kind) is list and not overrides_only:
             (item,) = typing.get_args(kind)  # `lmstack embed "a" "b" ...`, `--calibration a.txt b.txt`
             kwargs.update(nargs="+", type=item)
+        elif kind in (str, Path) and overrides_only:  # a text field takes the text as typed, colons and all
+            kwargs["type"] = Verbatim
         else:
             kwargs["type"] = kind if kind in (int, float, str, Path) else str
         if f.metadata.get("positional") and not prefix:
@@ -76,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", 
             kwargs["required"] = not optional
         flag = "--" + prefix + f.name.replace("_", "-") if not prefix else "--" + prefix + f.name
         parser.add_argument(flag, dest=prefix + f.name, **kwargs)
+
+
+class Verbatim(str):
+    """A command-line value for a text field: ``apply_overrides`` keeps it as typed instead of reading it as
+    YAML (``--peft.prompt_init_text "Answer: yes"`` is a string, not a mapping)."""
 
 
 def _parse_bool(text: str) -> bool:
@@ -241,7 +248,10 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             if not isinstance(child, dict):
                 raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
             node = child
-        node[leaf] = _parse_text(value) if isinstance(value, str) else value
+        if isinstance(value, Verbatim):
+            node[leaf] = str(value)  # plain text again (YAML writes no subclass)
+        else:
+            node[leaf] = _parse_text(value) if isinstance(value, str) else value
     return merged
 
 

@@ -59,6 +59,9 @@ def test_bad_keys_and_values_are_named(data, message):
 
 def test_override_errors_and_typing():
     assert apply_overrides({}, {"optim.lr": "1e-3", "tags": "[a, b]"}) == {"optim": {"lr": 1e-3}, "tags": ["a", "b"]}
+    from lmstack.config import Verbatim
+    kept = apply_overrides({}, {"prompt": Verbatim("Answer: yes")})
+    assert kept == {"prompt": "Answer: yes"} and type(kept["prompt"]) is str
     with pytest.raises(ConfigError, match="'max_steps' is not a section"):
         apply_overrides({"max_steps": 3}, {"max_steps.x": "1"})
 

@@ -75,7 +75,7 @@ def test_causal_lm_peft_run_exports_load_in_peft_and_transformers(base_dir, text
 
 
 @pytest.mark.parametrize("method, extra", [("prefix", ["--peft.prefix_projection", "32"]),
-                                           ("prompt", ["--peft.prompt_init_text", "the quick brown fox"]),
+                                           ("prompt", ["--peft.prompt_init_text", "the quick brown fox: jumps"]),
                                            ("adapter", ["--peft.adapter_size", "16"])])
 def test_causal_lm_runs_with_unmergeable_methods_export_the_adapter_alone(base_dir, text, tmp_path, method, extra):
     out = tmp_path / method
@@ -85,7 +85,7 @@ def test_causal_lm_runs_with_unmergeable_methods_export_the_adapter_alone(base_d
     if method == "prompt":  # a soft prompt barely steers a random-init model: check it started from the text, and moved
         from safetensors.torch import load_file
         from lmstack.tokenizers import load_tokenizer
-        text_ids = load_tokenizer(base_dir).encode("the quick brown fox", add_special_tokens=False)
+        text_ids = load_tokenizer(base_dir).encode("the quick brown fox: jumps", add_special_tokens=False)
         start = load_hf(base_dir).embed_tokens.weight[(text_ids * 6)[:6]].detach()
         trained = load_file(out / "adapter" / "adapter_model.safetensors")["prompt_embeddings"]
         assert 0 < (trained - start).abs().max() < 0.2
