@@ -43,13 +43,17 @@ _KINDS = {LoRALayer: "LORA", IA3Layer: "IA3", PrefixTuningModel: "PREFIX_TUNING"
           BottleneckLayer: "BOTTLENECK"}
 
 
+def tensor_names_to_hf(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Our tensor name -> Hugging Face's, for each of ``names`` the family's rules rename one to one."""
+    plan = family_for_config(model.config).hf_plan(names)
+    return {ours[0]: hf for hf, (rule, ours) in plan.items() if rule.is_rename and len(ours) == 1}
+
+
 def module_names_to_hf(model: nn.Module) -> dict[str, str]:
-    """Our linear-module name -> Hugging Face's, for every linear the family's rules rename one to one."""
-    family = family_for_config(model.config)
-    linears = list(linear_layers(model))
-    plan = family.hf_plan([f"{name}.weight" for name in linears])
-    return {ours[0].removesuffix(".weight"): hf_name.removesuffix(".weight")
-            for hf_name, (rule, ours) in plan.items() if rule.is_rename and len(ours) == 1}
+    """Our linear-module name -> Hugging Face's, for every linear the family's rules rename one to one (by its
+    ``weight``'s name, which a quantized linear also has in a Hugging Face file)."""
+    names = tensor_names_to_hf(model, [f"{name}.weight" for name in linear_layers(model)])
+    return {ours.removesuffix(".weight"): hf.removesuffix(".weight") for ours, hf in names.items()}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
@@ -222,26 +226,25 @@ def _is_adapter_key(kind: str, key: str) -> bool:
     return any(key.endswith("." + t) for t in _TENSORS)
 
 
-def tensor_names_to_hf(model: nn.Module) -> dict[str, str]:
-    """Our name -> Hugging Face's, for every base tensor the family's rules rename one to one."""
-    names = [n for n in model.state_dict() if n not in added_tensor_names(model)]
-    plan = family_for_config(model.config).hf_plan(names)
-    return {ours[0]: hf for hf, (rule, ours) in plan.items() if rule.is_rename and len(ours) == 1}
+def _base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The base model's parameters by name: a transform's added ones left out, and so are a quantized
+    layer's codes (buffers, which no task head has and no Hugging Face name maps)."""
+    added = added_tensor_names(model)
+    return {n: p for n, p in model.named_parameters() if n not in added}
 
 
 def _saved_modules(model: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], list[str] | None]:
     """peft's ``modules_to_save``: the trainable parameters outside the adapter (a new task head), by file key,
     and the modules they belong to."""
-    added = added_tensor_names(model)
-    trained = [n for n, p in model.named_parameters() if p.requires_grad and n not in added]
+    params = _base_parameters(model)
+    trained = [n for n, p in params.items() if p.requires_grad]
     if not trained:
         return {}, None
-    to_hf = {n: n for n in trained} if kind == "BOTTLENECK" else tensor_names_to_hf(model)
+    to_hf = {n: n for n in trained} if kind == "BOTTLENECK" else tensor_names_to_hf(model, trained)
     unnamed = [n for n in trained if n not in to_hf]
     if unnamed:
         raise ConfigError(f"trainable tensors {unnamed[:3]} have no one-to-one Hugging Face name; an adapter file "
                           f"cannot hold them")
-    params = dict(model.named_parameters())
     tensors = {_key_prefix(kind) + to_hf[n]: params[n].detach().contiguous().cpu() for n in trained}
     return tensors, sorted({to_hf[n].rsplit(".", 1)[0] for n in trained})
 
@@ -253,9 +256,9 @@ def _take_saved_modules(model: nn.Module, config: dict, tensors: dict, weights_p
     if not keys:
         return {}
     prefix = _key_prefix(kind)
-    from_hf = ({n: n for n in model.state_dict()} if kind == "BOTTLENECK"
-               else {hf: ours for ours, hf in tensor_names_to_hf(model).items()})
-    params = dict(model.named_parameters())
+    params = _base_parameters(model)
+    from_hf = ({n: n for n in params} if kind == "BOTTLENECK"
+               else {hf: ours for ours, hf in tensor_names_to_hf(model, list(params)).items()})
     saved, strangers = {}, []
     for key in keys:
         name = from_hf.get(key.removeprefix(prefix)) if key.startswith(prefix) else None

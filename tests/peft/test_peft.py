@@ -149,6 +149,29 @@ def test_lora_and_ia3_on_an_encoder():
         torch.testing.assert_close(encoder(ids).hidden_states, adapted, atol=1e-5, rtol=0)
 
 
+def test_qlora_classifier_adapter_saves_its_head_beside_quantized_codes(tmp_path):
+    """An encoder task's QLoRA adapter: the trained head goes in as modules_to_save; the NF4 codes (buffers,
+    without Hugging Face names) are neither saved nor in the way."""
+    from lmstack.recipes.finetune import with_task_head
+    from lmstack.recipes.finetune_lm import QLORA_KEEP
+
+    def classifier():
+        model = with_task_head(build_model(get_preset("tiny-bert"), seed=0), "sequence_classification", ("a", "b"),
+                               True, 0)
+        return quantize_(model, "nf4", lm_head=False, exclude=QLORA_KEEP)
+
+    model = apply_lora(classifier(), rank=2, trainable=("classifier", "pooler"))
+    _randomize_adapters(model)
+    with torch.no_grad():
+        model.classifier.proj.weight.add_(1.0)  # trained, so unlike a fresh head
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(classifier(), tmp_path / "adapter").eval()
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, atol=1e-6, rtol=0)
+    assert loaded.classifier.proj.weight.requires_grad
+
+
 def test_trainable_state_checkpoint_holds_only_the_adapter_and_resumes(base_dir, tmp_path):
     model = apply_lora(load_hf(base_dir), rank=4)
     _randomize_adapters(model)
