@@ -49,11 +49,16 @@ def _peft_model(base_dir, method: str):
     return model.eval()
 
 
-@pytest.mark.parametrize("method", [*METHODS, "ia3"])
-def test_peft_adapter_loads_with_equal_logits_and_gradients(base_dir, tmp_path, method):
+def _saved_by_peft_loaded_by_lmstack(base_dir, tmp_path, method: str):
+    """(peft's model, lmstack's base with the adapter peft saved from it)."""
     reference = _peft_model(base_dir, method)
     reference.save_pretrained(tmp_path / "adapter")
-    ours = load_adapter(load_hf(base_dir), tmp_path / "adapter")
+    return reference, load_adapter(load_hf(base_dir), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("method", [*METHODS, "ia3"])
+def test_peft_adapter_loads_with_equal_logits_and_gradients(base_dir, tmp_path, method):
+    reference, ours = _saved_by_peft_loaded_by_lmstack(base_dir, tmp_path, method)
     ids = _ids()
     expected = hf_logits(reference, ids)
     torch.testing.assert_close(ours(ids), ours(ids))  # deterministic
@@ -103,9 +108,7 @@ def test_lmstack_adapter_loads_in_peft(base_dir, tmp_path, method):
 
 @pytest.mark.parametrize("method", [*METHODS, "ia3"])
 def test_merged_weights_equal_peft_and_load_in_transformers(base_dir, tmp_path, method):
-    reference = _peft_model(base_dir, method)
-    reference.save_pretrained(tmp_path / "adapter")
-    ours = load_adapter(load_hf(base_dir), tmp_path / "adapter")
+    reference, ours = _saved_by_peft_loaded_by_lmstack(base_dir, tmp_path, method)
     ids = _ids()
     with torch.no_grad():
         unmerged = ours(ids)

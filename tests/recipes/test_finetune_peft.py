@@ -4,21 +4,19 @@ the encoder tasks, and bad settings named."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from lmstack.checkpoints import load_hf, save_hf
+from lmstack.checkpoints import load_hf
 from lmstack.cli import main
-from lmstack.models import build_model
 from lmstack.peft import load_adapter
-from lmstack.tokenizers import train_bpe
+from tests.recipes.tiny import tiny_llama_dir
 from tests.tokenizers.corpus import TRAIN
+from tests.train.sigkill import kill_once_logged
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["--train.progress", "false"]
@@ -28,9 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    directory = save_hf(build_model("tiny-llama", seed=0), tmp_path_factory.mktemp("base") / "model")
-    train_bpe(TRAIN, 400, special_tokens=["<|endoftext|>"]).save(directory)
-    return directory
+    return tiny_llama_dir(tmp_path_factory.mktemp("base") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -121,16 +117,8 @@ def test_lora_run_killed_and_resumed_matches_an_uninterrupted_one(base_dir, text
     subprocess.run(command[:out_at] + [str(reference)] + command[out_at + 1:], env=_env(), check=True,
                    capture_output=True)
     run = command[:out_at] + [str(killed)] + command[out_at + 1:]
-    process = subprocess.Popen(run, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 25:  # past the checkpoint at step 20
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert process.wait() == -signal.SIGKILL, "the run should have been killed mid-way"
-    assert len(metrics.read_text().splitlines()) < steps
+    # Killed once past the checkpoint at step 20.
+    assert kill_once_logged(run, _env(), killed / "metrics.jsonl", 25) < steps
     resumed = subprocess.run(run + ["--resume"], env=_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert _losses(killed) == _losses(reference)  # floats compared exactly

@@ -3,20 +3,17 @@
 import pytest
 import torch
 
-from lmstack.checkpoints import save_hf
 from lmstack.cli import main
 from lmstack.compress.files import load_quantized
 from lmstack.generate import GenerationConfig, generate
-from lmstack.models import build_model
-from lmstack.tokenizers import load_tokenizer, train_bpe
+from lmstack.tokenizers import load_tokenizer
+from tests.recipes.tiny import tiny_llama_dir
 from tests.tokenizers.corpus import TRAIN
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    directory = save_hf(build_model("tiny-llama", seed=0), tmp_path_factory.mktemp("quantize") / "model")
-    train_bpe(TRAIN, 400, special_tokens=["<|endoftext|>"]).save(directory)
-    return directory
+    return tiny_llama_dir(tmp_path_factory.mktemp("quantize") / "model")
 
 
 @pytest.fixture(scope="module")

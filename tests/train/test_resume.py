@@ -2,11 +2,11 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tests.train.sigkill import kill_once_logged
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 120
@@ -33,16 +33,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     subprocess.run(_command(reference), env=_env(), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_command(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 37:  # past the checkpoint at step 30
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert process.wait() == -signal.SIGKILL, "the run should have been killed mid-way"
-    steps_before = len(metrics.read_text().splitlines())
+    steps_before = kill_once_logged(_command(killed), _env(), killed / "metrics.jsonl", 37)  # past step 30's checkpoint
     assert steps_before < STEPS
 
     resumed = subprocess.run(_command(killed, "--resume"), env=_env(), capture_output=True, text=True)
