@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lmstack.errors import ConfigError
+from lmstack.nn.transforms import TransformError
 
 _CLASSES: dict[tuple[type, type], type] = {}
 
@@ -76,6 +77,19 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) fp32 weight the base layer multiplies by (a quantized layer's dequantised codes)."""
     dequantize = getattr(module, "dequantize", None)
     return dequantize() if dequantize is not None else module.weight
+
+
+def require_plain_weight(layer: nn.Module, merged: str) -> None:
+    """Refuse an in-place merge into a quantized base weight (``merged``: what the merged weight would be,
+    "W + s B A"), naming the export that does it instead.
+
+    Raises:
+        TransformError: the layer's base has no fp32 ``weight`` to merge into.
+    """
+    if not isinstance(getattr(layer, "weight", None), torch.Tensor):
+        raise TransformError(f"cannot merge {layer.transform_name} into a {base_class(layer).__name__} base in place: "
+                             f"its weight is quantized (QLoRA's NF4 base, say). Export it merged instead: "
+                             f"save_hf(model, path, dequantize=True) writes dequantised {merged} in fp32")
 
 
 def weight_device(module: nn.Module) -> torch.device:

@@ -10,8 +10,7 @@ are interchangeable; merging multiplies the weight's rows (and the bias) or colu
 import torch
 from torch import nn
 
-from lmstack.peft.adapted import PeftLayer, base_class, base_weight, materialize_, weight_device
-from lmstack.nn.transforms import TransformError
+from lmstack.peft.adapted import PeftLayer, base_weight, materialize_, require_plain_weight, weight_device
 
 
 class IA3Layer(PeftLayer):
@@ -59,9 +58,7 @@ class IA3Layer(PeftLayer):
     def merge(self) -> None:
         if self.merged:
             return
-        if not isinstance(getattr(self, "weight", None), torch.Tensor):
-            raise TransformError(f"cannot merge ia3 into a {base_class(self).__name__} base in place: its weight "
-                                 f"is quantized; export it merged with save_hf(model, path, dequantize=True)")
+        require_plain_weight(self, "W * l")
         with torch.no_grad():
             state = self.merged_state()
             self.weight.copy_(state["weight"])

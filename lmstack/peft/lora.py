@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.peft.adapted import PeftLayer, base_class, base_weight, materialize_, weight_device
-from lmstack.nn.transforms import TransformError
+from lmstack.peft.adapted import PeftLayer, base_weight, materialize_, require_plain_weight, weight_device
 
 
 class LoRALayer(PeftLayer):
@@ -98,10 +97,7 @@ class LoRALayer(PeftLayer):
         """Fold the adapter into the base weight in place (forward then skips it)."""
         if self.merged:
             return
-        if not isinstance(getattr(self, "weight", None), torch.Tensor):
-            raise TransformError(f"cannot merge {self.transform_name} into a {base_class(self).__name__} base in "
-                                 f"place: its weight is quantized (QLoRA). Export it merged instead: "
-                                 f"save_hf(model, path, dequantize=True) writes dequantised W + s B A in fp32")
+        require_plain_weight(self, "W + s B A")
         with torch.no_grad():
             self._unmerged_norm = (self.weight + self.delta_weight()).norm(dim=1) if self.use_dora else None
             self.weight.copy_(self.merged_weight())
