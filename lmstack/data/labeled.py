@@ -155,21 +155,22 @@ def pad_batch(examples: EncodedExamples, rows: list[int], pad_id: int) -> dict[s
     return batch
 
 
-class ExampleBatches:
-    """Endless shuffled batches of labelled examples; the order is a function of (seed, epoch), so the
-    state is (epoch, cursor) and resuming continues the exact sequence."""
+class ShuffledBatches:
+    """Endless shuffled batches over ``n_items`` items (examples, packed rows, pairs): ``collate(indices)``
+    builds a batch. The order is a function of (seed, epoch), so the state is (epoch, cursor) and resuming
+    continues the exact sequence."""
 
-    def __init__(self, examples: EncodedExamples, batch_size: int, seed: int, pad_id: int) -> None:
-        if not examples.input_ids:
+    def __init__(self, n_items: int, batch_size: int, seed: int, collate) -> None:
+        if not n_items:
             raise DataError("no training examples")
-        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.n_items, self.batch_size, self.seed, self.collate = n_items, batch_size, seed, collate
         self.epoch, self.cursor = 0, 0
 
     def _order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.examples.input_ids), generator=g).tolist()
+        return torch.randperm(self.n_items, generator=g).tolist()
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def next_batch(self):
         rows = []
         while len(rows) < self.batch_size:
             order = self._order()
@@ -178,7 +179,7 @@ class ExampleBatches:
             self.cursor += len(take)
             if self.cursor >= len(order):
                 self.epoch, self.cursor = self.epoch + 1, 0
-        return pad_batch(self.examples, rows, self.pad_id)
+        return self.collate(rows)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
@@ -187,6 +188,14 @@ class ExampleBatches:
         if state.get("seed") != self.seed:
             raise DataError(f"resumed data order has seed {state.get('seed')}, this run {self.seed}")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
+
+
+class ExampleBatches(ShuffledBatches):
+    """Endless shuffled, padded batches of labelled examples (``ShuffledBatches`` over ``pad_batch``)."""
+
+    def __init__(self, examples: EncodedExamples, batch_size: int, seed: int, pad_id: int) -> None:
+        super().__init__(len(examples.input_ids), batch_size, seed, lambda rows: pad_batch(examples, rows, pad_id))
+        self.examples, self.pad_id = examples, pad_id
 
 
 def eval_example_batches(examples: EncodedExamples, batch_size: int, pad_id: int):

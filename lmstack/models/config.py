@@ -54,6 +54,9 @@ class DecoderConfig:
     sliding_window_layers: tuple[int, ...] | None = None  # layers using the window; None: all of them
     # --- embeddings and training ---
     tie_embeddings: bool = True  # lm_head shares the token-embedding matrix
+    # --- output ---
+    num_scores: int | None = None  # a `score` head of this many outputs per position instead of the LM head
+    # (reward and value models; HF ...ForSequenceClassification with num_labels)
     dropout: float = 0.0  # embedding, attention-probability and residual dropout while training
     init_std: float = 0.02
     # --- metadata (not read by the model) ---
@@ -81,6 +84,9 @@ class DecoderConfig:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(choices)}")
+        if self.num_scores is not None and (self.num_scores < 1 or self.tie_embeddings):
+            raise ConfigError(f"num_scores={self.num_scores} needs num_scores >= 1 and tie_embeddings=False "
+                              "(a score head has no embedding matrix to share)")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.position in ("rope", "sinusoidal") and self.head_dim % 2:

@@ -19,7 +19,7 @@ from torch import nn
 from lmstack.models.config import DecoderConfig
 from lmstack.nn.attention import Attention
 from lmstack.nn.embedding import embed_inputs
-from lmstack.nn.masks import AttentionMask
+from lmstack.nn.masks import AttentionMask, packed_segments
 from lmstack.nn.mlp import make_mlp
 from lmstack.nn.norms import RMSNorm, make_norm
 from lmstack.nn.positions import LearnedPositions, RotaryEmbedding, SinusoidalPositions, alibi_slopes
@@ -68,7 +68,10 @@ class Decoder(nn.Module):
                        if config.position == "rope" else None)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config.norm, config.dim, config.norm_eps, config.norm_bias)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.num_scores is None:
+            self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        else:  # a reward / value model: scores per position (HF's name for this head)
+            self.score = nn.Linear(config.dim, config.num_scores, bias=False)
         self.tie_weights()
         if self.embed_tokens.weight.device.type != "meta":
             self.reset_parameters()
@@ -83,7 +86,7 @@ class Decoder(nn.Module):
 
     def tie_weights(self) -> None:
         """Make lm_head share the embedding matrix when the config ties them (call again after loading)."""
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and self.config.num_scores is None:
             self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
@@ -120,7 +123,7 @@ class Decoder(nn.Module):
         if self.training and self.config.dropout > 0:
             x = F.dropout(x, self.config.dropout, training=True)
         mask = AttentionMask(causal=True, key_padding=attention_mask, q_start=start,
-                             alibi_slopes=self._alibi_slopes(x.device))
+                             alibi_slopes=self._alibi_slopes(x.device), segments=packed_segments(attention_mask))
         rotary = self.rotary(position_ids) if self.rotary is not None else None
         for layer in self.layers:
             x = layer(x, mask, rotary, kv_cache)
@@ -131,19 +134,22 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache=None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits.
+        """Next-token logits (or, with ``config.num_scores``, the score head's outputs).
 
         Args:
             input_ids: (B, T) token ids (None when ``inputs_embeds`` is given).
             attention_mask: (B, cached + T), 1 for real tokens and 0 for padding; None means no padding.
+                Rows that pack several sequences number them 1, 2, ... (segment ids): each token attends
+                only within its own sequence (pass ``position_ids`` restarting at each, too).
             position_ids: (B, T) positions; default: cache slots ``cached .. cached + T - 1``.
             kv_cache: a KVCache holding the earlier tokens; it is advanced by T.
             inputs_embeds: (B, T, C) token embeddings to use instead of ``embed_tokens(input_ids)`` (soft
                 prompts, other modalities).
         Returns:
-            logits: (B, T, vocab_size).
+            logits: (B, T, vocab_size); a score model: (B, T, num_scores).
         """
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds))
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds)
+        return self.lm_head(hidden) if self.config.num_scores is None else self.score(hidden)
 
     def _alibi_slopes(self, device: torch.device) -> torch.Tensor | None:
         return alibi_slopes(self.config.n_heads).to(device) if self.config.position == "alibi" else None

@@ -39,6 +39,24 @@ def _special_tokens(c: dict[str, Any]) -> dict[str, Any]:
     return {k: c.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 
+def _score_head(c: dict[str, Any]) -> dict[str, Any]:
+    """num_scores of a ``...ForSequenceClassification`` checkpoint (its ``score`` head), else None."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in c.get("architectures") or []):
+        return {"num_scores": None}
+    labels = c.get("id2label")
+    return {"num_scores": len(labels) if isinstance(labels, dict) and labels else int(c.get("num_labels", 2))}
+
+
+def _score_head_to_hf(cfg: DecoderConfig, architecture: str) -> dict[str, Any]:
+    """A score model is saved as the family's sequence-classification class (``score.weight``, num_labels)."""
+    if cfg.num_scores is None:
+        return {}
+    base = architecture.removesuffix("LMHeadModel").removesuffix("ForCausalLM")
+    names = {str(i): f"LABEL_{i}" for i in range(cfg.num_scores)}
+    return {"architectures": [f"{base}ForSequenceClassification"], "num_labels": cfg.num_scores,
+            "id2label": names, "label2id": {v: int(k) for k, v in names.items()}}
+
+
 def _rope_from_hf(c: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """Read RoPE base and scaling from either the v5 ``rope_parameters`` or the legacy keys."""
     params = c.get("rope_scaling") or c.get("rope_parameters") or {}
@@ -99,7 +117,7 @@ def gpt2_from_hf(c: dict[str, Any]) -> DecoderConfig:
         activation=_activation(_get(c, "activation_function", "gelu_new")), mlp_bias=True, qkv_bias=True,
         out_bias=True, position="learned", tie_embeddings=bool(_get(c, "tie_word_embeddings", True)),
         dropout=float(_get(c, "resid_pdrop", 0.1)), init_std=float(_get(c, "initializer_range", 0.02)),
-        model_type="gpt2", **_special_tokens(c))
+        model_type="gpt2", **_special_tokens(c), **_score_head(c))
 
 
 def gpt2_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
@@ -109,7 +127,7 @@ def gpt2_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
             "n_inner": cfg.ffn_dim, "activation_function": act, "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
             "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
-            **_special_tokens(cfg.to_dict())}
+            **_special_tokens(cfg.to_dict()), **_score_head_to_hf(cfg, "GPT2LMHeadModel")}
 
 
 # --- Llama, Mistral, Qwen2 -------------------------------------------------------------------------------
@@ -128,7 +146,7 @@ def _llama_like(c: dict[str, Any], model_type: str, *, eps: float, max_pos: int,
         rope_theta=theta, rope_scaling=scaling, sliding_window=window, sliding_window_layers=window_layers,
         tie_embeddings=bool(_get(c, "tie_word_embeddings", False)),
         dropout=float(_get(c, "attention_dropout", 0.0)), init_std=float(_get(c, "initializer_range", 0.02)),
-        model_type=model_type, **_special_tokens(c))
+        model_type=model_type, **_special_tokens(c), **_score_head(c))
 
 
 def _llama_like_to_hf(cfg: DecoderConfig, model_type: str, architecture: str) -> dict[str, Any]:
@@ -138,7 +156,8 @@ def _llama_like_to_hf(cfg: DecoderConfig, model_type: str, architecture: str) ->
             "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
             "hidden_act": act, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
             "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.dropout,
-            "initializer_range": cfg.init_std, **_rope_to_hf(cfg), **_special_tokens(cfg.to_dict())}
+            "initializer_range": cfg.init_std, **_rope_to_hf(cfg), **_special_tokens(cfg.to_dict()),
+            **_score_head_to_hf(cfg, architecture)}
 
 
 def llama_from_hf(c: dict[str, Any]) -> DecoderConfig:

@@ -192,6 +192,7 @@ def _gpt2_rules() -> tuple[TensorRule, ...]:
         rename("transformer.ln_f.weight", "norm.weight"),
         rename("transformer.ln_f.bias", "norm.bias"),
         rename("lm_head.weight", "lm_head.weight"),
+        rename("score.weight", "score.weight"),  # a score model's head (GPT2ForSequenceClassification)
     )
 
 
@@ -204,7 +205,8 @@ def _llama_rules() -> tuple[TensorRule, ...]:
     for kind in ("weight", "bias"):
         rules += [rename(f"{h}self_attn.{p}_proj.{kind}", f"{L}attn.{p}_proj.{kind}") for p in "qkvo"]
         rules += [rename(f"{h}mlp.{p}_proj.{kind}", f"{L}mlp.{p}_proj.{kind}") for p in ("gate", "up", "down")]
-    rules += [rename("model.norm.weight", "norm.weight"), rename("lm_head.weight", "lm_head.weight")]
+    rules += [rename("model.norm.weight", "norm.weight"), rename("lm_head.weight", "lm_head.weight"),
+              rename("score.weight", "score.weight")]  # score models: ...ForSequenceClassification
     return tuple(rules)
 
 

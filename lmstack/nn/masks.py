@@ -4,6 +4,7 @@ Query i of a call sits at cache slot ``q_start + i``; key j sits at slot j. A ke
     causal:   j <= q_start + i
     window:   (q_start + i) - j < sliding_window   (the window counts the query's own token)
     padding:  key_padding[b, j] is True
+    segments: segments[b, q_start + i] == segments[b, j]   (packed sequences attend only within their own)
 Describing the mask this way lets the tiled flash kernel build each tile's mask on the fly, so no
 backend is forced to materialise the full (T, T) matrix. Shapes: B batch, H heads, Tq queries, Tk keys.
 """
@@ -25,6 +26,8 @@ class AttentionMask:
         alibi_slopes: (H,) float; adds ``-slope * (q_slot - k_slot)`` to the scores when set.
         position_bias: (1 or B, H, Tq, Tk) float added to the scores of this call's queries (T5's
             relative bias); row i belongs to query slot ``q_start + i``, column j to key slot j.
+        segments: (B, Tk) int, the segment of each slot when several sequences are packed into one row
+            (SFT packing); a query sees only keys of its own segment. Padding is ``key_padding``'s job.
     """
 
     causal: bool = True
@@ -33,6 +36,7 @@ class AttentionMask:
     q_start: int = 0
     alibi_slopes: torch.Tensor | None = None
     position_bias: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
 
     def with_window(self, sliding_window: int | None) -> "AttentionMask":
         """The same mask with a (layer-specific) sliding window."""
@@ -52,6 +56,9 @@ class AttentionMask:
         if self.key_padding is not None:
             pad = self.key_padding[:, k_slots].bool()[:, None, None, :]  # (B, 1, 1, Tk)
             allowed = pad if allowed is None else allowed & pad
+        if self.segments is not None:
+            same = self.segments[:, q_slots][:, None, :, None] == self.segments[:, k_slots][:, None, None, :]
+            allowed = same if allowed is None else allowed & same  # (B, 1, Tq, Tk)
         return allowed
 
     def bias(self, q_slots: torch.Tensor, k_slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -77,15 +84,27 @@ class AttentionMask:
     def is_plain_causal(self, n_queries: int, n_keys: int) -> bool:
         """True when the mask is exactly lower-triangular from slot 0 (SDPA's ``is_causal`` fast path)."""
         no_extras = (self.sliding_window is None and self.key_padding is None and self.alibi_slopes is None
-                     and self.position_bias is None)
+                     and self.position_bias is None and self.segments is None)
         return self.causal and no_extras and self.q_start == 0 and n_queries == n_keys
 
     def sees_everything(self, n_queries: int, n_keys: int) -> bool:
         """True when every query sees every key (e.g. one decode step with no padding or window)."""
-        if self.key_padding is not None or self.alibi_slopes is not None or self.position_bias is not None:
+        if (self.key_padding is not None or self.alibi_slopes is not None or self.position_bias is not None
+                or self.segments is not None):
             return False
         last_query_slot = self.q_start + n_queries - 1
         if self.sliding_window is not None and last_query_slot >= self.sliding_window:
             return False  # the last query no longer sees key 0
         # Causal: the first query must already see the last key.
         return not self.causal or self.q_start >= n_keys - 1
+
+
+def packed_segments(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The segment ids of an attention mask that packs several sequences per row, or None.
+
+    ``attention_mask`` (B, Tk): 0 for padding, 1 for real tokens; a packed row numbers its sequences
+    1, 2, 3, ... instead (the segment-id convention of packed SFT), and each attends only within itself.
+    A plain 0/1 mask is one segment per row, so it returns None and keeps every fast path."""
+    if attention_mask is None or attention_mask.dtype == torch.bool or attention_mask.numel() == 0:
+        return None
+    return attention_mask if bool(attention_mask.max() > 1) else None

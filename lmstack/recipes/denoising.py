@@ -90,8 +90,9 @@ def denoising_task(objective: str, tokenizer, eos_id: int, config, block_size: i
                    whole_word: bool) -> Task:
     """The Task for ``objective`` over a model with ``config``; ``block_size`` is the model's input length."""
     check_model_kind(config, objective)
-    if objective == "causal_lm":
-        return Task(CausalLMObjective(), block_size)
+    if objective == "causal_lm":  # held-out bits per byte need each token's UTF-8 length
+        token_bytes = torch.tensor(tokenizer.byte_lengths() + [0] * (config.vocab_size - tokenizer.vocab_size))
+        return Task(CausalLMObjective(token_bytes), block_size)
     ids = {t: tokenizer.token_to_id(t) for t in (*MLM_SPECIALS, PAD_TOKEN)}
     if objective in ("masked_lm", "mlm_nsp"):
         missing = [t for t in MLM_SPECIALS if ids[t] is None]

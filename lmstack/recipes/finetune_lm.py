@@ -124,7 +124,6 @@ def run_causal_lm(cfg: FinetuneConfig, out: Path) -> dict:
     blocks = PackedBlocks(open_split(data_dir, "train"), task.raw_block, cfg.train.batch_size, cfg.seed)
     held = open_split(data_dir, "val") if cfg.data.eval else None
     eval_data = (lambda: eval_batches(held, task.raw_block, cfg.train.batch_size)) if held else None
-    token_bytes = torch.tensor(tokenizer.byte_lengths() + [0] * (model.config.vocab_size - tokenizer.vocab_size))
     print(f"causal_lm on {path.name}: {trainable_parameters(model)}; {blocks.data.n_tokens:,} training tokens "
           f"({blocks.blocks_per_epoch:,} blocks of {block}); peft {cfg.peft.method}; device {device}")
 
@@ -134,13 +133,17 @@ def run_causal_lm(cfg: FinetuneConfig, out: Path) -> dict:
         if cfg.peft.method != "none":  # each checkpoint's adapter is loadable by peft as it is
             save_adapter(model, directory / "adapter", base_model_name_or_path=str(cfg.model.path))
 
-    trainer = Trainer(model, task.objective, blocks, cfg.train, out, eval_data=eval_data, token_bytes=token_bytes,
+    trainer = Trainer(model, task.objective, blocks, cfg.train, out, eval_data=eval_data,
                       checkpoint_files=checkpoint_files)
-    final = trainer.fit(resume=cfg.resume)
+    return finish(model, cfg, out, tokenizer, trainer.fit(resume=cfg.resume), "fine-tuning")
+
+
+def finish(model: torch.nn.Module, cfg, out: Path, tokenizer, final: dict, title: str) -> dict:
+    """After training: export (``export``), the loss curve, the held-out numbers printed; returns ``final``."""
     model.eval()
     for written in export(model, cfg, out, tokenizer):
         print(f"wrote {written}")
-    plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=f"fine-tuning ({out.name})")
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=f"{title} ({out.name})")
     shown = {k: v for k, v in final.items() if k.startswith("eval_")}
     if shown:
         print("held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in shown.items()))

@@ -72,9 +72,6 @@ def run(cfg: PretrainConfig) -> PretrainResult:
     blocks = PackedBlocks(open_split(data_dir, "train"), task.raw_block, cfg.train.batch_size, cfg.seed)
     held = open_split(data_dir, "val") if held_docs else None
     eval_data = (lambda: task.eval_batches(eval_batches(held, task.raw_block, cfg.train.batch_size))) if held else None
-    token_bytes = None
-    if cfg.objective == "causal_lm":
-        token_bytes = torch.tensor(tokenizer.byte_lengths() + [0] * (model.config.vocab_size - tokenizer.vocab_size))
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters; objective {cfg.objective}; data: "
           f"{blocks.data.n_tokens:,} training tokens ({blocks.blocks_per_epoch:,} blocks of {task.raw_block}), "
           f"{held.n_tokens if held else 0:,} held-out; device {device}")
@@ -84,7 +81,7 @@ def run(cfg: PretrainConfig) -> PretrainResult:
         save_yaml(cfg, directory / "pretrain.yaml")
 
     trainer = Trainer(model, task.objective, task.train_data(blocks), cfg.train, out, eval_data=eval_data,
-                      token_bytes=token_bytes, checkpoint_files=checkpoint_files)
+                      checkpoint_files=checkpoint_files)
     final = trainer.fit(resume=cfg.resume)
 
     model_dir = save_hf(model, out / "model")

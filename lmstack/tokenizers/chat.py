@@ -11,6 +11,7 @@ transformers' settings (trim_blocks, lstrip_blocks, loop controls, ``raise_excep
 """
 
 import json
+import re
 import signal
 import threading
 from contextlib import contextmanager
@@ -62,7 +63,14 @@ class _GenerationBlock(jinja2.ext.Extension):
         return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
     def _render(self, caller):
-        return caller()
+        body = caller()
+        return f"{GENERATION_START}{body}{GENERATION_END}" if self.environment.mark_generation else body
+
+
+# While encoding for training, ``{% generation %}`` bodies are wrapped in these private-use characters, then
+# cut out again: the text between them is the assistant mask (transformers' return_assistant_tokens_mask).
+GENERATION_START, GENERATION_END = "\ue000", "\ue001"
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
@@ -88,9 +96,10 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
+def _environment(mark_generation: bool = False) -> ImmutableSandboxedEnvironment:
     env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
                           extensions=[jinja2.ext.loopcontrols, _GenerationBlock])
+    env.mark_generation = mark_generation
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.filters["tojson"] = _tojson
@@ -145,9 +154,14 @@ def load_chat_template(directory) -> str | None:
 def render_chat(messages: list[dict], template: str | None = None, add_generation_prompt: bool = False,
                 **variables) -> str:
     """The prompt text for ``messages``; extra ``variables`` (bos_token, tools, ...) reach the template."""
+    return _render(messages, template, add_generation_prompt, False, variables)
+
+
+def _render(messages: list[dict], template: str | None, add_generation_prompt: bool, mark_generation: bool,
+            variables: dict) -> str:
     _check_messages(messages)
     try:
-        compiled = _environment().from_string(template or CHATML_TEMPLATE)
+        compiled = _environment(mark_generation).from_string(template or CHATML_TEMPLATE)
         with _time_limit(TIME_LIMIT_SECONDS):
             pieces, size = [], 0
             for piece in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -193,15 +207,20 @@ class ChatEncoding:
 
 def encode_chat(tokenizer, messages: list[dict], template: str | None = None, add_generation_prompt: bool = False,
                 **variables) -> ChatEncoding:
-    """Render and encode ``messages``, marking assistant tokens: an assistant turn's content and what the
-    template writes after it (its end marker), not the header before it.
+    """Render and encode ``messages``, marking assistant tokens.
 
-    Spans are found by rendering the conversation one message longer at a time, so any template whose
-    output for the first n messages is a prefix of its output for n + 1 works.
+    A template with ``{% generation %}...{% endgeneration %}`` blocks says itself what the assistant
+    wrote: exactly those characters are marked (transformers' and trl's assistant mask). Otherwise an
+    assistant turn's content and what the template writes after it (its end marker) are marked, not the
+    header before it; those spans are found by rendering the conversation one message longer at a time,
+    so any template whose output for the first n messages is a prefix of its output for n + 1 works.
 
     Raises:
         TokenizerError: the template is not prefix-stable, or a span boundary splits a token.
     """
+    if template is not None and _GENERATION_TAG.search(template):
+        marked = _render(messages, template, add_generation_prompt, True, variables)
+        return _encode_marked(tokenizer, _generation_pieces(marked))
     text = render_chat(messages, template, add_generation_prompt, **variables)
     pieces, start = [], 0
     for i, message in enumerate(messages):
@@ -217,6 +236,56 @@ def encode_chat(tokenizer, messages: list[dict], template: str | None = None, ad
             pieces.append((segment, 0))
         start = end
     pieces.append((text[start:], 0))
+    return _encode_pieces(tokenizer, pieces)
+
+
+def _generation_pieces(marked: str) -> list[tuple[str, int]]:
+    """(text, is_assistant) pieces of a render whose ``{% generation %}`` bodies are wrapped in markers."""
+    pieces = []
+    for i, part in enumerate(marked.split(GENERATION_START)):
+        inside, _, after = part.partition(GENERATION_END) if i else ("", "", part)
+        pieces += [(inside, 1), (after, 0)]
+    return [(text, flag) for text, flag in pieces if text]
+
+
+def _encode_marked(tokenizer, pieces: list[tuple[str, int]]) -> ChatEncoding:
+    """Encode the whole text once and mark every token that overlaps a marked piece (transformers' rule:
+    the tokens from the one holding a span's first character to the one holding its last). A token may
+    straddle the boundary (" four" after "assistant:"); it is marked, as transformers marks it."""
+    text = "".join(piece for piece, _ in pieces)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    ends = _token_byte_ends(tokenizer, ids)
+    if ends is None or (ends and ends[-1] != len(text.encode("utf-8"))):
+        return _encode_pieces(tokenizer, pieces)  # no byte offsets: spans must then fall on token boundaries
+    spans, at = [], 0
+    for piece, flag in pieces:
+        size = len(piece.encode("utf-8"))
+        if flag:
+            spans.append((at, at + size))
+        at += size
+    starts = [0] + ends[:-1]
+    mask = [int(any(s < end and start < e for s, e in spans)) for start, end in zip(starts, ends)]
+    return ChatEncoding(ids, mask)
+
+
+def _token_byte_ends(tokenizer, ids: list[int]) -> list[int] | None:
+    """Cumulative UTF-8 byte length of the text after each token, or None if the tokenizer cannot tell."""
+    if not hasattr(tokenizer, "byte_lengths") or not hasattr(tokenizer, "id_to_token"):
+        return None
+    lengths, ends, total = tokenizer.byte_lengths(), [], 0
+    for i in ids:
+        size = lengths[i] if i < len(lengths) else 0
+        if size == 0:  # special tokens stand for their own text
+            token = tokenizer.id_to_token.get(i) if isinstance(tokenizer.id_to_token, dict) else None
+            size = len(token.encode("utf-8")) if token else 0
+        total += size
+        ends.append(total)
+    return ends
+
+
+def _encode_pieces(tokenizer, pieces: list[tuple[str, int]]) -> ChatEncoding:
+    """Token ids and assistant mask of the concatenated pieces, checked against encoding the whole text."""
+    text = "".join(piece for piece, _ in pieces)
     ids, mask = [], []
     for piece, is_assistant in pieces:
         piece_ids = tokenizer.encode(piece, add_special_tokens=False) if piece else []

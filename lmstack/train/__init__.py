@@ -7,7 +7,8 @@ from lmstack.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "config": ["TrainConfig"],
-    "objectives": ["IGNORE_INDEX", "CausalLMObjective", "causal_lm_loss", "linear_cross_entropy", "next_token_targets"],
+    "objectives": ["IGNORE_INDEX", "CausalLMObjective", "causal_lm_loss", "evaluate_lm", "linear_cross_entropy",
+                   "next_token_targets"],
     "optim": ["WarmupCosine", "build_optimizer", "param_groups", "warmup_cosine"],
-    "trainer": ["Trainer", "evaluate_lm"],
+    "trainer": ["Objective", "Trainer"],
 })

@@ -11,8 +11,9 @@ the hidden states and the head weight right away (as Liger-Kernel's fused linear
 the full logits never exist.
 """
 
+import math
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -101,20 +102,68 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
 
 
+def evaluate_lm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                token_bytes: torch.Tensor | None = None) -> dict[str, float]:
+    """Held-out next-token loss (nats/token), perplexity and, given the UTF-8 byte length of each token id
+    (V,), bits per byte = total nats / ln 2 / bytes of the predicted text (comparable across tokenizers)."""
+    device = next(model.parameters()).device
+    nats, tokens, n_bytes = 0.0, 0, 0
+    with evaluating(model):
+        for batch in batches:
+            inputs, targets, extra = _unpack(batch)
+            inputs, targets = inputs.to(device), targets.to(device)
+            extra = {k: v.to(device) for k, v in extra.items()}
+            nats += float(causal_lm_loss(model(inputs, **extra), targets, reduction="sum"))
+            scored = targets[targets != IGNORE_INDEX]
+            tokens += scored.numel()
+            if token_bytes is not None:
+                n_bytes += int(token_bytes.to(device)[scored].sum())
+    if tokens == 0:
+        return {}
+    loss = nats / tokens
+    result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    if token_bytes is not None and n_bytes:
+        result["eval_bpb"] = nats / math.log(2) / n_bytes
+    return result
+
+
+def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(inputs, targets, model keyword arguments) of an (inputs, targets) pair or a dict batch with
+    input_ids, labels (next-token targets) and optionally attention_mask / position_ids (SFT, packed rows)."""
+    if isinstance(batch, dict):
+        extra = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
+        return batch["input_ids"], batch["labels"], extra
+    inputs, targets = batch
+    return inputs, targets, {}
+
+
 class CausalLMObjective:
-    """Next-token prediction on (inputs, targets) batches (B, T) from ``lmstack.data``.
+    """Next-token prediction on (inputs, targets) batches (B, T) from ``lmstack.data``, or dict batches
+    (input_ids, labels = next-token targets, attention_mask, position_ids): SFT's, packed or padded.
+
+    Args:
+        token_bytes: (V,) UTF-8 bytes per token id, so held-out evaluation also reports bits per byte
+            (comparable across tokenizers); None to skip it.
 
     While training a model with ``hidden_states`` and a plain ``nn.Linear`` LM head without bias, the head
     and the loss are fused (``linear_cross_entropy``); anything else (a compiled or adapted model, no
     gradients) takes the logits path. Both give the same loss and gradients up to float rounding.
     """
 
-    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        inputs, targets = batch
+    def __init__(self, token_bytes: torch.Tensor | None = None) -> None:
+        self.token_bytes = token_bytes
+
+    def evaluate(self, model: nn.Module, batches: Iterable) -> dict[str, float]:
+        """Held-out loss, perplexity and bits per byte (``evaluate_lm``)."""
+        return evaluate_lm(model, batches, self.token_bytes)
+
+    def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        inputs, targets, extra = _unpack(batch)
         head = getattr(model, "lm_head", None)
         if (torch.is_grad_enabled() and hasattr(model, "hidden_states") and type(head) is nn.Linear
                 and head.bias is None):
-            loss = linear_cross_entropy(model.hidden_states(inputs).flatten(0, 1), head.weight, targets.flatten())
+            hidden = model.hidden_states(inputs, **extra)
+            loss = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten())
         else:
-            loss = causal_lm_loss(model(inputs), targets)
+            loss = causal_lm_loss(model(inputs, **extra), targets)
         return loss, {"tokens": int((targets != IGNORE_INDEX).sum())}

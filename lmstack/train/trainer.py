@@ -4,9 +4,13 @@ checkpoints that resume bitwise, a JSONL metrics log and a progress bar).
     for step in range(max_steps):
         grad_accum x (batch -> objective(model, batch) -> backward)   _train_step
         clip -> optimizer.step -> scheduler.step
-        every eval_every steps: held-out loss, perplexity, bits/byte  _evaluate
+        every eval_every steps: objective.evaluate(held-out batches)  _evaluate
         metrics.jsonl += one JSON object for the step                 _log
         every checkpoint_every steps (and at the end): checkpoint     _save
+
+The loop knows no objective. An objective owns its batch format, its loss, the numbers it logs and its
+held-out evaluation (``Objective`` below); pretraining, fine-tuning, SFT, reward modelling, DPO and the
+RL objectives all run through this one loop with the same checkpoints, resume, metrics and plots.
 
 Resuming restores weights, optimizer and scheduler state, the data position and the RNG states, and
 truncates metrics.jsonl to the checkpoint's step, so a run killed with SIGKILL and resumed produces the
@@ -18,21 +22,31 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from lmstack.checkpoints.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
-from lmstack.data.packing import PackedBlocks
 from lmstack.errors import CheckpointError, ConfigError, NumericalError
 from lmstack.fileio import atomic_path, sweep_orphans
 from lmstack.train.config import TrainConfig
-from lmstack.train.objectives import IGNORE_INDEX, causal_lm_loss, evaluating
 from lmstack.train.optim import WarmupCosine, build_optimizer
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Objective(Protocol):
+    """What the Trainer runs: a loss over one batch, and a score over held-out batches.
+
+    ``objective(model, batch) -> (loss, metrics)``: ``loss`` a scalar tensor to minimise; ``metrics`` a
+    dict with ``"tokens"`` (items scored, for throughput) and any other numbers to log for the step
+    (averaged over gradient-accumulation micro-batches: reward margins, accuracies, KL, ...).
+    ``evaluate(model, batches) -> dict`` returns ``eval_*`` numbers; an objective without it has no
+    held-out evaluation (the Trainer refuses held-out data for it).
+    """
+
+    def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,31 +82,6 @@ def to_device(batch, device: torch.device):
     return tuple(to_device(t, device) for t in batch)
 
 
-def evaluate_lm(model: nn.Module, batches: Iterable[Batch], token_bytes: torch.Tensor | None = None,
-                autocast: torch.dtype | None = None) -> dict[str, float]:
-    """Held-out next-token loss (nats/token), perplexity and, given the UTF-8 byte length of each token id
-    (V,), bits per byte = total nats / ln 2 / bytes of the predicted text (comparable across tokenizers)."""
-    device = next(model.parameters()).device
-    nats, tokens, n_bytes = 0.0, 0, 0
-    with evaluating(model):
-        for inputs, targets in batches:
-            inputs, targets = inputs.to(device), targets.to(device)
-            with _autocast(device, autocast):
-                logits = model(inputs)
-            nats += float(causal_lm_loss(logits, targets, reduction="sum"))
-            scored = targets[targets != IGNORE_INDEX]
-            tokens += scored.numel()
-            if token_bytes is not None:
-                n_bytes += int(token_bytes.to(device)[scored].sum())
-    if tokens == 0:
-        return {}
-    loss = nats / tokens
-    result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-    if token_bytes is not None and n_bytes:
-        result["eval_bpb"] = nats / math.log(2) / n_bytes
-    return result
-
-
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
@@ -102,21 +91,20 @@ class Trainer:
 
     Args:
         model: an lmstack model (checkpoints are saved with ``save_hf``), already on its device.
-        objective: ``objective(model, batch) -> (loss, metrics)`` with ``metrics["tokens"]`` the items
-            scored; an objective with ``evaluate(model, batches) -> dict`` scores held-out data itself
-            (otherwise: next-token loss, perplexity and bits per byte).
+        objective: an ``Objective``: the loss, the logged numbers and the held-out evaluation.
         train_data: anything with ``next_batch()``, ``state_dict()`` and ``load_state_dict()`` (packed
-            blocks, collated batches, labelled examples); its position is saved in checkpoints.
+            blocks, collated batches, labelled examples, rollouts); its position is saved in checkpoints.
         eval_data: a callable returning a fresh iterable of held-out batches, or None.
-        token_bytes: (V,) UTF-8 bytes per token id, for bits per byte; None to skip it.
         checkpoint_files: adds files (tokenizer, run config) to each checkpoint directory.
     """
 
-    def __init__(self, model: nn.Module, objective: Callable, train_data: PackedBlocks, config: TrainConfig,
-                 run_dir: Path, *, eval_data: Callable[[], Iterable[Batch]] | None = None,
-                 token_bytes: torch.Tensor | None = None, checkpoint_files: Callable[[Path], None] | None = None) -> None:
+    def __init__(self, model: nn.Module, objective: Objective, train_data, config: TrainConfig, run_dir: Path, *,
+                 eval_data: Callable[[], Iterable] | None = None,
+                 checkpoint_files: Callable[[Path], None] | None = None) -> None:
+        if eval_data is not None and not hasattr(objective, "evaluate"):
+            raise ConfigError(f"{type(objective).__name__} has no held-out evaluation; pass no eval_data")
         self.model, self.objective, self.train_data, self.config = model, objective, train_data, config
-        self.run_dir, self.eval_data, self.token_bytes = Path(run_dir), eval_data, token_bytes
+        self.run_dir, self.eval_data = Path(run_dir), eval_data
         self.checkpoint_files = checkpoint_files
         self.device = next(model.parameters()).device
         self.autocast = autocast_dtype(config.precision, self.device)
@@ -159,7 +147,7 @@ class Trainer:
     def _train_step(self) -> dict:
         started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        total, tokens = 0.0, 0
+        total, tokens, logged = 0.0, 0, {}
         for _ in range(self.config.grad_accum):
             batch = to_device(self.train_data.next_batch(), self.device)
             with _autocast(self.device, self.autocast):
@@ -172,6 +160,9 @@ class Trainer:
             (loss / self.config.grad_accum).backward()
             total += value
             tokens += metrics["tokens"]
+            for key, number in metrics.items():  # the objective's own numbers, averaged over micro-batches
+                if key != "tokens":
+                    logged[key] = logged.get(key, 0.0) + float(number) / self.config.grad_accum
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -179,8 +170,8 @@ class Trainer:
         self.scheduler.step()
         self.tokens_seen += tokens
         seconds = time.perf_counter() - started
-        return {"loss": total / self.config.grad_accum, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
-                "tokens_per_s": tokens / seconds}
+        return {"loss": total / self.config.grad_accum, **logged, "lr": lr, "grad_norm": grad_norm,
+                "tokens": self.tokens_seen, "tokens_per_s": tokens / seconds}
 
     def _evaluate(self, final: bool = False) -> dict:
         if self.eval_data is None:
@@ -188,10 +179,8 @@ class Trainer:
         batches = self.eval_data()
         if not final:  # periodic evaluations use the first eval_batches; the final one the whole split
             batches = (b for _, b in zip(range(self.config.eval_batches), batches))
-        if hasattr(self.objective, "evaluate"):  # objectives other than next-token prediction score themselves
-            with _autocast(self.device, self.autocast):
-                return self.objective.evaluate(self.train_model, (to_device(b, self.device) for b in batches))
-        return evaluate_lm(self.train_model, batches, self.token_bytes, self.autocast)
+        with _autocast(self.device, self.autocast):
+            return self.objective.evaluate(self.train_model, (to_device(b, self.device) for b in batches))
 
     def _log(self, record: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
