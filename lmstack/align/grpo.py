@@ -21,9 +21,9 @@ from torch import nn
 from lmstack.align.logprobs import token_logps
 from lmstack.align.losses import grpo_loss, group_advantages
 from lmstack.align.preference import Reference
+from lmstack.data.labeled import ShuffledBatches
 from lmstack.errors import ConfigError, DataError
 from lmstack.generate import GenerationConfig, generate
-from lmstack.peft import disabled
 from lmstack.train.objectives import evaluating
 
 RewardFunction = Callable[..., list[float]]
@@ -35,6 +35,18 @@ def completion_mask_until_eos(completions: torch.Tensor, eos_ids: list[int]) -> 
         torch.zeros_like(completions, dtype=torch.bool)
     after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     return (~after).long()
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) (B, longest) of ``prompts`` padded on the left, so every prompt ends where
+    generation starts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        ids[r, width - len(prompt):] = torch.tensor(prompt)
+        attention[r, width - len(prompt):] = 1
+    return ids, attention
 
 
 def decode_completions(tokenizer, completions: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -93,29 +105,14 @@ class GRPORollouts:
         self.group_size, self.prompts_per_step, self.generation = group_size, prompts_per_step, generation
         self.seed, self.pad_id, self.reference, self.beta = seed, pad_id, reference, beta
         self.scale_rewards = scale_rewards
-        self.epoch, self.cursor, self.rollouts = 0, 0, 0
-
-    def _pick(self) -> list[int]:
-        picked = []
-        while len(picked) < self.prompts_per_step:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(len(self.prompts), generator=g).tolist()
-            take = order[self.cursor:self.cursor + self.prompts_per_step - len(picked)]
-            picked += take
-            self.cursor += len(take)
-            if self.cursor >= len(order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-        return picked
+        self.order = ShuffledBatches(len(prompts), prompts_per_step, seed, lambda picked: picked)  # prompt order
+        self.rollouts = 0
 
     @torch.no_grad()
     def next_batch(self) -> dict:
-        picked = self._pick()
-        width = max(len(self.prompts[i]) for i in picked)
-        ids = torch.full((len(picked), width), self.pad_id)
-        attention = torch.zeros((len(picked), width), dtype=torch.long)
-        for r, i in enumerate(picked):  # left padding: every prompt ends where generation starts
-            ids[r, width - len(self.prompts[i]):] = torch.tensor(self.prompts[i])
-            attention[r, width - len(self.prompts[i]):] = 1
+        picked = self.order.next_batch()
+        ids, attention = left_padded([self.prompts[i] for i in picked], self.pad_id)
+        width = ids.shape[1]
         device = next(self.policy.parameters()).device
         config = GenerationConfig(**{**self.generation.__dict__, "do_sample": True,
                                      "num_return_sequences": self.group_size,
@@ -143,23 +140,16 @@ class GRPORollouts:
         if self.beta > 0:
             if self.reference is None:
                 raise ConfigError("GRPO with beta > 0 needs a reference")
-            batch["ref_logps"] = self._reference_logps(batch, device)
+            batch["ref_logps"] = self.reference.token_logps(
+                self.policy, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))).cpu()
         return batch
 
-    def _reference_logps(self, batch: dict, device) -> torch.Tensor:
-        args = (batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["completion_mask"].to(device))
-        if self.reference.model is not None:
-            return token_logps(self.reference.model, *args).cpu()
-        with evaluating(self.policy), disabled(self.policy):
-            return token_logps(self.policy, *args).cpu()
-
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "rollouts": self.rollouts, "seed": self.seed}
+        return {**self.order.state_dict(), "rollouts": self.rollouts}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("seed") != self.seed:
-            raise DataError(f"resumed prompt order has seed {state.get('seed')}, this run {self.seed}")
-        self.epoch, self.cursor, self.rollouts = state["epoch"], state["cursor"], state["rollouts"]
+        self.order.load_state_dict(state)
+        self.rollouts = state["rollouts"]
 
 
 class GRPOObjective:
@@ -196,12 +186,8 @@ def evaluate_rewards(policy: nn.Module, prompts: list[list[int]], rows: list[dic
     scores, outputs = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = list(range(start, min(len(prompts), start + batch_size)))
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id)
-        attention = torch.zeros_like(ids)
-        for r, i in enumerate(chunk):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attention[r, width - len(prompts[i]):] = 1
+        ids, attention = left_padded([prompts[i] for i in chunk], pad_id)
+        width = ids.shape[1]
         config = GenerationConfig(**{**generation.__dict__, "do_sample": False, "num_return_sequences": 1})
         device = next(policy.parameters()).device
         with evaluating(policy):

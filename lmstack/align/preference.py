@@ -48,23 +48,24 @@ class Reference:
         return cls(copy)
 
     @torch.no_grad()
-    def sequence_logps(self, policy: nn.Module, batch: dict, ids: str = "input_ids", prefix: str = "") -> torch.Tensor:
-        """(rows,) summed completion log-probs of ``batch[prefix + ids]`` under the reference."""
+    def token_logps(self, policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    scored: torch.Tensor) -> torch.Tensor:
+        """(B, T - 1) reference log-probs of the scored tokens (``lmstack.align.logprobs.token_logps``)."""
+        if self.model is not None:
+            return token_logps(self.model, input_ids, attention_mask, scored)
+        if not self.adapters_off:
+            raise ConfigError("no reference: pass a reference model, adapters_off=True or precomputed ref_logps")
+        with evaluating(policy), disabled(policy):  # eval: no adapter dropout in the reference pass
+            return token_logps(policy, input_ids, attention_mask, scored)
+
+    def sequence_logps(self, policy: nn.Module, batch: dict, prefix: str = "") -> torch.Tensor:
+        """(rows,) summed completion log-probs of the ``prefix`` rows of ``batch`` under the reference
+        (its precomputed ``ref_{prefix}logps`` when the batch carries them)."""
         precomputed = batch.get(f"ref_{prefix}logps")
         if precomputed is not None:
             return precomputed
-        args = (batch[prefix + ids], batch[prefix + "attention_mask"], batch[prefix + "completion_mask"])
-        if self.model is not None:
-            return sequence_logps(self.model, *args)[0]
-        if not self.adapters_off:
-            raise ConfigError("no reference: pass a reference model, adapters_off=True or precomputed ref_logps")
-        was_training = policy.training
-        policy.eval()  # no adapter dropout in the reference pass
-        try:
-            with disabled(policy):
-                return sequence_logps(policy, *args)[0]
-        finally:
-            policy.train(was_training)
+        return self.token_logps(policy, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+                                batch[prefix + "completion_mask"]).sum(-1)
 
 
 @dataclass
