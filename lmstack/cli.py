@@ -27,6 +27,8 @@ JOBS = {
     "sft": ("align", "sft", "SFTConfig"),
     "dpo": ("align", "dpo", "DPOConfig"),
     "reward": ("align", "reward", "RewardConfig"),
+    "grpo": ("rl", "grpo", "GRPOConfig"),
+    "ppo": ("rl", "ppo", "PPOConfig"),
     "embed": ("embed", "run", "EmbedConfig"),
     "tokenizer": {
         "train": ("tokenizer", "train", "TrainTokenizerConfig"),

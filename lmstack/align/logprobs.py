@@ -11,13 +11,15 @@ from torch import nn
 
 def token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 scored: torch.Tensor, position_ids: torch.Tensor | None = None,
-                with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                with_entropy: bool = False, temperature: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(input_ids[:, t] | tokens < t) where ``scored[:, t]`` is 1, else 0.
 
     Args:
         input_ids: (B, T); attention_mask: (B, T) or None; position_ids: (B, T) or None.
         scored: (B, T) 0/1, which tokens to score (a completion mask); column 0 is never scored.
         with_entropy: also return the entropy of the predicted distribution at the scored positions.
+        temperature: score under softmax(logits / temperature), the distribution a sampler at that
+            temperature drew from (RL ratios must compare like with like).
     Returns:
         (B, T - 1) log-probs (0 where not scored), and with ``with_entropy`` the (B, T - 1) entropies.
     """
@@ -27,6 +29,8 @@ def token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         logits = model.lm_head(hidden[keep]).float()  # (N, V): the scored positions only
     else:  # any other causal LM: the full logits
         logits = model(input_ids, attention_mask, position_ids)[:, :-1][keep].float()
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = input_ids[:, 1:][keep]
     log_norm = logits.logsumexp(-1)
     picked = logits.gather(-1, targets[:, None]).squeeze(-1) - log_norm

@@ -202,15 +202,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def ppo_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
                old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *, clip_range: float = 0.2,
-               clip_range_value: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped policy loss mean(max(−Aρ, −A·clip(ρ, 1±ε))) and clipped value loss
-    0.5·mean(max((V − R)², (clip(V, V_old ± ε_v) − R)²)) over the masked tokens (N, T)."""
+               clip_range_value: float = 0.2, value_mask: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped policy loss mean(max(−Aρ, −A·clip(ρ, 1±ε))) over ``mask`` and clipped value loss
+    0.5·mean(max((V − R)², (clip(V, V_old ± ε_v) − R)²)) over ``value_mask`` (default ``mask``), all (N, T).
+
+    Stats: clip_fraction / value_clip_fraction, where the clipped term is the larger one (trl's definition),
+    and the mean ratio ρ = exp(log π − log π_old)."""
+    value_mask = mask if value_mask is None else value_mask
     ratio = torch.exp(logps - old_logps)
-    pg = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
-    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
-    vf = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
-    stats = {"clip_fraction": masked_mean(((ratio - 1).abs() > clip_range).float(), mask),
-             "value_clip_fraction": masked_mean(((values - returns) ** 2 < (clipped_values - returns) ** 2).float(),
-                                                mask),
+    pg_plain, pg_clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    clipped_values = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
+    vf_plain, vf_clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    stats = {"clip_fraction": masked_mean((pg_clipped > pg_plain).float(), mask),
+             "value_clip_fraction": masked_mean((vf_clipped > vf_plain).float(), value_mask),
              "ratio": masked_mean(ratio.detach(), mask)}
-    return masked_mean(pg, mask), masked_mean(vf, mask), stats
+    return (masked_mean(torch.max(pg_plain, pg_clipped), mask),
+            0.5 * masked_mean(torch.max(vf_plain, vf_clipped), value_mask), stats)

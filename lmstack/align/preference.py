@@ -49,14 +49,15 @@ class Reference:
 
     @torch.no_grad()
     def token_logps(self, policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    scored: torch.Tensor) -> torch.Tensor:
+                    scored: torch.Tensor, position_ids: torch.Tensor | None = None,
+                    temperature: float = 1.0) -> torch.Tensor:
         """(B, T - 1) reference log-probs of the scored tokens (``lmstack.align.logprobs.token_logps``)."""
         if self.model is not None:
-            return token_logps(self.model, input_ids, attention_mask, scored)
+            return token_logps(self.model, input_ids, attention_mask, scored, position_ids, temperature=temperature)
         if not self.adapters_off:
             raise ConfigError("no reference: pass a reference model, adapters_off=True or precomputed ref_logps")
         with evaluating(policy), disabled(policy):  # eval: no adapter dropout in the reference pass
-            return token_logps(policy, input_ids, attention_mask, scored)
+            return token_logps(policy, input_ids, attention_mask, scored, position_ids, temperature=temperature)
 
     def sequence_logps(self, policy: nn.Module, batch: dict, prefix: str = "") -> torch.Tensor:
         """(rows,) summed completion log-probs of the ``prefix`` rows of ``batch`` under the reference

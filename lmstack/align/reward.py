@@ -16,9 +16,10 @@ from lmstack.models.heads import last_token_scores
 from lmstack.train.objectives import evaluating
 
 
-def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) reward of each row: the score head's output at the row's last real token."""
-    return last_token_scores(model(input_ids, attention_mask), attention_mask)[:, 0].float()
+    return last_token_scores(model(input_ids, attention_mask, position_ids), attention_mask)[:, 0].float()
 
 
 @dataclass

@@ -4,7 +4,8 @@
         config.json, model.safetensors     a plain model's weights (``load_hf`` / ``lmstack generate`` read them)
         trainable.safetensors              or, for a transformed model (LoRA, QLoRA, IA3, ...): only the
                                            parameters that train, by state-dict name (an adapter of a few MB,
-                                           not the whole base); resumed into the live transformed model
+                                           not the whole base); resumed into the live transformed model.
+                                           A composite of models (PPO's policy + value) is saved this way too
         train_state.pt                     optimizer, scheduler, RNG states, data position, step
         (plus whatever ``extra_files`` adds: the tokenizer, the resolved run config, a peft adapter)
 
@@ -53,7 +54,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dic
 
     Args:
         model: an lmstack model: saved with ``save_hf`` if plain, as its trainable parameters if transformed
-            (``trainable_state``).
+            (``trainable_state``) or a composite of models without one config (PPO's ``PolicyAndValue``).
         train_state: tensors and plain values (optimizer/scheduler state dicts, RNG states, ...).
         extra_files: called with the temporary directory to add files (tokenizer, config) before the rename.
     Returns:
@@ -64,7 +65,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dic
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if transformed_modules(model):
+        if transformed_modules(model) or not hasattr(model, "config"):
             tmp.mkdir(parents=True)
             write_safetensors(tmp / TRAINABLE_FILE, trainable_state(model), metadata={"format": "pt"})
         else:

@@ -63,11 +63,13 @@ def _pad_id(files) -> int:
     return pad if pad is not None else files.stop_ids[0]
 
 
-def _fit(cfg, model, files, objective, train_data, eval_data, out: Path, job: str) -> dict:
+def _fit(cfg, model, files, objective, train_data, eval_data, out: Path, job: str, policy=None) -> dict:
+    """Train ``model`` (for PPO the policy-and-value pair; ``policy`` is what the run exports)."""
+    policy = model if policy is None else policy
     device = resolve_device(cfg.train.device)
     save_memory_(model, cfg)
     model.to(device).train()
-    reference = getattr(objective, "reference", None)
+    reference = getattr(objective, "reference", None) or getattr(train_data, "reference", None)
     if reference is not None and reference.model is not None:
         reference.model.to(device)
 
@@ -75,13 +77,13 @@ def _fit(cfg, model, files, objective, train_data, eval_data, out: Path, job: st
         files.tokenizer.save(directory)
         save_yaml(cfg, directory / f"{job}.yaml")
         if cfg.peft.method != "none":
-            save_adapter(model, directory / "adapter", base_model_name_or_path=str(cfg.model.path))
+            save_adapter(policy, directory / "adapter", base_model_name_or_path=str(cfg.model.path))
 
     print(f"{job} on {Path(cfg.model.path).name}: {trainable_parameters(model)}; peft {cfg.peft.method}; "
           f"device {device}")
     final = Trainer(model, objective, train_data, cfg.train, out, eval_data=eval_data,
                     checkpoint_files=checkpoint_files).fit(resume=cfg.resume)
-    return finish(model, cfg, out, files.tokenizer, final, job)
+    return finish(policy, cfg, out, files.tokenizer, final, job)
 
 
 def sft(cfg: SFTConfig) -> dict:

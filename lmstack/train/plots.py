@@ -1,4 +1,5 @@
-"""The loss curve of a run as a PNG: training loss per step (raw and smoothed) and held-out loss."""
+"""A run's curves as PNGs: the loss (raw and smoothed per step, and held-out), and a panel per logged
+number for objectives with more than a loss to watch (RL: reward, KL, entropy, clip fraction)."""
 
 from pathlib import Path
 
@@ -31,6 +32,42 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "training l
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    with atomic_path(Path(png_path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(png_path)
+
+
+def plot_metric_panels(metrics_path: Path, png_path: Path, keys: list[str], title: str) -> Path | None:
+    """One panel per key of ``keys`` that the run logged (raw per step and smoothed; ``eval_*`` keys as
+    points); None if it logged none of them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    keys = [k for k in keys if any(k in r for r in records)]
+    if not keys:
+        return None
+    columns = min(3, len(keys))
+    rows = -(-len(keys) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), dpi=110, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+        steps, values = zip(*points)
+        if key.startswith("eval_"):
+            ax.plot(steps, values, "o-", color="tab:orange", markersize=4)
+        else:
+            ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
+            ax.plot(steps, _ema(list(values), 0.9), color="tab:blue", linewidth=1.6)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(Path(png_path)) as tmp:
         fig.savefig(tmp, format="png")

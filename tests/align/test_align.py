@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from lmstack.align import GRPOObjective, GRPORollouts, PreferenceObjective, Reference, RewardObjective, gae
-from lmstack.align.grpo import completion_mask_until_eos, score_completions
+from lmstack.align.rollouts import RewardSource, completion_mask_until_eos, score_completions
 from lmstack.checkpoints import load_hf, save_hf
 from lmstack.data.preference import collate_pairs, encode_pairs
+from lmstack.data.prompts import PromptExample
 from lmstack.data.sft import collate_sft, encode_sft, pack
 from lmstack.errors import ConfigError, DataError
 from lmstack.generate import GenerationConfig
@@ -156,8 +157,9 @@ def test_grpo_rollouts_raise_the_reward_they_are_given(tokenizer):
     def count_target(completions, **_):
         return [float(sum(tok == target for tok in tokenizer.encode(c, add_special_tokens=False))) for c in completions]
 
-    rollouts = GRPORollouts(model, prompts, [{} for _ in prompts], [t[:20] for t in TRAIN[:4]], tokenizer,
-                            [count_target], group_size=4, prompts_per_step=2, seed=0, pad_id=0,
+    examples = [PromptExample(ids, t[:20], {}) for ids, t in zip(prompts, TRAIN[:4])]
+    rollouts = GRPORollouts(model, examples, RewardSource(reward_fns=[count_target], tokenizer=tokenizer),
+                            group_size=4, prompts_per_step=2, seed=0, pad_id=0,
                             generation=GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=0, eos_token_id=[]))
     objective = GRPOObjective()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

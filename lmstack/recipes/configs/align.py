@@ -1,4 +1,4 @@
-"""What `lmstack sft`, `lmstack dpo` and `lmstack reward` take (the schemas of configs/align/*.yaml)."""
+"""What `lmstack sft`, `lmstack dpo` and `lmstack reward` take (the schemas of their YAML recipes)."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,3 +66,4 @@ class RewardConfig(_AlignJob):
     """A reward model: the decoder with a scalar score head, trained with the Bradley-Terry pairwise loss."""
 
     center_coefficient: float = field(0.0, help="weight of the term keeping rewards centred at zero")
+
