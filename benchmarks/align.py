@@ -1,15 +1,15 @@
 """Alignment speed, lmstack vs trl on the same model, batch and CPU thread count: seconds per SFT and DPO
 optimizer step (forward + backward + AdamW on one fixed batch), and rollout throughput (sampled completion
-tokens per second) of GRPO (trl 1.16's ``_generate_and_score_completions``) and PPO (trl 1.12's
-``batch_generation``: generation only, so trl's column leaves out the log-prob, reference and value passes
-that lmstack's PPO rollout includes).
+tokens per second) of GRPO (trl 1.16's ``_generate_and_score_completions``) and PPO (the calls trl 1.12's
+``PPOTrainer.train`` makes for a rollout: ``batch_generation``, the reference forward, ``get_reward`` for the
+value and the reward model; lmstack's ``PPORollouts`` additionally computes GAE and the whitening).
 
-The model is a random-init Llama (4 layers, hidden 256, vocabulary 2048) built offline with transformers
-and loaded by both. Steps are timed after warm-up, configurations interleaved over --rounds, medians kept.
+The model is a random-init Llama (4 layers, hidden 256, vocabulary --vocab: 2048, or 49152 for SmolLM2's
+tokenizer size, where the LM head outweighs the blocks) built offline with transformers and loaded by both. Steps are timed after warm-up, configurations interleaved over --rounds, medians kept.
 trl 1.12 (PPO) is read from the side folder the Makefile installs (.venv/side/trl-ppo); without it that
 column is skipped with a hint.
 
-    python benchmarks/align.py [--rounds 3] [--steps 4] [--threads 1]
+    python benchmarks/align.py [--rounds 3] [--steps 4] [--threads 1] [--vocab 2048]
 """
 
 import argparse
@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# benchmarks/peft.py would shadow the peft package trl imports: this folder leaves the path, the root joins it.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -43,17 +44,32 @@ sys.path.insert(0, sys.argv[1])
 import torch, transformers
 torch.set_num_threads(int(sys.argv[4]))
 import trl.experimental.ppo.ppo_trainer as ppo
-model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32).eval()
+root = sys.argv[2]
+load = lambda cls, name: cls.from_pretrained(f"{root}/{name}", dtype=torch.float32).eval()
+policy, ref = load(transformers.AutoModelForCausalLM, "policy"), load(transformers.AutoModelForCausalLM, "ref")
+value = load(transformers.AutoModelForSequenceClassification, "value")
+reward = load(transformers.AutoModelForSequenceClassification, "value")
 queries = torch.tensor(json.loads(sys.argv[3]))
 config = transformers.GenerationConfig(max_new_tokens=64, min_new_tokens=64, temperature=0.7 + 1e-7, top_k=0,
                                        top_p=1.0, do_sample=True)
+def rollout():  # the calls PPOTrainer.train() makes for one rollout, in its order
+    context = queries.shape[1]
+    with torch.no_grad():
+        query_responses, logits = ppo.batch_generation(policy, queries, queries.shape[0], 0, config)
+        response = query_responses[:, context:]
+        logprob = ppo.selective_log_softmax(logits, response)
+        ref_logits = ppo.forward(ref, query_responses, 0).logits[:, context - 1:-1] / (0.7 + 1e-7)
+        ref_logprob = ppo.selective_log_softmax(ref_logits, response)
+        full_value, _, _ = ppo.get_reward(value, query_responses, 0, context)
+        _, score, _ = ppo.get_reward(reward, query_responses, 0, context)
+    return response.numel()
+rollout()
 times = []
 for _ in range(3):
     start = time.perf_counter()
-    with torch.no_grad():
-        out, _ = ppo.batch_generation(model, queries, queries.shape[0], 0, config)
+    tokens = rollout()
     times.append(time.perf_counter() - start)
-print(json.dumps({"seconds": sorted(times)[1], "tokens": (out.shape[1] - queries.shape[1]) * queries.shape[0]}))
+print(json.dumps({"seconds": sorted(times)[1], "tokens": tokens}))
 """
 
 
@@ -61,18 +77,20 @@ def _text(rng, n):
     return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (n,), generator=rng))
 
 
-def build(root: Path):
+def build(root: Path, vocab: int):
     import transformers
 
     from lmstack.tokenizers import train_bpe
     rng = torch.Generator().manual_seed(0)
     train_bpe([_text(rng, 60) for _ in range(400)], 600, special_tokens=["<pad>", "<eos>", "<bos>"]).save(root)
-    config = transformers.LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
                                       pad_token_id=0, eos_token_id=1, bos_token_id=2)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(root / "policy")
     transformers.LlamaForCausalLM(config).save_pretrained(root / "ref")
+    config.num_labels = 1
+    transformers.LlamaForSequenceClassification(config).save_pretrained(root / "value")  # value and reward
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), pad_token="<pad>",
                                                eos_token="<eos>", bos_token="<bos>")
     tok.chat_template = TEMPLATE
@@ -116,7 +134,7 @@ def lmstack_steps(root, tok, chats, pairs, steps):
         else:
             rows = [dict(zip(pairs, values)) for values in zip(*pairs.values())]
             encoded = encode_pairs(rows, ours_tok, None, eos_id=1, max_length=512)
-            batch = collate_pairs(encoded.examples, pad_id=0)
+            batch = collate_pairs(encoded.examples, list(range(len(encoded.examples))), pad_id=0)
             objective = PreferenceObjective("sigmoid", beta=0.1, reference=Reference(load_hf(root / "ref")))
 
         def step():
@@ -148,6 +166,7 @@ def trl_steps(root, tok, chats, pairs, steps):
                                          args=trl.DPOConfig(output_dir=tmp, beta=0.1, **common),
                                          train_dataset=datasets.Dataset.from_dict(pairs))
             trainer.create_optimizer()
+            trainer.current_gradient_accumulation_steps = 1  # set by train() itself; training_step reads it
             batch = next(iter(trainer.get_train_dataloader()))
             trainer.model.train()
 
@@ -164,7 +183,6 @@ def lmstack_rollouts(root, prompts):
     from lmstack.checkpoints import load_hf
     from lmstack.data.prompts import PromptExample
     from lmstack.generate import GenerationConfig
-    from lmstack.models.heads import with_score_head
     from lmstack.tokenizers import load_tokenizer
 
     tok = load_tokenizer(root)
@@ -175,8 +193,8 @@ def lmstack_rollouts(root, prompts):
     policy = load_hf(root / "policy").eval()
     grpo = GRPORollouts(policy, examples[:4], RewardSource(reward_fns=[length], tokenizer=tok), group_size=4,
                         prompts_per_step=4, generation=generation, seed=0, pad_id=0)
-    model = PolicyAndValue(policy, with_score_head(load_hf(root / "ref"), 1))
-    ppo = PPORollouts(model, examples, RewardSource(reward_fns=[length], tokenizer=tok),
+    model = PolicyAndValue(policy, load_hf(root / "value"))
+    ppo = PPORollouts(model, examples, RewardSource(load_hf(root / "value")),
                       reference=Reference(load_hf(root / "ref")), generation=generation, pad_id=0, seed=0,
                       rollout_size=len(examples), minibatch_size=len(examples), ppo_epochs=1)
     out = {}
@@ -240,11 +258,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians kept)")
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per configuration and round")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both")
+    parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size (49152: SmolLM2's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        tok, chats, pairs = build(root)
+        tok, chats, pairs = build(root, args.vocab)
         rng = torch.Generator().manual_seed(2)
         prompts = [tok.encode(_text(rng, 12)) for _ in range(16)]
         ours, theirs = {"sft": [], "dpo": []}, {"sft": [], "dpo": []}
@@ -265,7 +284,7 @@ def main() -> None:
     if trl_ppo:
         rows.append(("PPO rollout tokens/s (16 x 64)", f"{rollouts['ppo']:.0f}", f"{trl_ppo:.0f}",
                      f"{rollouts['ppo'] / trl_ppo:.2f}x", ">= 2x"))
-    print(f"\nthreads {args.threads}; model: Llama 4 layers, hidden 256, vocab 2048 (random init, fp32)")
+    print(f"\nthreads {args.threads}; model: Llama 4 layers, hidden 256, vocab {args.vocab} (random init, fp32)")
     print_table(("", "lmstack", "trl", "lmstack speed", "target"), rows)
 
 

@@ -4,7 +4,7 @@ reward functions, held near a reference by a per-token KL penalty.
 One rollout (``PPORollouts._rollout``), with the weights of that moment and no gradients:
 
     prompts -> sampled completions (lmstack.generate: KV cache, temperature)      sample_completions
-    old log-probs (policy), reference log-probs, values (value model)             at the completion tokens
+    old log-probs (from generation), reference log-probs, values (value model)  at the completion tokens
     score: reward model at the last token, or reward functions on the text       (− missing_eos_penalty)
     per-token reward r_t = −kl_coef·(log π − log π_ref), + score at the last token  ppo_rewards
     advantages, returns = GAE(r, V); advantages whitened over the batch              gae, masked_whiten
@@ -103,8 +103,10 @@ class PPORollouts:
         device = next(self.model.parameters()).device
         ids, attention, completion, positions = (rollout[k].to(device) for k in (
             "input_ids", "attention_mask", "completion_mask", "position_ids"))
+        # The behaviour policy's log-probs come from generation itself (trl's choice too): no forward pass.
+        width = ids.shape[1] - rollout["completions"].shape[1]
+        logps = torch.cat([torch.zeros(len(ids), width - 1), rollout["sample_logps"]], dim=1).to(device)
         with evaluating(self.model):
-            logps = token_logps(self.model.policy, ids, attention, completion, positions, temperature=temperature)
             values = self.model.values(ids, attention, positions)
         ref_logps = self.reference.token_logps(self.model.policy, ids, attention, completion, positions,
                                                temperature=temperature)

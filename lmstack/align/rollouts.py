@@ -65,7 +65,9 @@ def sample_completions(policy: nn.Module, prompts: list[list[int]], pad_id: int,
     """Complete every prompt ``num_return_sequences`` times (rows of one prompt adjacent).
 
     Returns (CPU tensors) input_ids, attention_mask, completion_mask, position_ids (N, W + C), completions
-    (N, C) and has_eos (N,): whether the completion stopped on its own rather than at max_new_tokens.
+    (N, C), sample_logps (N, C): each completion token's log-probability under the distribution it was
+    drawn from (temperature applied; from generation itself, no extra forward pass), and has_eos (N,):
+    whether the completion stopped on its own rather than at max_new_tokens.
     """
     ids, attention = left_padded(prompts, pad_id)
     width = ids.shape[1]
@@ -74,7 +76,8 @@ def sample_completions(policy: nn.Module, prompts: list[list[int]], pad_id: int,
                                  "num_return_sequences": num_return_sequences,
                                  "seed": generation.seed if seed is None else seed})
     with evaluating(policy):
-        out = generate(policy, ids.to(device), config, attention.to(device)).cpu()
+        out, sample_logps = generate(policy, ids.to(device), config, attention.to(device), return_logprobs=True)
+    out, sample_logps = out.cpu(), sample_logps.cpu()
     completions = out[:, width:]
     eos = config.eos_ids() or ([generation.pad_token_id] if generation.pad_token_id is not None else [])
     completion_mask = completion_mask_until_eos(completions, eos)
@@ -83,7 +86,8 @@ def sample_completions(policy: nn.Module, prompts: list[list[int]], pad_id: int,
     attention_mask = torch.cat([prompt_attention, completion_mask], dim=1)
     return {"input_ids": out, "attention_mask": attention_mask,
             "completion_mask": torch.cat([torch.zeros_like(prompt_attention), completion_mask], dim=1),
-            "position_ids": mask_positions(attention_mask), "completions": completions, "has_eos": has_eos}
+            "position_ids": mask_positions(attention_mask), "completions": completions,
+            "sample_logps": sample_logps * completion_mask, "has_eos": has_eos}
 
 
 def score_completions(reward_fns: list[RewardFunction], weights: list[float], prompts: list[str],

@@ -37,7 +37,8 @@ class _Run:
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, config: GenerationConfig | None = None,
-             attention_mask: torch.Tensor | None = None, *, tokenizer: Detokenizer | None = None) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, *, tokenizer: Detokenizer | None = None,
+             return_logprobs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Continue each prompt.
 
     Args:
@@ -47,6 +48,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, config: GenerationConfig
         config: decoding options (default: greedy, 20 new tokens).
         attention_mask: (B, T), 1 for real tokens, 0 for padding.
         tokenizer: needed only for ``stop_strings``.
+        return_logprobs: also return the (B * num_return_sequences, generated) log-probability of each new
+            token under the distribution it was drawn from (greedy / sampling only): what an RL rollout
+            needs, without a second forward pass.
     Returns:
         (B * num_return_sequences, T + generated) token ids: the prompt, then the new tokens; rows that
         finished early are filled with ``pad_token_id``. Generation stops early when every row is done.
@@ -57,10 +61,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, config: GenerationConfig
     """
     run = _prepare(model, input_ids, config, attention_mask, tokenizer)
     if run.config.num_beams > 1:
+        if return_logprobs:
+            raise ConfigError("return_logprobs is for greedy decoding and sampling, not beam search")
         return beam_search(run.engine, run.input_ids, run.config, run.process, run.should_stop, run.generator)
+    logprobs: list | None = [] if return_logprobs else None
     new_tokens = list(sample_tokens(run.engine, run.input_ids, run.config, run.process, run.should_stop,
-                                    run.generator))
-    return torch.cat([run.input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+                                    run.generator, logprobs))
+    out = torch.cat([run.input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+    return (out, torch.stack(logprobs, dim=1)) if return_logprobs else out
 
 
 def stream(model: nn.Module, input_ids: torch.Tensor, config: GenerationConfig | None = None,

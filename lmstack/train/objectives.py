@@ -146,7 +146,7 @@ class CausalLMObjective:
             (comparable across tokenizers); None to skip it.
 
     While training a model with ``hidden_states`` and a plain ``nn.Linear`` LM head without bias, the head
-    and the loss are fused (``linear_cross_entropy``); anything else (a compiled or adapted model, no
+    and the loss are fused (``linear_cross_entropy``) over the scored positions only; anything else (a compiled or adapted model, no
     gradients) takes the logits path. Both give the same loss and gradients up to float rounding.
     """
 
@@ -162,8 +162,11 @@ class CausalLMObjective:
         head = getattr(model, "lm_head", None)
         if (torch.is_grad_enabled() and hasattr(model, "hidden_states") and type(head) is nn.Linear
                 and head.bias is None):
-            hidden = model.hidden_states(inputs, **extra)
-            loss = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten())
+            hidden, flat = model.hidden_states(inputs, **extra).flatten(0, 1), targets.flatten()
+            scored = flat != IGNORE_INDEX
+            if not bool(scored.all()):  # only scored positions reach the head (SFT: the assistant tokens)
+                hidden, flat = hidden[scored], flat[scored]
+            loss = linear_cross_entropy(hidden, head.weight, flat)
         else:
             loss = causal_lm_loss(model(inputs, **extra), targets)
         return loss, {"tokens": int((targets != IGNORE_INDEX).sum())}

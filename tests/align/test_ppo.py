@@ -80,3 +80,30 @@ def test_ppo_resumes_mid_rollout_exactly(tmp_path):
     assert (tmp_path / "cut" / "checkpoints" / "step-0000003" / "trainable.safetensors").is_file()
     assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
     assert [r["kl"] for r in resumed] == [r["kl"] for r in whole]
+
+
+def test_generation_logprobs_equal_a_full_forward_at_the_temperature():
+    """The behaviour log-probs PPO takes from generation are what a training forward scores."""
+    from lmstack.align import token_logps
+    from lmstack.align.rollouts import sample_completions
+
+    model = build_model("tiny-llama", seed=3).eval()
+    config = GenerationConfig(max_new_tokens=7, do_sample=True, temperature=0.7, top_k=0, eos_token_id=[2],
+                              pad_token_id=0)
+    rollout = sample_completions(model, [[5, 6, 7, 8], [9, 10]], 0, config, num_return_sequences=2, seed=4)
+    width = rollout["input_ids"].shape[1] - rollout["completions"].shape[1]
+    with torch.no_grad():
+        full = token_logps(model, rollout["input_ids"], rollout["attention_mask"], rollout["completion_mask"],
+                           rollout["position_ids"], temperature=0.7)[:, width - 1:]
+    assert torch.allclose(full, rollout["sample_logps"], atol=1e-5)
+    assert rollout["completion_mask"].sum() > 8  # real completions were scored
+
+
+def test_inverse_cdf_sampling_draws_the_distribution():
+    from lmstack.generate.search import sample_from
+
+    probs = torch.tensor([[0.0, 0.5, 0.2, 0.0, 0.3]]).repeat(40_000, 1)
+    draws = sample_from(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert counts[0] == 0 and counts[3] == 0  # zero-probability tokens are never drawn
+    assert torch.allclose(counts, probs[0], atol=0.01)
