@@ -64,7 +64,7 @@ def _add_jobs(sub, jobs: dict, prefix: str) -> None:
             _add_jobs(group.add_subparsers(dest="job", metavar="COMMAND"), job, prefix=f"{prefix}{name} ")
             continue
         config_cls = _config_class(job)
-        doc = (config_cls.__doc__ or "").strip().splitlines()[0]
+        doc = " ".join((config_cls.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
         parser = sub.add_parser(name, help=doc, description=doc, allow_abbrev=False)
         add_arguments(parser, config_cls, overrides_only=_configured_by_yaml(config_cls))
         parser.set_defaults(job_spec=job, config_cls=config_cls, job_name=prefix + name)

@@ -2,7 +2,7 @@
 training loop.
 
     lmstack grpo --model.path smollm2-135m-instruct --data.train problems.jsonl \\
-        --reward.functions exact_answer --group_size 8 --peft.method lora --out runs/grpo
+        --reward.functions exact_answer --group-size 8 --peft.method lora --out runs/grpo
     lmstack ppo --model.path runs/sft/model --reward.model runs/rm/model --data.train prompts.jsonl --out runs/ppo
 
 Prompts are JSONL rows with a "prompt" (string or message list) plus the fields reward functions read

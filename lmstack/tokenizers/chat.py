@@ -214,9 +214,11 @@ def encode_chat(tokenizer, messages: list[dict], template: str | None = None, ad
     assistant turn's content and what the template writes after it (its end marker) are marked, not the
     header before it; those spans are found by rendering the conversation one message longer at a time,
     so any template whose output for the first n messages is a prefix of its output for n + 1 works.
+    Either way a token that straddles a span's edge is marked (transformers' rule).
 
     Raises:
-        TokenizerError: the template is not prefix-stable, or a span boundary splits a token.
+        TokenizerError: the template is not prefix-stable, or a span boundary splits a token of a
+            tokenizer that cannot give byte offsets.
     """
     if template is not None and _GENERATION_TAG.search(template):
         marked = _render(messages, template, add_generation_prompt, True, variables)
@@ -229,14 +231,36 @@ def encode_chat(tokenizer, messages: list[dict], template: str | None = None, ad
             raise TokenizerError("chat template output is not prefix-stable; cannot locate assistant turns")
         end = len(rendered)
         segment = text[start:end]
-        content_at = segment.find(message["content"]) if message["role"] == "assistant" else -1
+        content_at = _content_offset(messages, i, template, variables, text, start, end)
         if content_at >= 0:
             pieces += [(segment[:content_at], 0), (segment[content_at:], 1)]
         else:
             pieces.append((segment, 0))
         start = end
     pieces.append((text[start:], 0))
-    return _encode_pieces(tokenizer, pieces)
+    return _encode_marked(tokenizer, [(piece, flag) for piece, flag in pieces if piece])
+
+
+_PROBE = "\x00lmstack-assistant-content\x00"
+
+
+def _content_offset(messages: list[dict], i: int, template: str | None, variables: dict, text: str, start: int,
+                    end: int) -> int:
+    """Where assistant message ``i``'s content begins in ``text[start:end]`` (its rendered turn), or -1.
+
+    The turn is rendered once more with the content replaced by a probe string: the probe's position is
+    where the template writes the content, so a reply that also occurs in the header ("n" inside
+    "assistant") is not mistaken for it. Templates that rewrite the content (``| trim``) make the probe
+    and the real text disagree; then the first occurrence of the stripped content is taken."""
+    message = messages[i]
+    if message["role"] != "assistant" or not isinstance(message["content"], str) or not message["content"]:
+        return -1
+    probe = render_chat([*messages[:i], {**message, "content": _PROBE}], template, False, **variables)
+    at = probe.find(_PROBE)
+    if start <= at < end and text.startswith(message["content"], at):
+        return at - start
+    content = message["content"].strip()
+    return text.find(content, start, end) - start if content and content in text[start:end] else -1
 
 
 def _generation_pieces(marked: str) -> list[tuple[str, int]]:

@@ -67,6 +67,20 @@ def test_assistant_mask_covers_replies_only(tokenizer_dir, template):
                                  add_special_tokens=False)
 
 
+@pytest.mark.parametrize("template", [None, LLAMA3_STYLE], ids=["chatml-default", "llama3-style"])
+def test_assistant_mask_finds_replies_that_also_occur_in_the_header(tokenizer_dir, template):
+    """A reply such as "n" also occurs inside "assistant" and "<|im_end|>": the mask must cover the reply the
+    template wrote, not the first match in the turn's text."""
+    tok = load_tokenizer(tokenizer_dir)
+    end = "<|im_end|>\n" if template is None else "<|eot_id|>"
+    for reply in ("n", "a", "assistant", "end"):
+        messages = [{"role": "user", "content": "I"}, {"role": "assistant", "content": reply}]
+        enc = encode_chat(tok, messages, template, bos_token="<|begin_of_text|>")
+        assert tok.decode([i for i, m in zip(enc.ids, enc.assistant_mask) if m]) == f"{reply}{end}", reply
+        assert enc.ids == tok.encode(render_chat(messages, template, bos_token="<|begin_of_text|>"),
+                                     add_special_tokens=False)
+
+
 def test_template_from_tokenizer_config(tmp_path):
     assert load_chat_template(tmp_path) is None
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA3_STYLE}))
