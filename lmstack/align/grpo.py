@@ -71,7 +71,8 @@ class GRPORollouts:
             device = next(self.policy.parameters()).device
             batch["ref_logps"] = self.reference.token_logps(
                 self.policy, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask",
-                                                              "position_ids"))).cpu()
+                                                              "position_ids")),
+                temperature=self.generation.temperature if self.generation.do_sample else 1.0).cpu()
         return batch
 
     def state_dict(self) -> dict:
@@ -85,17 +86,19 @@ class GRPORollouts:
 class GRPOObjective:
     """The GRPO loss over a rollout batch (``GRPORollouts``); one optimizer step per rollout batch, so the
     sampling policy is the current one and the ratio starts at 1 (``old_logps`` in the batch overrides it).
-    ``evaluation`` (a ``RewardEvaluation``) scores held-out prompts."""
+    ``temperature``: the sampling temperature, under which the policy (and the reference) are scored, as
+    trl does. ``evaluation`` (a ``RewardEvaluation``) scores held-out prompts."""
 
     def __init__(self, beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
                  loss_type: str = "grpo", max_completion_length: int | None = None,
-                 evaluation: RewardEvaluation | None = None) -> None:
+                 evaluation: RewardEvaluation | None = None, temperature: float = 1.0) -> None:
         self.beta, self.epsilon_low, self.epsilon_high = beta, epsilon_low, epsilon_high
         self.loss_type, self.max_completion_length, self.evaluation = loss_type, max_completion_length, evaluation
+        self.temperature = temperature
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         logps = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                            batch.get("position_ids"))
+                            batch.get("position_ids"), temperature=self.temperature)
         mask = batch["completion_mask"][:, 1:]
         old = batch.get("old_logps")
         loss, stats = grpo_loss(logps, logps.detach() if old is None else old, batch["advantages"], mask,

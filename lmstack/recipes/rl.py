@@ -108,7 +108,7 @@ def grpo(cfg: GRPOConfig) -> dict:
                             generation=generation, seed=cfg.seed, pad_id=_pad_id(files), reference=reference,
                             beta=cfg.beta, scale_rewards=cfg.scale_rewards)
     objective = GRPOObjective(cfg.beta, cfg.epsilon_low, cfg.epsilon_high, cfg.loss_type,
-                              cfg.sampling.max_new_tokens, evaluation)
+                              cfg.sampling.max_new_tokens, evaluation, cfg.sampling.temperature)
     final = _fit(cfg, model, files, objective, rollouts, evaluation.batches if evaluation else None, out, "grpo")
     _curves(out, "grpo")
     _samples(evaluation, model)

@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 
-from lmstack.align import (KTOObjective, PreferenceObjective, Reference, RewardObjective, group_advantages, grpo_loss,
-                           token_logps)
+from lmstack.align import (GRPOObjective, KTOObjective, PreferenceObjective, Reference, RewardObjective,
+                           group_advantages, grpo_loss, token_logps)
 from lmstack.data.preference import collate_pairs, encode_pairs
 from lmstack.data.sft import collate_sft, encode_sft
 from lmstack.checkpoints import load_hf
@@ -193,7 +193,9 @@ def test_orpo_loss_equals_trl(setup, tmp_path):
     assert float(loss) == pytest.approx(expected, abs=1e-5)
 
 
-def test_grpo_advantages_and_loss_equal_trl(setup, tmp_path):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_grpo_advantages_and_loss_equal_trl(setup, tmp_path, temperature):
+    """trl scores the policy and the reference at the sampling temperature; so does GRPOObjective."""
     root, tok = setup
     tok.save_pretrained(root / "policy")
 
@@ -202,7 +204,7 @@ def test_grpo_advantages_and_loss_equal_trl(setup, tmp_path):
 
     args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                           max_completion_length=8, loss_type="grpo", beta=0.04, use_cpu=True, report_to=[],
-                          save_strategy="no", bf16=False)
+                          save_strategy="no", bf16=False, temperature=temperature)
     trainer = trl.GRPOTrainer(model=str(root / "policy"), reward_funcs=length_reward, args=args,
                               train_dataset=datasets.Dataset.from_dict({"prompt": PAIRS["prompt"]}),
                               processing_class=tok)
@@ -218,13 +220,19 @@ def test_grpo_advantages_and_loss_equal_trl(setup, tmp_path):
     # Off-policy: perturb the policy so ratios move and clipping bites, as trl's second iteration would see.
     n = inputs["completion_ids"].shape[1]
     with torch.no_grad():
-        old = token_logps(_ours(root, "policy"), ids, mask, completion)[:, -n:]
+        old = token_logps(_ours(root, "policy"), ids, mask, completion, temperature=temperature)
         for p in trainer.model.parameters():
             p.add_(0.3 * torch.randn_like(p))
     trainer.model.save_pretrained(root / "moved")
-    inputs["old_per_token_logps"] = old
+    inputs["old_per_token_logps"] = old[:, -n:]
     expected = float(trainer._compute_loss(trainer.model, inputs))
-    logps = token_logps(_ours(root, "moved"), ids, mask, completion)[:, -n:]
-    loss, _ = grpo_loss(logps, old, inputs["advantages"], inputs["completion_mask"], beta=0.04,
+    logps = token_logps(_ours(root, "moved"), ids, mask, completion, temperature=temperature)[:, -n:]
+    loss, _ = grpo_loss(logps, old[:, -n:], inputs["advantages"], inputs["completion_mask"], beta=0.04,
                         ref_logps=inputs["ref_per_token_logps"], loss_type="grpo")
+    assert float(loss) == pytest.approx(expected, abs=1e-5)
+    # The objective the recipe trains with, on the whole-width batch (prompt columns unscored).
+    ref = torch.cat([torch.zeros(len(ids), ids.shape[1] - 1 - n), inputs["ref_per_token_logps"]], 1)
+    batch = {"input_ids": ids, "attention_mask": mask, "completion_mask": completion, "old_logps": old,
+             "advantages": inputs["advantages"], "ref_logps": ref, "rewards": rewards}
+    loss, _ = GRPOObjective(beta=0.04, loss_type="grpo", temperature=temperature)(_ours(root, "moved"), batch)
     assert float(loss) == pytest.approx(expected, abs=1e-5)
