@@ -48,16 +48,18 @@ def answers(files, questions: list[str], max_new_tokens: int = 48, batch: int = 
 
 
 def chatterbot_pairs() -> list[tuple[str, str]]:
-    """(question, answer) pairs of chatterbot-corpus's English conversations, in a fixed shuffled order."""
+    """(question, answer) pairs of chatterbot-corpus's English conversations, one per distinct question (the
+    corpus repeats some; a held-out question must not also be a training one), in a fixed shuffled order."""
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None:
         sys.exit("chatterbot-corpus is missing: pip install --no-deps chatterbot-corpus==1.3.3 (make setup does)")
     root = Path(spec.submodule_search_locations[0]) / "data" / "english"
-    pairs = []
+    pairs = {}
     for path in sorted(glob.glob(str(root / "*.yml"))):
         for conversation in yaml.safe_load(Path(path).read_text(encoding="utf-8")).get("conversations", []):
             if len(conversation) >= 2 and all(isinstance(t, str) for t in conversation[:2]):
-                pairs.append((conversation[0].strip(), conversation[1].strip()))
+                pairs.setdefault(conversation[0].strip().lower(), (conversation[0].strip(), conversation[1].strip()))
+    pairs = list(pairs.values())
     random.Random(0).shuffle(pairs)
     return pairs
 
