@@ -43,6 +43,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/quantize.py            # llama.cpp columns with `pip install llama-cpp-python`
 	$(PY) benchmarks/quantize_quality.py
 	$(PY) benchmarks/peft.py                # full fine-tuning vs LoRA / DoRA / QLoRA, and peft's
+	$(PY) benchmarks/align.py               # SFT / DPO steps, GRPO / PPO rollouts vs trl
+	$(PY) benchmarks/align.py --vocab 49152
 	$(PY) benchmarks/tokenizer_speed.py
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/train.py

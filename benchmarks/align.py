@@ -5,7 +5,8 @@ tokens per second) of GRPO (trl 1.16's ``_generate_and_score_completions``) and 
 value and the reward model; lmstack's ``PPORollouts`` additionally computes GAE and the whitening).
 
 The model is a random-init Llama (4 layers, hidden 256, vocabulary --vocab: 2048, or 49152 for SmolLM2's
-tokenizer size, where the LM head outweighs the blocks) built offline with transformers and loaded by both. Steps are timed after warm-up, configurations interleaved over --rounds, medians kept.
+tokenizer size, where the LM head outweighs the blocks) built offline with transformers and loaded by both.
+Steps are timed after warm-up, configurations interleaved over --rounds, medians kept.
 trl 1.12 (PPO) is read from the side folder the Makefile installs (.venv/side/trl-ppo); without it that
 column is skipped with a hint.
 
@@ -242,7 +243,7 @@ def trl_ppo_rollout(root, prompts, threads):
         return None
     width = max(len(p) for p in prompts)
     queries = [[0] * (width - len(p)) + p for p in prompts]
-    done = subprocess.run([sys.executable, "-c", PPO_SCRIPT, str(side), str(root / "policy"), json.dumps(queries),
+    done = subprocess.run([sys.executable, "-c", PPO_SCRIPT, str(side), str(root), json.dumps(queries),
                            str(threads)], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if done.returncode != 0:
@@ -258,8 +259,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians kept)")
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per configuration and round")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both")
-    parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size (49152: SmolLM2's)")
+    parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size, >= 600 (49152: SmolLM2's)")
     args = parser.parse_args()
+    if args.vocab < 600:
+        parser.error("--vocab must be at least 600 (the benchmark's tokenizer has 600 tokens)")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

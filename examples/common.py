@@ -70,7 +70,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def table(header: tuple[str, ...], rows: list[tuple]) -> None:
-    cells = [tuple(str(c) for c in row) for row in rows]
+    cells = [tuple(" ".join(str(c).split()) for c in row) for row in rows]  # one line per cell
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     for row in (header, *cells):
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")

@@ -41,7 +41,7 @@ def main() -> None:
     run = args.out / "run"
     lmstack(["dpo", "--model.path", MODEL, "--data.train", str(train_file), "--data.eval", str(eval_file),
              "--data.max_length", "160", "--loss", "sigmoid", "--beta", "0.1", "--peft.method", "lora",
-             "--peft.rank", "16", "--train.batch_size", "4", "--train.lr", "5e-4", "--train.min_lr", "5e-5",
+             "--peft.rank", "16", "--train.batch_size", "4", "--train.lr", "2e-4", "--train.min_lr", "2e-5",
              "--train.warmup_steps", "4", "--train.max_steps", str(args.steps), "--train.eval_every", "20",
              "--train.checkpoint_every", "1000", "--out", str(run)])
     final = read_metrics(run / "metrics.jsonl")[-1]
@@ -49,8 +49,11 @@ def main() -> None:
     rate = lambda texts: sum(map(follows, texts)) / len(texts)  # noqa: E731
     print(f"\nheld-out pairs: reward accuracy {final.get('eval_reward_accuracy', float('nan')):.2f}, "
           f"margin {final.get('eval_reward_margin', float('nan')):.2f}")
+    repeats = lambda texts: sum(t.lower().count("answer:") > 1 for t in texts) / len(texts)  # noqa: E731
     table(("", "before", "after"), [(f"answers starting 'Answer:' ({len(held)} unseen questions)",
-                                     f"{rate(before):.0%}", f"{rate(after):.0%}")])
+                                     f"{rate(before):.0%}", f"{rate(after):.0%}"),
+                                    ("answers repeating 'Answer:' (over-optimisation)", f"{repeats(before):.0%}",
+                                     f"{repeats(after):.0%}")])
     table(("question", "before", "after"), [(q, b[:50].replace("\n", " "), c[:50].replace("\n", " "))
                                             for (q, _), b, c in zip(held[:4], before, after)])
 

@@ -3,7 +3,7 @@
 Generated addition and subtraction problems ("What is 7 + 5? Reply with just the number."), rewarded 1
 when the last number of the completion is the answer (`exact_answer`); `lmstack grpo` with LoRA samples
 groups of completions per problem and pushes up the ones that beat their group. Greedy accuracy on
-held-out problems before and after. About 5-10 minutes on 2 CPU cores.
+held-out problems before and after. About 11 minutes on one CPU core.
 
     python examples/grpo_arithmetic.py [--steps 40] [--out runs/examples/grpo]
 """

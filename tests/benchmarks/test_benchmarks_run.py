@@ -57,3 +57,11 @@ def test_pretrain_quality_baseline_prints_its_table(tmp_path):
     out = _run("pretrain_quality.py", "--seconds", "2", "--sources", "shakespeare/sonnets*", "shakespeare/tempest*",
                "--held-out", "0.5", "--run", str(tmp_path / "no-run"))
     assert "nanoGPT char-level" in out and "held-out bits/byte" in out
+
+
+def test_align_benchmark_prints_its_table():
+    pytest.importorskip("trl")
+    out = _run("align.py", "--rounds", "1", "--steps", "1", "--vocab", "1024")
+    rows = [line for line in out.splitlines() if line.startswith(("SFT", "DPO", "GRPO", "PPO"))]
+    assert [row.split()[0] for row in rows] == ["SFT", "DPO", "GRPO", "PPO"], out  # PPO: trl 1.12's side install
+    assert all(row.split()[-3].endswith("x") for row in rows), out

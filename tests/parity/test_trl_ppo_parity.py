@@ -92,7 +92,8 @@ print(json.dumps(logged[0]))
 @pytest.fixture(scope="module")
 def trl_run(tmp_path_factory):
     if not (SIDE / "trl" / "experimental" / "ppo").is_dir():
-        pytest.skip(f"trl 1.12 side folder missing: pip install --no-deps --target {SIDE} trl==1.12.0 (make setup does)")
+        pytest.skip(f"trl 1.12 side folder missing: pip install --no-deps --target {SIDE} trl==1.12.0 "
+                    "(make setup does)")
     root = tmp_path_factory.mktemp("ppo")
     train_bpe(PROMPTS * 10 + ["four hello blue one two three the cat sat"] * 10, 300,
               special_tokens=["<pad>", "<eos>", "<bos>"]).save(root)

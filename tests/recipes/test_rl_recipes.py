@@ -68,6 +68,9 @@ def test_ppo_run_with_chat_prompts_logs_kl_and_writes_the_value_model(files, tmp
     assert {"kl", "entropy", "clip_fraction", "value_loss", "policy_loss", "score", "eos_fraction"} <= set(records[-1])
     assert math.isfinite(records[-1]["eval_reward"])
     assert load_hf(out / "value").config.num_scores == 1 and (out / "rl.png").is_file()
+    # The resolved recipe the run saved reruns it: same rollouts, same losses.
+    main(["ppo", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again")])
+    assert [r["loss"] for r in read_metrics(tmp_path / "again" / "metrics.jsonl")] == [r["loss"] for r in records]
 
 
 def test_nan_rewards_are_counted_and_bad_rewards_named(files, tmp_path, capsys):
@@ -78,7 +81,8 @@ def test_nan_rewards_are_counted_and_bad_rewards_named(files, tmp_path, capsys):
     assert read_metrics(out / "metrics.jsonl")[0]["reward_nan"] == 2 * 2  # two prompts have answer 3, x2 samples
     base = ["--model.path", str(files["model"]), "--data.train", str(files["problems"]), *COMMON]
     for job, extra, message in [
-            ("grpo", ["--reward.functions", f"[{files['rewards']}:broken]"], "'broken' raised KeyError: 'no such field'"),
+            ("grpo", ["--reward.functions", f"[{files['rewards']}:broken]"],
+             "'broken' raised KeyError: 'no such field'"),
             ("grpo", ["--reward.functions", "[exactly]"], "unknown reward function 'exactly'"),
             ("grpo", ["--reward.functions", f"[{files['rewards']}:nope]"], "has no function 'nope'"),
             ("ppo", [], "give exactly one of reward.functions and reward.model"),

@@ -30,7 +30,7 @@ class AlignDataSection:
 
 @dataclass
 class _AlignJob:
-    config: Path | None = field(None, help="YAML recipe (configs/align/*.yaml)")
+    config: Path | None = field(None, help="YAML recipe (its keys are these flags; the flags given override it)")
     out: Path | None = field(None, help="run directory (required)")
     seed: int = field(1337, help="seed of new weights (adapters, heads) and of the data order")
     resume: bool = field(False, help="continue from the latest checkpoint in --out")

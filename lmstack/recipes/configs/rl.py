@@ -42,7 +42,7 @@ class RewardSection:
 
 @dataclass
 class _RLJob:
-    config: Path | None = field(None, help="YAML recipe")
+    config: Path | None = field(None, help="YAML recipe (its keys are these flags; the flags given override it)")
     out: Path | None = field(None, help="run directory (required)")
     seed: int = field(1337, help="seed of new weights, of the prompt order and of sampling")
     resume: bool = field(False, help="continue from the latest checkpoint in --out")
