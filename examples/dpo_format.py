@@ -54,8 +54,7 @@ def main() -> None:
                                      f"{rate(before):.0%}", f"{rate(after):.0%}"),
                                     ("answers repeating 'Answer:' (over-optimisation)", f"{repeats(before):.0%}",
                                      f"{repeats(after):.0%}")])
-    table(("question", "before", "after"), [(q, b[:50].replace("\n", " "), c[:50].replace("\n", " "))
-                                            for (q, _), b, c in zip(held[:4], before, after)])
+    table(("question", "before", "after"), [(q, b[:50], c[:50]) for (q, _), b, c in zip(held[:4], before, after)])
 
 
 if __name__ == "__main__":

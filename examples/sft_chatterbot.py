@@ -43,8 +43,7 @@ def main() -> None:
     print(f"\nheld-out loss on {len(held)} unseen conversations (assistant tokens): "
           f"{loss_before:.3f} before -> {loss_after:.3f} after {args.steps} steps")
     table(("question", "corpus answer", "before", "after"),
-          [(q, a[:60], b[:60].replace("\n", " "), c[:60].replace("\n", " "))
-           for (q, a), b, c in zip(held, before, after)])
+          [(q, a[:60], b[:60], c[:60]) for (q, a), b, c in zip(held, before, after)])
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class GRPORollouts:
             batch["ref_logps"] = self.reference.token_logps(
                 self.policy, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask",
                                                               "position_ids")),
-                temperature=self.generation.temperature if self.generation.do_sample else 1.0).cpu()
+                temperature=self.generation.temperature).cpu()  # rollouts always sample, at this temperature
         return batch
 
     def state_dict(self) -> dict:

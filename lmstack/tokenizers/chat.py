@@ -260,7 +260,8 @@ def _content_offset(messages: list[dict], i: int, template: str | None, variable
     if start <= at < end and text.startswith(message["content"], at):
         return at - start
     content = message["content"].strip()
-    return text.find(content, start, end) - start if content and content in text[start:end] else -1
+    at = text.find(content, start, end) if content else -1
+    return at - start if at >= 0 else -1
 
 
 def _generation_pieces(marked: str) -> list[tuple[str, int]]:

@@ -147,7 +147,8 @@ class CausalLMObjective:
 
     While training a model with ``hidden_states`` and a plain ``nn.Linear`` LM head without bias, the head
     and the loss are fused (``linear_cross_entropy``) over the scored positions only; anything else (a
-    compiled or adapted model, no gradients) takes the logits path. Both give the same loss and gradients up to float rounding.
+    compiled or adapted model, no gradients) takes the logits path. Both give the same loss and gradients
+    up to float rounding.
     """
 
     def __init__(self, token_bytes: torch.Tensor | None = None) -> None:
