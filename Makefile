@@ -8,7 +8,7 @@ STAMP := $(VENV)/.lmstack-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup browser quickstart test bench clean
 
 # torch is pinned exactly and installed first: the CPU wheel on this machine's disk. A loose range
 # would let pip pull a multi-GB CUDA build.
@@ -27,7 +27,18 @@ $(STAMP): pyproject.toml
 		compressed-tensors==0.19.0 loguru==0.7.3
 	# trl removed PPO after 1.12: tests/parity/test_trl_ppo_parity.py runs 1.12's PPOTrainer from a side folder.
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/side/trl-ppo trl==1.12.0
+	# Debian's chromium for the web chat test (tests/serve/test_web_chat.py), unpacked into the venv (no root
+	# needed); where apt is missing the test skips and says why.
+	-$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# playwright's own browser download is blocked here: fetch Debian's chromium and its libraries instead.
+browser:
+	rm -rf $(VENV)/chromium && mkdir -p $(VENV)/chromium/debs
+	cd $(VENV)/chromium/debs && apt-get download -q \
+		$$(apt-get install -s --no-install-recommends chromium | awk '/^Inst/ {print $$2}') >/dev/null
+	for f in $(VENV)/chromium/debs/*.deb; do dpkg -x $$f $(VENV)/chromium; done
+	rm -rf $(VENV)/chromium/debs
 
 setup: $(STAMP)
 
@@ -45,6 +56,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/peft.py                # full fine-tuning vs LoRA / DoRA / QLoRA, and peft's
 	$(PY) benchmarks/align.py               # SFT / DPO steps, GRPO / PPO rollouts vs trl
 	$(PY) benchmarks/align.py --vocab 49152
+	$(PY) benchmarks/serve.py               # 1 / 8 / 32 clients vs transformers (and llama.cpp's server)
 	$(PY) benchmarks/tokenizer_speed.py
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/train.py

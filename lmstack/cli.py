@@ -30,6 +30,7 @@ JOBS = {
     "grpo": ("rl", "grpo", "GRPOConfig"),
     "ppo": ("rl", "ppo", "PPOConfig"),
     "embed": ("embed", "run", "EmbedConfig"),
+    "serve": ("serve", "run", "ServeConfig"),
     "tokenizer": {
         "train": ("tokenizer", "train", "TrainTokenizerConfig"),
         "encode": ("tokenizer", "encode", "EncodeConfig"),

@@ -18,7 +18,7 @@ ALLOWED = {
     "generate": {"models", "nn", "kernels"},
     "kernels": {"models", "nn", "native"},
     "recipes": {"nn", "models", "checkpoints", "generate", "config", "tokenizers", "data", "train", "rag", "eval",
-                "kernels", "fileio", "compress", "peft", "align"},
+                "kernels", "fileio", "compress", "peft", "align", "serve"},
     "compress": {"nn", "models", "kernels", "checkpoints", "fileio"},
     "peft": {"nn", "models", "checkpoints", "fileio", "config"},
     "rag": {"models", "nn", "checkpoints", "tokenizers"},
@@ -26,6 +26,7 @@ ALLOWED = {
     "data": {"tokenizers", "fileio"},
     "train": {"models", "nn", "data", "checkpoints", "config", "fileio", "eval"},
     "align": {"train", "peft", "generate", "data", "eval", "models", "nn"},
+    "serve": {"generate", "models", "nn", "checkpoints", "tokenizers", "kernels"},
     "cli": {"recipes", "config"},
     "config": {"fileio"},
 }

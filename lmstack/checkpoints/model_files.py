@@ -18,7 +18,8 @@ from torch import nn
 from lmstack.checkpoints import is_gguf, load_model
 from lmstack.errors import CheckpointError
 from lmstack.nn.memory import move_to_hugepages_
-from lmstack.tokenizers import ChatTemplate, NoTokenizerError, find_chat_template, load_tokenizer, tokenizer_from_json
+from lmstack.tokenizers import (ChatTemplate, NoTokenizerError, find_chat_template, load_tokenizer, render_chat,
+                                tokenizer_from_json)
 
 # Special tokens that end an assistant turn in the major chat formats, stopped at when the vocabulary has them.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>",
@@ -34,6 +35,16 @@ class ModelFiles:
     tokenizer: object | None  # a Tokenizer / WordPieceTokenizer, or None when the model has none
     chat_template: ChatTemplate
     stop_ids: list[int] = field(default_factory=list)  # generation ends at any of these
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text of ``messages`` in this model's chat template, with the model's own BOS / EOS
+        token text where the template writes ``{{ bos_token }}`` / ``{{ eos_token }}`` (else nothing)."""
+        names = {}
+        for key in ("bos_token", "eos_token"):
+            token_id = getattr(self.model.config, f"{key}_id", None)
+            token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
+            names[key] = self.tokenizer.id_to_token.get(token_id, "") if isinstance(token_id, int) else ""
+        return render_chat(messages, self.chat_template.text, add_generation_prompt=add_generation_prompt, **names)
 
 
 def open_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",

@@ -29,7 +29,9 @@ class CausalLMEngine:
                  max_new_tokens: int) -> None:
         B, T = input_ids.shape
         self.model = model
-        self.cache = StaticKVCache.for_model(model, B, T + max_new_tokens)
+        # Each model kind makes its own cache (a transformed model may reserve slots of its own).
+        new_cache = getattr(model, "new_cache", None) or (lambda *shape: StaticKVCache.for_model(model, *shape))
+        self.cache = new_cache(B, T + max_new_tokens)
         self.input_ids = input_ids
         # Without padding no mask is passed at all, so attention takes its mask-free fast path.
         self.mask = None

@@ -19,7 +19,7 @@ from lmstack.native import build_artifact, cache_root, cached_artifact, compiler
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("extension.cpp", "skinny_linear.cpp", "decode_step.cpp")
+SOURCES = ("extension.cpp", "skinny_linear.cpp", "decode_step.cpp", "paged_attention.cpp")
 MODULE = "lmstack_cpu_kernels"
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
 LDFLAGS = ("-fopenmp",)

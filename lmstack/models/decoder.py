@@ -19,6 +19,7 @@ from torch import nn
 from lmstack.models.config import DecoderConfig
 from lmstack.nn.attention import Attention
 from lmstack.nn.embedding import embed_inputs
+from lmstack.nn.kv_cache import StaticKVCache, packs_sequences
 from lmstack.nn.masks import AttentionMask, packed_segments
 from lmstack.nn.mlp import make_mlp
 from lmstack.nn.norms import RMSNorm, make_norm
@@ -114,7 +115,10 @@ class Decoder(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         x = embed_inputs(self.embed_tokens, input_ids, inputs_embeds)
         B, T = x.shape[:2]
-        self._check_inputs((B, T), attention_mask, start)
+        if packs_sequences(kv_cache):
+            self._check_packed((B, T), attention_mask, position_ids)
+        else:
+            self._check_inputs((B, T), attention_mask, start)
         if position_ids is None:
             # Same default as Hugging Face: cache slots, whatever the padding (generation passes positions).
             position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
@@ -163,6 +167,19 @@ class Decoder(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != (shape[0], total):
             raise ValueError(f"attention_mask must be (batch, cached + seq) = {(shape[0], total)}, "
                              f"got {tuple(attention_mask.shape)}")
+
+    def _check_packed(self, shape: tuple[int, int], attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor | None) -> None:
+        """A packed serving row: one row, explicit positions, each within the context."""
+        if shape[0] != 1 or attention_mask is not None or position_ids is None:
+            raise ValueError("a packed cache takes one row of tokens with position_ids and no attention_mask")
+        limit = self.config.context_limit
+        if limit is not None and shape[1] and int(position_ids.max()) >= limit:
+            raise ValueError(f"position {int(position_ids.max())} exceeds the context length max_seq_len={limit}")
+
+    def new_cache(self, batch_size: int, max_len: int) -> StaticKVCache:
+        """A static KV cache for ``batch_size`` rows of up to ``max_len`` tokens, shaped for this model."""
+        return StaticKVCache.for_model(self, batch_size, max_len)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (tied matrices counted once)."""

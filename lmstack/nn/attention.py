@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import ConfigError
+from lmstack.nn.kv_cache import packs_sequences
 from lmstack.nn.masks import AttentionMask
 from lmstack.nn.positions import apply_rotary
 
@@ -83,14 +84,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Att
         q1 = min(q0 + block_size, n_q)
         k_lo, k_hi = _key_range(mask, q0, q1, n_k)
         out[:, :, :, q0:q1] = _attend_query_block(
-            qg[:, :, :, q0:q1], kg, vg, mask, q_slots_all[q0:q1], k_slots_all, k_lo, k_hi, scale, block_size)
+            qg[:, :, :, q0:q1], kg, vg, mask, q_slots_all[..., q0:q1], k_slots_all, k_lo, k_hi, scale, block_size)
     return out.view(B, H, n_q, D)
 
 
 def _key_range(mask: AttentionMask, q0: int, q1: int, n_keys: int) -> tuple[int, int]:
-    """Keys [lo, hi) that queries q0..q1-1 could see; tiles outside are skipped entirely."""
-    hi = min(n_keys, mask.q_start + q1) if mask.causal else n_keys
-    lo = max(0, mask.q_start + q0 - mask.sliding_window + 1) if mask.sliding_window is not None else 0
+    """Keys [lo, hi) that queries q0..q1-1 of any row could see; tiles outside are skipped entirely."""
+    first_start, last_start = mask.q_start_range()
+    hi = min(n_keys, last_start + q1) if mask.causal else n_keys
+    lo = max(0, first_start + q0 - mask.sliding_window + 1) if mask.sliding_window is not None else 0
     return lo, max(lo, hi)
 
 
@@ -209,6 +211,9 @@ class Attention(nn.Module):
             k, v = self.project_kv(x)  # (B, Hkv, T, D)
             if rotary is not None:
                 q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            if packs_sequences(kv_cache):  # a serving batch: the cache attends within each packed sequence
+                y = kv_cache.attend(layer_idx, q, k, v, mask, self.scale, self.backend)
+                return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
             if kv_cache is not None:
                 k, v = kv_cache.update(layer_idx, k, v)  # (B, Hkv, cached + T, D)
         dropout_p = self.dropout if self.training else 0.0

@@ -4,6 +4,11 @@ The model's forward pass is stateless; a cache is passed in explicitly. ``Static
 (layers, B, Hkv, max_len, D) once (gpt-fast style: index writes, no reallocation per step), so each decode
 step does work proportional to the current length. Slots are positions in the cache, not token positions:
 with left padding, slot j of every row holds that row's j-th token or a pad.
+
+A serving batch holds sequences of different lengths. A ``PackedKVCache`` (``lmstack.serve.paged_kv``)
+takes their new tokens packed into one row, (1, N), with each token's position in ``position_ids``; it
+stores every token's keys/values in its own sequence's blocks and computes attention per sequence itself
+(``attend``), so the model runs its linears once over all N tokens and never learns about paging.
 """
 
 from typing import Protocol
@@ -23,6 +28,27 @@ class KVCache(Protocol):
     def advance(self, n_tokens: int) -> None:
         """Mark n_tokens more slots as filled (called by the model after all layers ran)."""
         ...
+
+
+class PackedKVCache(Protocol):
+    """A cache over many sequences packed in one row: it computes attention itself.
+
+    ``length`` is 0 (a packed row has no shared length; positions come from ``position_ids``)."""
+
+    length: int
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
+               scale: float | None, backend: str) -> torch.Tensor:
+        """Store k, v (1, Hkv, N, D) in their sequences' slots, attend q (1, H, N, D) within each sequence
+        (``mask`` gives the layer's window / ALiBi) and return (1, H, N, D)."""
+        ...
+
+    def advance(self, n_tokens: int) -> None: ...
+
+
+def packs_sequences(cache) -> bool:
+    """True for a PackedKVCache (one that computes attention itself over packed sequences)."""
+    return cache is not None and callable(getattr(cache, "attend", None))
 
 
 class StaticKVCache:

@@ -20,7 +20,6 @@ from lmstack.checkpoints.model_files import ModelFiles
 from lmstack.errors import ConfigError
 from lmstack.generate import stream
 from lmstack.recipes.sampling import open_for_decoding, to_generation_config
-from lmstack.tokenizers import render_chat
 from lmstack.recipes.configs.chat import ChatConfig
 
 PROMPT = "you> "
@@ -66,13 +65,7 @@ class ChatSession:
             del self.messages[first:first + 2]  # the oldest user turn and its reply
 
     def _render(self) -> str:
-        tokenizer, config = self.files.tokenizer, self.files.model.config
-        names = {}  # the template may write them ("{{ bos_token }}"): the model's own, or nothing
-        for key in ("bos_token", "eos_token"):
-            token_id = getattr(config, f"{key}_id", None)
-            token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
-            names[key] = tokenizer.id_to_token.get(token_id, "") if isinstance(token_id, int) else ""
-        return render_chat(self.messages, self.files.chat_template.text, add_generation_prompt=True, **names)
+        return self.files.render_chat(self.messages)
 
 
 def run(cfg: ChatConfig) -> list[dict]:

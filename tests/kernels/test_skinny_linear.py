@@ -29,6 +29,19 @@ def test_matches_f_linear(rows, bias):
         torch.testing.assert_close(SkinnyLinear(linear)(x), F.linear(x, linear.weight, linear.bias), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [9, 13, 16, 31, 64])
+def test_the_tiled_kernel_for_9_to_64_rows_matches_f_linear(rows):
+    """The medium kernel itself (called directly: SkinnyLinear picks it only where it beats BLAS), with odd
+    widths and a ragged last 8-row chunk and 16-row tile."""
+    if load_cpu_kernels() is None:
+        pytest.skip("no kernels on this machine")
+    weight, bias, x = torch.randn(37, 77), torch.randn(37), torch.randn(rows, 77)
+    torch.testing.assert_close(load_cpu_kernels().skinny_linear(x, weight, bias), F.linear(x, weight, bias),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="1 to 64 rows"):
+        load_cpu_kernels().skinny_linear(torch.randn(65, 77), weight, bias)
+
+
 def test_three_dimensional_input_and_training_fallback():
     linear = torch.nn.Linear(32, 16)
     skinny = SkinnyLinear(linear)
