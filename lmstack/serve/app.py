@@ -159,6 +159,8 @@ async def _updates(server: Server, handles: list[Handle], choices: list[Choice],
                 if not choices[i].done:
                     choices[i].finish_reason = "stop"
                 continue
+            if isinstance(out, LmstackError):  # the engine refused the sequence
+                raise APIError(400, str(out))
             if isinstance(out, BaseException):
                 raise APIError(500, f"the engine failed: {out}", type_="server_error")
             was_done = choices[i].done

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from lmstack.errors import LmstackError
 from lmstack.serve.metrics import Metrics
 from lmstack.serve.sampling import SamplingParams
 from lmstack.serve.scheduler import Engine, StepOutput
@@ -104,7 +105,11 @@ class EngineRunner:
         kind, handle = command[0], command[1]
         if kind == "add":
             if handle.seq_id is None and not handle.cancelled:
-                handle.seq_id = self.engine.add(command[2], command[3])
+                try:
+                    handle.seq_id = self.engine.add(command[2], command[3])
+                except LmstackError as error:  # refused (the handler checks first): this request fails, not the engine
+                    handle.loop.call_soon_threadsafe(handle.outputs.put_nowait, (handle.index, error))
+                    return
                 self.handles[handle.seq_id] = handle
             return
         handle.cancelled = True

@@ -224,3 +224,20 @@ def test_live_server_every_endpoint_and_a_disconnect(chat_model_dir):
     finally:
         server.files.model.hidden_states = original
         live.stop()
+
+
+def test_a_sequence_the_engine_refuses_fails_alone(server, client):
+    """A request that reaches the engine and is refused there (the handlers check first) fails by itself; the
+    engine thread keeps serving everyone else."""
+    import asyncio
+
+    from lmstack.errors import ConfigError
+    from lmstack.serve.sampling import SamplingParams
+
+    async def submit_empty_prompt():
+        handle = server.runner.submit([], SamplingParams())
+        return await asyncio.wait_for(handle.outputs.get(), timeout=10)
+
+    _, out = asyncio.run(submit_empty_prompt())
+    assert isinstance(out, ConfigError) and server.runner.alive
+    assert client.completions.create(model="tiny-chat", prompt="the", max_tokens=2).usage.completion_tokens >= 1
