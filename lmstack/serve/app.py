@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmstack.errors import LmstackError
+from lmstack.serve.json_mode import JSONObjectConstraint, JSONVocabulary
 from lmstack.serve.outputs import Choice
 from lmstack.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 from lmstack.serve.runner import EngineRunner, Handle
@@ -66,6 +67,18 @@ class Server:
         self.tokenizer = files.tokenizer
         self.context = getattr(files.model.config, "context_limit", None)
         self.created = int(time.time())
+        self._json_vocabulary: JSONVocabulary | None = None
+
+    async def json_constraint(self) -> JSONObjectConstraint:
+        """A fresh JSON-object constraint; the vocabulary it reads is built on first use (a few seconds for a
+        50k vocabulary, off the event loop) and shared by every later request."""
+        if not self.files.stop_ids:
+            raise APIError(400, "response_format json_object needs an end-of-sequence token, and this model has none",
+                           "response_format")
+        if self._json_vocabulary is None:
+            self._json_vocabulary = await asyncio.to_thread(
+                JSONVocabulary.for_tokenizer, self.tokenizer, self.files.stop_ids, self.files.model.config.vocab_size)
+        return JSONObjectConstraint(self._json_vocabulary)
 
     # ---- requests -> engine -----------------------------------------------------------------------
     def check_model(self, name: str | None, embedding: bool = False) -> None:
@@ -197,15 +210,19 @@ def _chat_chunk(server: Server, rid: str, created: int, choices: list[dict]) -> 
 
 async def chat_completions(server: Server, body: ChatCompletionRequest, request: Request):
     server.check_model(body.model)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"response_format {body.response_format.type!r} (constrained JSON decoding) is not "
-                       "supported by this server yet", "response_format")
+    json_mode = body.response_format is not None and body.response_format.type == "json_object"
+    if body.response_format is not None and body.response_format.type == "json_schema":
+        raise APIError(400, "response_format json_schema (schema-constrained decoding) is not supported by this server "
+                       "yet; json_object is", "response_format")
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     prompt = server.chat_prompt(body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = body.top_logprobs or 0
     params = [server.sampling(body, prompt, max_tokens, top, body.logprobs, i) for i in range(body.n)]
+    if json_mode:  # only tokens that keep the reply a prefix of a JSON object
+        for p in params:
+            p.allowed_tokens = await server.json_constraint()
     handles = server.submit([(prompt, p) for p in params])
     choices = [Choice(i, server.tokenizer, _stops(body.stop)) for i in range(body.n)]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

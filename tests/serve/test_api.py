@@ -126,7 +126,8 @@ BAD = [
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     ({"messages": MESSAGES, "max_tokens": 10_000}, 400, "max_tokens"),
     ({"messages": MESSAGES, "model": "gpt-9"}, 404, "model"),
-    ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
+     "response_format"),
     ({"messages": MESSAGES, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ({"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
@@ -241,3 +242,25 @@ def test_a_sequence_the_engine_refuses_fails_alone(server, client):
     _, out = asyncio.run(submit_empty_prompt())
     assert isinstance(out, ConfigError) and server.runner.alive
     assert client.completions.create(model="tiny-chat", prompt="the", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_json_object_mode_keeps_every_reply_valid_json(client, server):
+    from lmstack.serve.json_mode import JSONPrefix
+
+    bias = {str(server.tokenizer.token_to_id(c)): 30 for c in "{}"}  # steer the random model to "{}"
+    steered = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=20, temperature=0,
+                                             response_format={"type": "json_object"}, logit_bias=bias)
+    assert json.loads(steered.choices[0].message.content) == {} and steered.choices[0].finish_reason == "stop"
+    free = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=40, n=4, seed=1,
+                                          response_format={"type": "json_object"})
+    for choice in free.choices:
+        state = JSONPrefix()
+        assert state.feed(choice.message.content), choice.message.content  # a prefix of a JSON object
+        if choice.finish_reason == "stop":
+            assert state.complete and isinstance(json.loads(choice.message.content), dict)
+
+
+def test_json_schema_mode_is_refused_for_now(http):
+    body = {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
