@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 	# side folder; tests/parity/test_gptq_llmcompressor.py reads it in a subprocess (REFERENCES.md, GPTQ).
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/side/llmcompressor llmcompressor==0.14.0.1 \
 		compressed-tensors==0.19.0 loguru==0.7.3
+	# xgrammar (the JSON-mode mask reference; its pip dependencies would pull triton): --no-deps, side folder.
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/side/xgrammar xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 	# trl removed PPO after 1.12: tests/parity/test_trl_ppo_parity.py runs 1.12's PPOTrainer from a side folder.
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/side/trl-ppo trl==1.12.0
 	# Debian's chromium for the web chat test (tests/serve/test_web_chat.py), unpacked into the venv (no root

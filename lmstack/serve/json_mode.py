@@ -93,9 +93,9 @@ class JSONPrefix:
                 if self.pending == word:
                     self._value_done()
                 return True
-        if ch in WHITESPACE:
+        if ch in WHITESPACE:  # between tokens; not before the object (as xgrammar's JSON grammar)
             self.blank += 1
-            return self.blank <= MAX_WHITESPACE
+            return self.blank <= MAX_WHITESPACE and mode != "start"
         self.blank = 0
         return self._structural(ch)
 

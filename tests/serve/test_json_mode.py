@@ -9,7 +9,7 @@ import pytest
 from lmstack.serve.json_mode import MAX_WHITESPACE, JSONObjectConstraint, JSONPrefix, JSONVocabulary
 
 GOOD = ['{}', '{"a": 1}', '{"a": [1, 2.5e-3, -0, 1E+9, true, false, null, {"b": "x\\n\\u00e9\\"\\\\"}]}',
-        ' { "k" : -0.5 } ', '{"a":[]}', '{"a":{}}', '{"\\u00e9": "é 東京"}', '{"a": [[], [{}]]}']
+        '{ "k" : -0.5 } ', '{"a":[]}', '{"a":{}}', '{"\\u00e9": "é 東京"}', '{"a": [[], [{}]]}']
 BAD = ['[]', '1', '"x"', '{"a" 1}', '{"a": 01}', '{"a": tru }', '{"a": 1,}', '{a: 1}', '{"a": "\x01"}', '{} x',
        '{"a": -}', '{"a": 1.}', '{"a": [1,]}', '{"\\u00e9"}', '{"a": "\\x"}', '{"a": 1e}', '{"a": .5}', '{"a"}',
        '{"a": [}', '{"a": 1]}', '{,}', '{"a": "\\u12g4"}']
@@ -40,7 +40,8 @@ def test_a_refused_feed_leaves_the_state_unchanged():
     assert state.feed("1}") and state.complete
 
 
-def test_whitespace_runs_are_capped():
+def test_whitespace_runs_are_capped_and_the_reply_opens_with_the_object():
+    assert not JSONPrefix().feed(" ")  # as xgrammar's JSON grammar: no whitespace before the root object
     state = JSONPrefix()
     assert state.feed("{" + " " * MAX_WHITESPACE)
     assert not state.feed(" ")
