@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmstack.errors import LmstackError
 from lmstack.serve.json_mode import JSONObjectConstraint, JSONVocabulary
+from lmstack.serve.json_schema import SchemaPrefix, schema_from_request
 from lmstack.serve.outputs import Choice
 from lmstack.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 from lmstack.serve.runner import EngineRunner, Handle
@@ -69,16 +70,16 @@ class Server:
         self.created = int(time.time())
         self._json_vocabulary: JSONVocabulary | None = None
 
-    async def json_constraint(self) -> JSONObjectConstraint:
-        """A fresh JSON-object constraint; the vocabulary it reads is built on first use (a few seconds for a
-        50k vocabulary, off the event loop) and shared by every later request."""
+    async def json_constraint(self, schema: dict | None = None) -> JSONObjectConstraint:
+        """A fresh JSON-object constraint (to ``schema`` when given); the vocabulary it reads is built on first
+        use (under a second for a 50k vocabulary, off the event loop) and shared by every later request."""
         if not self.files.stop_ids:
             raise APIError(400, "response_format json_object needs an end-of-sequence token, and this model has none",
                            "response_format")
         if self._json_vocabulary is None:
             self._json_vocabulary = await asyncio.to_thread(
                 JSONVocabulary.for_tokenizer, self.tokenizer, self.files.stop_ids, self.files.model.config.vocab_size)
-        return JSONObjectConstraint(self._json_vocabulary)
+        return JSONObjectConstraint(self._json_vocabulary, SchemaPrefix(schema) if schema is not None else None)
 
     # ---- requests -> engine -----------------------------------------------------------------------
     def check_model(self, name: str | None, embedding: bool = False) -> None:
@@ -210,19 +211,22 @@ def _chat_chunk(server: Server, rid: str, created: int, choices: list[dict]) -> 
 
 async def chat_completions(server: Server, body: ChatCompletionRequest, request: Request):
     server.check_model(body.model)
-    json_mode = body.response_format is not None and body.response_format.type == "json_object"
-    if body.response_format is not None and body.response_format.type == "json_schema":
-        raise APIError(400, "response_format json_schema (schema-constrained decoding) is not supported by this server "
-                       "yet; json_object is", "response_format")
+    json_mode = body.response_format is not None and body.response_format.type != "text"
+    schema = None
+    if json_mode and body.response_format.type == "json_schema":
+        try:
+            schema = schema_from_request(body.response_format.json_schema)
+        except ValueError as error:
+            raise APIError(400, f"response_format.json_schema: {error}", "response_format") from None
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     prompt = server.chat_prompt(body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = body.top_logprobs or 0
     params = [server.sampling(body, prompt, max_tokens, top, body.logprobs, i) for i in range(body.n)]
-    if json_mode:  # only tokens that keep the reply a prefix of a JSON object
+    if json_mode:  # only tokens that keep the reply a prefix of a JSON object (that the schema accepts)
         for p in params:
-            p.allowed_tokens = await server.json_constraint()
+            p.allowed_tokens = await server.json_constraint(schema)
     handles = server.submit([(prompt, p) for p in params])
     choices = [Choice(i, server.tokenizer, _stops(body.stop)) for i in range(body.n)]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

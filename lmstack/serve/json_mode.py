@@ -38,11 +38,15 @@ class JSONPrefix:
         self.in_key = False  # the string being read is an object key (then a colon follows)
         self.blank = 0  # consecutive whitespace characters just read (at most MAX_WHITESPACE)
 
+    def _slots(self):
+        return [name for cls in type(self).__mro__ for name in getattr(cls, "__slots__", ())]
+
     def copy(self) -> "JSONPrefix":
-        other = JSONPrefix.__new__(JSONPrefix)
-        other.stack, other.mode, other.pending = list(self.stack), self.mode, self.pending
-        other.in_key, other.complete, other.started = self.in_key, self.complete, self.started
-        other.blank = self.blank
+        other = type(self).__new__(type(self))
+        for name in self._slots():
+            value = getattr(self, name)
+            setattr(other, name, [list(v) if isinstance(v, list) else v for v in value]
+                    if isinstance(value, list) else value)  # the stacks: one level of lists deep
         return other
 
     def feed(self, text: str) -> bool:
@@ -50,9 +54,8 @@ class JSONPrefix:
         for ch in text:
             if not trial._char(ch):
                 return False
-        self.stack, self.mode, self.pending = trial.stack, trial.mode, trial.pending
-        self.in_key, self.complete, self.started = trial.in_key, trial.complete, trial.started
-        self.blank = trial.blank
+        for name in self._slots():
+            setattr(self, name, getattr(trial, name))
         return True
 
     # ---- one character ----------------------------------------------------------------------------
@@ -197,6 +200,10 @@ class JSONPrefix:
             return True
         return False
 
+    def free_string(self) -> bool:
+        """Inside a string, may any plain character come next? (A schema's keys and enums restrict it.)"""
+        return True
+
     def _number_can_end(self) -> bool:
         return self.pending[-1].isdigit()
 
@@ -242,10 +249,11 @@ class JSONObjectConstraint:
 
     Args:
         vocabulary: the model's JSONVocabulary (shared by requests).
+        state: where the reply starts: a JSONPrefix (any object), or a ``json_schema.SchemaPrefix``.
     """
 
-    def __init__(self, vocabulary: JSONVocabulary) -> None:
-        self.vocab, self.state, self.seen = vocabulary, JSONPrefix(), 0
+    def __init__(self, vocabulary: JSONVocabulary, state: JSONPrefix | None = None) -> None:
+        self.vocab, self.state, self.seen = vocabulary, state or JSONPrefix(), 0
 
     def __call__(self, generated: list[int]) -> torch.Tensor:
         for token in generated[self.seen:]:  # advance over the tokens chosen since the last call
@@ -261,7 +269,7 @@ class JSONObjectConstraint:
         if self.state.complete:
             mask[vocab.eos_ids] = True
             return mask
-        if self.state.mode == "string":
+        if self.state.mode == "string" and self.state.free_string():
             mask |= vocab.plain
             for i in vocab.special:
                 if self.state.copy().feed(vocab.texts[i]):
