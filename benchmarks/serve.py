@@ -6,8 +6,9 @@ Every request: a --prompt-tokens-token Shakespeare prompt, --new-tokens new toke
 banned through logit_bias, so every reply has the same length), greedy, streamed. All requests of a level
 are sent at once (clients x --requests-per-client, each client sending its next when its last ends).
 Per level: throughput (streamed tokens / wall time), tokens per reply (a check that no reply was cut
-short), p50 / p99 time to first token, p50 / p99 inter-token latency (gaps between streamed chunks). Servers run in their own process with 2 threads; the
-clients are asyncio in this one. transformers serves one request at a time in this process.
+short), p50 / p99 time to first token, p50 / p99 inter-token latency (gaps between streamed chunks).
+Servers run in their own process with 2 threads; the clients are asyncio in this one. transformers serves
+one request at a time in this process.
 
     python benchmarks/serve.py [--clients 1 8 32] [--new-tokens 128] [--prompt-tokens 128]
 
