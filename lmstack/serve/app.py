@@ -73,12 +73,13 @@ class Server:
     async def json_constraint(self, schema: dict | None = None) -> JSONObjectConstraint:
         """A fresh JSON-object constraint (to ``schema`` when given); the vocabulary it reads is built on first
         use (under a second for a 50k vocabulary, off the event loop) and shared by every later request."""
-        if not self.files.stop_ids:
+        eos = sorted(self.runner.engine.eos_token_ids)  # the tokens that end a reply: the engine's
+        if not eos:
             raise APIError(400, "response_format json_object needs an end-of-sequence token, and this model has none",
                            "response_format")
         if self._json_vocabulary is None:
             self._json_vocabulary = await asyncio.to_thread(
-                JSONVocabulary.for_tokenizer, self.tokenizer, self.files.stop_ids, self.files.model.config.vocab_size)
+                JSONVocabulary.for_tokenizer, self.tokenizer, eos, self.files.model.config.vocab_size)
         return JSONObjectConstraint(self._json_vocabulary, SchemaPrefix(schema) if schema is not None else None)
 
     # ---- requests -> engine -----------------------------------------------------------------------
@@ -120,8 +121,7 @@ class Server:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
             seed=None if body.seed is None else body.seed + index, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, stop_token_ids=tuple(self.files.stop_ids),
-            logprobs=logprobs, top_logprobs=top_logprobs, logit_bias=bias)
+            frequency_penalty=body.frequency_penalty, logprobs=logprobs, top_logprobs=top_logprobs, logit_bias=bias)
         try:
             self.runner.engine.check(prompt, params)
         except LmstackError as error:

@@ -100,9 +100,7 @@ class SchemaPrefix(JSONPrefix):
             self.expect = self.expect.get("items", {"type": sorted(_TYPES)})
         elif kind == "string":
             self.buffer, self.choices = "", _string_choices(self.expect)
-        elif kind == "boolean" or kind == "null":
-            self.pending = ch  # literal: true / false / null, as the type allows
-        return True
+        return True  # a literal's letters are checked against the type in _char
 
     def _char(self, ch: str) -> bool:
         if self.mode == "literal":

@@ -167,12 +167,13 @@ class PackedBatch:
     def __init__(self, pool: PagedKVPool, rows: list[tuple[list[int], int, int]], use_kernel: bool = True) -> None:
         self.pool, self.use_kernel = pool, use_kernel
         bs, device = pool.block_size, pool.k.device
-        write, offsets, offset = [], [], 0
         for table, start, n_new in rows:
             if start + n_new > len(table) * bs:
                 raise ValueError(f"a block table of {len(table)} blocks cannot hold {start + n_new} positions")
-            positions = torch.arange(start, start + n_new)
-            write.append(torch.tensor(table)[positions // bs] * bs + positions % bs)
+        rows = [(torch.tensor(table), start, n_new) for table, start, n_new in rows]
+        write, offsets, offset = [], [], 0
+        for table, start, n_new in rows:
+            write.append(self._pool_slots(table, torch.arange(start, start + n_new)))
             offsets.append(offset)
             offset += n_new
         self.n_tokens = offset
@@ -183,8 +184,12 @@ class PackedBatch:
         self.groups = [self._group([rows[i] for i in idx], [offsets[i] for i in idx], device)
                        for idx in (decode, prefill) if idx]
 
-    def _group(self, rows, offsets, device) -> _Group:
+    def _pool_slots(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The pool slots of a sequence's ``positions`` through its block table (a long tensor)."""
         bs = self.pool.block_size
+        return table[positions // bs] * bs + positions % bs
+
+    def _group(self, rows, offsets, device) -> _Group:
         width = max(n for _, _, n in rows)
         n_keys = max(start + n for _, start, n in rows)
         query_index, valid, key_slots = [], [], []
@@ -192,9 +197,9 @@ class PackedBatch:
             i = torch.arange(width)
             query_index.append(offset + i.clamp(max=n_new - 1))
             valid.append(i < n_new)
-            slots = torch.arange(n_keys)
-            blocks = torch.tensor(table)[(slots // bs).clamp(max=len(table) - 1)]
-            key_slots.append(torch.where(slots < start + n_new, blocks * bs + slots % bs, 0))
+            positions = torch.arange(n_keys)
+            inside = positions < start + n_new
+            key_slots.append(torch.where(inside, self._pool_slots(table, positions.clamp(max=start + n_new - 1)), 0))
         starts = torch.tensor([start for _, start, _ in rows])
         return _Group(torch.cat(query_index).to(device), torch.cat(valid).to(device),
                       torch.stack(key_slots).to(device), starts.to(device), width)

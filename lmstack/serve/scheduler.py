@@ -119,13 +119,10 @@ class Engine:
 
     def cancel(self, seq_id: int) -> None:
         """Stop a request now and free its blocks (a client that went away); unknown ids are ignored."""
-        seq = self.sequences.get(seq_id)
-        if seq is None or seq.finish_reason is not None:
-            return
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        self._finish(seq, "cancelled")
-        self.pending.append(StepOutput(seq.id, None, "cancelled"))
+        seq = self.sequences.get(seq_id)  # a sequence leaves this map when it ends
+        if seq is not None:
+            self._finish(seq, "cancelled")
+            self.pending.append(StepOutput(seq.id, None, "cancelled"))
 
     @property
     def has_work(self) -> bool:
@@ -155,11 +152,7 @@ class Engine:
         logits must be computed)."""
         if not self.prefix_caching:
             return
-        usable = (len(seq.tokens) - 1) // self.block_size
-        digests, parent = [], None
-        for b in range(usable):
-            parent = block_digest(parent, seq.tokens[b * self.block_size:(b + 1) * self.block_size])
-            digests.append(parent)
+        digests = self._chain(seq.tokens, [], (len(seq.tokens) - 1) // self.block_size)
         seq.blocks = self.allocator.lookup(digests)
         seq.digests = digests[:len(seq.blocks)]
         seq.computed = len(seq.blocks) * self.block_size
@@ -234,11 +227,17 @@ class Engine:
         """Name the blocks that just became full, so later prompts with the same tokens can reuse them."""
         if not self.prefix_caching:
             return
-        while len(seq.digests) < seq.computed // self.block_size:
-            b = len(seq.digests)
-            parent = seq.digests[-1] if seq.digests else None
-            seq.digests.append(block_digest(parent, seq.tokens[b * self.block_size:(b + 1) * self.block_size]))
-            self.allocator.register(seq.blocks[b], seq.digests[-1])
+        named = len(seq.digests)
+        seq.digests = self._chain(seq.tokens, seq.digests, seq.computed // self.block_size)
+        for b in range(named, len(seq.digests)):
+            self.allocator.register(seq.blocks[b], seq.digests[b])
+
+    def _chain(self, tokens: list[int], digests: list[bytes], n_blocks: int) -> list[bytes]:
+        """``digests`` extended to the first ``n_blocks`` full blocks of ``tokens``, each chained to its parent."""
+        out, size = list(digests), self.block_size
+        for b in range(len(out), n_blocks):
+            out.append(block_digest(out[-1] if out else None, tokens[b * size:(b + 1) * size]))
+        return out
 
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
         sample = choose(logits, seq.generated, seq.params, seq.generator)
@@ -256,6 +255,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq in self.running:
             self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
         self.allocator.free(seq.blocks)
         seq.blocks, seq.finish_reason = [], reason
         del self.sequences[seq.id]
@@ -264,8 +265,6 @@ class Engine:
         """End a request early (a stop string matched in its text) and free its blocks."""
         seq = self.sequences.get(seq_id)
         if seq is not None:
-            if seq in self.waiting:
-                self.waiting.remove(seq)
             self._finish(seq, reason)
 
     def run_to_completion(self) -> dict[int, list[int]]:

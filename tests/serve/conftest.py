@@ -31,15 +31,19 @@ def make_server(directory, embed=None, max_waiting=64, **engine_options) -> Serv
     return Server(files, runner.start(), "tiny-chat", embed, "embedder" if embed else None)  # the engine on a thread
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class LiveServer:
     """uvicorn on 127.0.0.1 in a thread: the real socket path (streaming, disconnects)."""
 
     def __init__(self, server: Server) -> None:
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.server = server
         self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=self.port,
                                                      log_level="warning"))

@@ -1,7 +1,6 @@
 """`lmstack serve`: the command starts a server that answers (a real process on a free port), and bad
 flags are clear errors."""
 
-import socket
 import subprocess
 import sys
 import time
@@ -10,16 +9,11 @@ import httpx
 import pytest
 
 from lmstack.cli import main
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.serve.conftest import free_port
 
 
 def test_the_command_serves_until_stopped(chat_model_dir):
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-c", "import sys; from lmstack.cli import main; sys.exit(main(sys.argv[1:]))",
                "serve", "--model", str(chat_model_dir), "--port", str(port), "--kv-blocks", "64",
                "--log-level", "warning"]
