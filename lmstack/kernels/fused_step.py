@@ -9,7 +9,8 @@ stay in Python, where each family differs.
 It is used by the decoding engine for models transformed with ``use_skinny_linears_`` (the opt-in to
 the CPU decoding kernels) whenever ``fused_step_blocker`` finds nothing in the way: 1-8 rows, fp32
 activations on CPU, a structure this step reproduces exactly (no ALiBi, no adapters or other wrapped
-layers), no dropout. Every linear must offer ``decode_operands()``: a SkinnyLinear (fp32 weight) or an
+layers), no dropout. A mixture-of-experts feed-forward (``lmstack.nn.moe.MoE``, in eval mode) runs in the step
+too: router, top-k and only the chosen experts' weights, per row. Every linear must offer ``decode_operands()``: a SkinnyLinear (fp32 weight) or an
 ``lmstack.compress.QuantizedLinear`` (int8 / int4 / NF4 codes, read by the same step). Otherwise
 decoding takes the eager path, which gives the same tokens.
 """
@@ -21,6 +22,7 @@ from lmstack.models.decoder import Decoder
 from lmstack.nn.attention import Attention
 from lmstack.nn.kv_cache import StaticKVCache
 from lmstack.nn.mlp import MLP, GatedMLP
+from lmstack.nn.moe import MoE
 from lmstack.nn.norms import RMSNorm
 from lmstack.kernels.build import load_cpu_kernels
 from lmstack.kernels.skinny_linear import FP32, MAX_ROWS, DecodeOperands
@@ -52,7 +54,7 @@ def fused_step_blocker(model: nn.Module, batch_size: int) -> str | None:
     if not kernel_layer(model.lm_head):
         return "lm_head is not a SkinnyLinear or quantized linear (call use_skinny_linears_), or carries an adapter"
     for layer in model.layers:
-        reason = _layer_blocker(layer)
+        reason = _layer_blocker(layer, config.mlp)
         if reason:
             return f"layer {layer.layer_idx}: {reason}"
     # Last: only a model already set up for the kernels may trigger their (first-use) build.
@@ -61,14 +63,18 @@ def fused_step_blocker(model: nn.Module, batch_size: int) -> str | None:
     return None
 
 
-def _layer_blocker(layer: nn.Module) -> str | None:
+def _layer_blocker(layer: nn.Module, mlp_kind: str) -> str | None:
     """Exact module types only: a LoRA-wrapped or quantized layer must not be silently skipped."""
     attn, mlp = layer.attn, layer.mlp
     if type(attn) is not Attention:
         return f"attention is a {type(attn).__name__}"
     if attn.scale is not None:
         return f"attention scale {attn.scale} (the kernel uses 1/sqrt(head_dim))"
-    if type(mlp) not in (MLP, GatedMLP):
+    if type(mlp) is MoE:
+        reason = _mixture_blocker(mlp, mlp_kind)
+        if reason:
+            return reason
+    elif type(mlp) not in (MLP, GatedMLP):
         return f"feed-forward is a {type(mlp).__name__}"
     linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_mlp_linears(mlp)]
     if not all(kernel_layer(linear) for linear in linears):
@@ -79,6 +85,18 @@ def _layer_blocker(layer: nn.Module) -> str | None:
     return None
 
 
+def _mixture_blocker(moe: MoE, kind: str) -> str | None:
+    """What keeps a mixture of experts off the fused step: training-time routing (noise, jitter, capacity
+    limits) or experts of another kind than the decoder's MLP (the step has one ``gated`` flag)."""
+    if moe.training:
+        return "a mixture of experts in training mode (noisy routing, jitter or capacity limits)"
+    expected = GatedMLP if kind == "gated" else MLP
+    experts = [*moe.experts, *([moe.shared_expert] if moe.shared_expert is not None else [])]
+    if any(type(expert) is not expected for expert in experts):
+        return f"an expert is not a {expected.__name__}"
+    return None
+
+
 def kernel_layer(module: nn.Module) -> bool:
     """True for a layer the fused step reads as it is (its ``decode_operands`` method). A PEFT-adapted layer
     sets the attribute to None: its output is more than its base weights'."""
@@ -86,7 +104,26 @@ def kernel_layer(module: nn.Module) -> bool:
 
 
 def _mlp_linears(mlp: nn.Module) -> list[nn.Module]:
+    if isinstance(mlp, MoE):
+        return [linear for module in _mixture_modules(mlp) for linear in _mlp_linears(module)]
+    if not isinstance(mlp, (MLP, GatedMLP)):  # the shared expert's gate: a lone linear
+        return [mlp]
     return [mlp.gate_proj, mlp.up_proj, mlp.down_proj] if isinstance(mlp, GatedMLP) else [mlp.fc_in, mlp.fc_out]
+
+
+def _mixture_modules(moe: MoE) -> list[nn.Module]:
+    """The experts, then the shared expert and its gate where present (decode_step.cpp's Experts order)."""
+    return [*moe.experts, *[m for m in (moe.shared_expert, moe.shared_expert_gate) if m is not None]]
+
+
+def _mlp_operands(module: nn.Module) -> list[DecodeOperands]:
+    """in, up (an empty fp32 one unless gated), out of an expert; a lone linear (the shared expert's gate)."""
+    if isinstance(module, GatedMLP):
+        return [m.decode_operands() for m in (module.gate_proj, module.up_proj, module.down_proj)]
+    if isinstance(module, MLP):
+        return [module.fc_in.decode_operands(), DecodeOperands(_NONE, None, FP32, 0, []),
+                module.fc_out.decode_operands()]
+    return [module.decode_operands()]
 
 
 class FusedDecodeStep:
@@ -107,15 +144,35 @@ class FusedDecodeStep:
         self.aux = [t for op in linears for t in op.aux]
         self.formats = [v for op in linears for v in (op.format, op.group)]
         self.windows = [layer.sliding_window or 0 for layer in model.layers]
+        self.moe_shape, self.moe_weights, self.moe_aux, self.moe_formats = [], [], [], []
+        for layer in model.layers:
+            self._add_mixture(layer.mlp)
         self.shape = [config.n_heads, config.n_kv_heads, int(config.norm == "rmsnorm"), int(config.mlp == "gated"),
                       _ACTIVATION_CODES[config.activation]]
         self.eps = float(config.norm_eps)
 
+    def _add_mixture(self, mlp: nn.Module) -> None:
+        """A layer's entry of the step's mixture-of-experts arguments (6 zeros for a dense layer)."""
+        if not isinstance(mlp, MoE):
+            self.moe_shape += [0] * 6
+            return
+        router = mlp.gate
+        self.moe_shape += [mlp.num_experts, router.top_k, int(router.normalize_top_k), int(router.score == "sigmoid"),
+                           int(mlp.shared_expert is not None), int(mlp.shared_expert_gate is not None)]
+        self.moe_weights.append(router.weight)
+        for operands in (op for module in _mixture_modules(mlp) for op in _mlp_operands(module)):
+            self.moe_weights += [operands.weight, _or_none(operands.bias)]
+            self.moe_aux += operands.aux
+            self.moe_formats += [operands.format, operands.group]
+
     @staticmethod
     def _layer_modules(layer: nn.Module) -> list[nn.Module | None]:
-        """attn norm, q, k, v, o, mlp norm, mlp in, mlp up (None unless gated), mlp out."""
+        """attn norm, q, k, v, o, mlp norm, mlp in, mlp up (None unless gated), mlp out (all three None for a
+        mixture of experts: ``_add_mixture``)."""
         attn, mlp = layer.attn, layer.mlp
-        if isinstance(mlp, GatedMLP):
+        if isinstance(mlp, MoE):
+            fc_in = up = fc_out = None
+        elif isinstance(mlp, GatedMLP):
             fc_in, up, fc_out = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         else:
             fc_in, up, fc_out = mlp.fc_in, None, mlp.fc_out
@@ -161,7 +218,8 @@ class FusedDecodeStep:
             cos, sin = (t[:, 0].contiguous() for t in model.rotary(positions))  # (B, D) each
         logits = self.kernel.decode_step(x.contiguous(), self.weights, cache.k, cache.v, cache.length, cos, sin,
                                          _NONE if key_mask is None else key_mask, self.windows, self.shape, self.eps,
-                                         self.aux, self.formats)
+                                         self.aux, self.formats, self.moe_weights, self.moe_aux, self.moe_formats,
+                                         self.moe_shape)
         cache.advance(1)
         return logits
 

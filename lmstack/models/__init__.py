@@ -8,7 +8,7 @@
 import torch
 
 from lmstack.errors import ConfigError
-from lmstack.models.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig
+from lmstack.models.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig, MoEConfig
 from lmstack.models.decoder import Block, Decoder
 from lmstack.models.encoder import Encoder, EncoderOutput
 from lmstack.models.encoder_decoder import EncoderDecoder
@@ -44,5 +44,5 @@ def build_model(config: str | DecoderConfig | EncoderConfig | EncoderDecoderConf
 
 
 __all__ = ["Block", "Decoder", "DecoderConfig", "Encoder", "EncoderConfig", "EncoderDecoder", "EncoderDecoderConfig",
-           "EncoderOutput", "MODEL_CLASSES", "FAMILIES", "Family", "PUBLISHED_PARAMETERS", "build_model", "check_exportable",
-           "family_for_config", "family_for_hf_config", "get_preset", "preset_names"]
+           "EncoderOutput", "MoEConfig", "MODEL_CLASSES", "FAMILIES", "Family", "PUBLISHED_PARAMETERS", "build_model",
+           "check_exportable", "family_for_config", "family_for_hf_config", "get_preset", "preset_names"]

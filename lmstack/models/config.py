@@ -21,6 +21,57 @@ _CHOICES: dict[str, tuple] = {
 
 
 @dataclass
+class MoEConfig:
+    """The mixture-of-experts feed-forward block of a decoder (``lmstack.nn.moe.MoE``).
+
+    Each token's router scores pick ``top_k`` of ``num_experts`` experts (feed-forward blocks of the
+    decoder's ``mlp`` / ``activation`` kind, width ``expert_dim``); their outputs are summed with the
+    router weights, plus a sigmoid-gated shared expert when ``shared_expert_dim`` is set (Qwen-MoE).
+    """
+
+    num_experts: int
+    expert_dim: int  # hidden width of each expert (HF Mixtral intermediate_size, Qwen-MoE moe_intermediate_size)
+    top_k: int = 2
+    score: Literal["softmax", "sigmoid"] = "softmax"  # router scores over the experts
+    normalize_top_k: bool = True  # the k weights divided by their sum (Mixtral: yes; Qwen2-MoE: no)
+    noisy_gating: bool = False  # Shazeer et al. 2017: learned, softplus-scaled Gaussian noise while training
+    router_jitter: float = 0.0  # while training, the block's input times U(1 - j, 1 + j) (Mixtral's jitter)
+    capacity_factor: float | None = None  # Switch: at most ceil(factor * tokens * k / experts) per expert
+    # while training; the rest is dropped (the residual carries the token). None: no limit.
+    shared_expert_dim: int | None = None  # an always-on expert of this width (Qwen-MoE)
+    shared_expert_gate: bool = True  # the shared expert's output scaled by sigmoid(w . x)
+    every: int = 1  # layer i is an MoE layer when (i + 1) % every == 0 (HF decoder_sparse_step)...
+    dense_layers: tuple[int, ...] = ()  # ...and i is not listed here (HF mlp_only_layers); dense layers
+    # keep the decoder's MLP of width ffn_dim
+    aux_loss_coef: float = 0.01  # load-balancing loss weight in the training objective
+    z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dense_layers, (list, tuple)):
+            raise ConfigError(f"moe.dense_layers must be a list of layer indices, got {self.dense_layers!r}")
+        self.dense_layers = tuple(self.dense_layers)
+        _check_positive(self, ("num_experts", "expert_dim", "top_k", "every"), "moe.")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}")
+        if self.score not in ("softmax", "sigmoid"):
+            raise ConfigError(f"moe.score={self.score!r} is not one of ['softmax', 'sigmoid']")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(f"moe.capacity_factor={self.capacity_factor} must be > 0 (or null for no limit)")
+        value = self.shared_expert_dim
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"moe.shared_expert_dim={value!r} must be a positive integer or null")
+        if not 0.0 <= self.router_jitter < 1.0:
+            raise ConfigError(f"moe.router_jitter={self.router_jitter} must be in [0, 1)")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"moe.{name}={getattr(self, name)} must be >= 0")
+
+    def applies_to(self, layer: int) -> bool:
+        """Whether layer ``layer`` has experts (else a dense MLP)."""
+        return (layer + 1) % self.every == 0 and layer not in self.dense_layers
+
+
+@dataclass
 class DecoderConfig:
     """A decoder-only transformer (GPT-2, Llama, Mistral, Qwen2 and their relatives).
 
@@ -59,6 +110,8 @@ class DecoderConfig:
     # (reward and value models; HF ...ForSequenceClassification with num_labels)
     dropout: float = 0.0  # embedding, attention-probability and residual dropout while training
     init_std: float = 0.02
+    # --- mixture of experts ---
+    moe: MoEConfig | None = None  # experts in place of the MLP (on the layers moe.applies_to); None: dense
     # --- metadata (not read by the model) ---
     model_type: str | None = None  # Hugging Face model_type this config maps to, for save_hf
     bos_token_id: int | None = None
@@ -68,6 +121,8 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if isinstance(self.moe, dict):
+            self.moe = _moe_from_dict(self.moe)
         if self.sliding_window_layers is not None:
             if not isinstance(self.sliding_window_layers, (list, tuple)):
                 raise ConfigError(f"sliding_window_layers must be a list of layer indices, "
@@ -102,6 +157,16 @@ class DecoderConfig:
         for layer in self.sliding_window_layers or ():
             if not 0 <= layer < self.n_layers:
                 raise ConfigError(f"sliding_window_layers contains {layer}, outside 0..{self.n_layers - 1}")
+        if self.moe is not None:
+            if not isinstance(self.moe, MoEConfig):
+                raise ConfigError(f"moe must be a MoEConfig or a mapping of its fields, got {self.moe!r}")
+            for layer in self.moe.dense_layers:
+                if not 0 <= layer < self.n_layers:
+                    raise ConfigError(f"moe.dense_layers contains {layer}, outside 0..{self.n_layers - 1}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` routes tokens to experts."""
+        return self.moe is not None and self.moe.applies_to(layer)
 
     def window_for_layer(self, layer: int) -> int | None:
         """The sliding window of layer ``layer`` (None: full attention)."""
@@ -268,11 +333,22 @@ class EncoderDecoderConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_positive(config: Any, names: tuple[str, ...]) -> None:
+def _check_positive(config: Any, names: tuple[str, ...], prefix: str = "") -> None:
     for name in names:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{name}={value!r} must be a positive integer")
+            raise ConfigError(f"{prefix}{name}={value!r} must be a positive integer")
+
+
+def _moe_from_dict(data: dict[str, Any]) -> MoEConfig:
+    known = {f.name for f in fields(MoEConfig)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown moe field {key!r}{_suggest(key, known)}")
+    try:
+        return MoEConfig(**data)
+    except TypeError as error:  # a required field is missing
+        raise ConfigError(f"moe: {error}") from None
 
 
 def _suggest(key: str, known: set[str]) -> str:
@@ -281,4 +357,4 @@ def _suggest(key: str, known: set[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-__all__ = ["DecoderConfig", "ENCODER_HEADS", "EncoderConfig", "EncoderDecoderConfig", "RopeScaling"]
+__all__ = ["DecoderConfig", "MoEConfig", "ENCODER_HEADS", "EncoderConfig", "EncoderDecoderConfig", "RopeScaling"]

@@ -1,8 +1,10 @@
-"""The decoder-only transformer: GPT-2, Llama, Mistral and Qwen2 are all this class with another config.
+"""The decoder-only transformer: GPT-2, Llama, Mistral, Qwen2, Mixtral and Qwen2-MoE are all this class
+with another config.
 
     input_ids (B, T)
       -> embed_tokens (+ embed_positions when learned/sinusoidal)          (B, T, C)
       -> n_layers x Block:  x = x + attn(attn_norm(x));  x = x + mlp(mlp_norm(x))
+         (mlp: a dense MLP, or a mixture of experts on the layers config.moe names)
       -> norm -> lm_head                                                   (B, T, vocab)
 
 Module names follow Hugging Face's (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj,
@@ -22,6 +24,7 @@ from lmstack.nn.embedding import embed_inputs
 from lmstack.nn.kv_cache import StaticKVCache, packs_sequences
 from lmstack.nn.masks import AttentionMask, packed_segments
 from lmstack.nn.mlp import make_mlp
+from lmstack.nn.moe import MoE, Routing, TopKRouter
 from lmstack.nn.norms import RMSNorm, make_norm
 from lmstack.nn.positions import LearnedPositions, RotaryEmbedding, SinusoidalPositions, alibi_slopes
 
@@ -37,16 +40,34 @@ class Block(nn.Module):
         self.attn = Attention(config.dim, config.n_heads, config.n_kv_heads, config.head_dim,
                               qkv_bias=config.qkv_bias, out_bias=config.out_bias, dropout=config.dropout)
         self.mlp_norm = make_norm(config.norm, config.dim, config.norm_eps, config.norm_bias)
-        # The feed-forward slot: a mixture-of-experts block can replace make_mlp here.
-        self.mlp = make_mlp(config.mlp, config.dim, config.ffn_dim, config.activation, config.mlp_bias)
+        self.mlp = self._make_feed_forward(config, layer_idx)
         self.dropout = config.dropout
 
+    @staticmethod
+    def _make_feed_forward(config: DecoderConfig, layer_idx: int) -> nn.Module:
+        """The layer's MLP, or its mixture of experts (experts of the same MLP kind)."""
+        if not config.is_moe_layer(layer_idx):
+            return make_mlp(config.mlp, config.dim, config.ffn_dim, config.activation, config.mlp_bias)
+        m = config.moe
+        return MoE(config.dim, m.expert_dim, m.num_experts, m.top_k, mlp=config.mlp, activation=config.activation,
+                   bias=config.mlp_bias, score=m.score, normalize_top_k=m.normalize_top_k, noisy=m.noisy_gating,
+                   capacity_factor=m.capacity_factor, shared_expert_dim=m.shared_expert_dim,
+                   shared_expert_gate=m.shared_expert_gate, jitter=m.router_jitter)
+
     def forward(self, x: torch.Tensor, mask: AttentionMask,
-                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, kv_cache=None) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C)."""
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, kv_cache=None,
+                return_routing: bool = False):
+        """x: (B, T, C) -> (B, T, C); with ``return_routing``, (x, the MoE layer's Routing or None)."""
         mask = mask.with_window(self.sliding_window)
         x = x + self._dropout(self.attn(self.attn_norm(x), mask, rotary, kv_cache, self.layer_idx))
-        return x + self._dropout(self.mlp(self.mlp_norm(x)))
+        if not return_routing:
+            return x + self._dropout(self.mlp(self.mlp_norm(x)))
+        routing = None
+        if isinstance(self.mlp, MoE):
+            y, routing = self.mlp(self.mlp_norm(x), return_routing=True)
+        else:
+            y = self.mlp(self.mlp_norm(x))
+        return x + self._dropout(y), routing
 
     def _dropout(self, y: torch.Tensor) -> torch.Tensor:
         # Checked here rather than through an nn.Dropout so inference pays nothing for it (decode hot path).
@@ -107,11 +128,16 @@ class Decoder(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, LearnedPositions):
                 nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, TopKRouter):
+                nn.init.normal_(module.weight, std=std)
+                if module.noise_weight is not None:  # no noise to begin with (Shazeer et al.)
+                    nn.init.zeros_(module.noise_weight)
 
     def hidden_states(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, kv_cache=None,
-                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normalised hidden states (B, T, C); see ``forward`` for the arguments."""
+                      inputs_embeds: torch.Tensor | None = None, return_routing: bool = False):
+        """Final normalised hidden states (B, T, C) (and, with ``return_routing``, the list of the MoE
+        layers' Routing); see ``forward`` for the arguments."""
         start = kv_cache.length if kv_cache is not None else 0
         x = embed_inputs(self.embed_tokens, input_ids, inputs_embeds)
         B, T = x.shape[:2]
@@ -129,15 +155,20 @@ class Decoder(nn.Module):
         mask = AttentionMask(causal=True, key_padding=attention_mask, q_start=start,
                              alibi_slopes=self._alibi_slopes(x.device), segments=packed_segments(attention_mask))
         rotary = self.rotary(position_ids) if self.rotary is not None else None
+        routings: list[Routing] = []
         for layer in self.layers:
-            x = layer(x, mask, rotary, kv_cache)
+            if return_routing:
+                x, routing = layer(x, mask, rotary, kv_cache, return_routing=True)
+                routings += [routing] if routing is not None else []
+            else:
+                x = layer(x, mask, rotary, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.norm(x)
+        return (self.norm(x), routings) if return_routing else self.norm(x)
 
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache=None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, return_routing: bool = False):
         """Next-token logits (or, with ``config.num_scores``, the score head's outputs).
 
         Args:
@@ -149,11 +180,17 @@ class Decoder(nn.Module):
             kv_cache: a KVCache holding the earlier tokens; it is advanced by T.
             inputs_embeds: (B, T, C) token embeddings to use instead of ``embed_tokens(input_ids)`` (soft
                 prompts, other modalities).
+            return_routing: also return where each mixture-of-experts layer sent the tokens (a list of
+                ``lmstack.nn.moe.Routing``, one per MoE layer; empty for a dense model), for the auxiliary
+                losses and router statistics.
         Returns:
-            logits: (B, T, vocab_size); a score model: (B, T, num_scores).
+            logits: (B, T, vocab_size); a score model: (B, T, num_scores). With ``return_routing``:
+            (logits, routings).
         """
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds)
-        return self.lm_head(hidden) if self.config.num_scores is None else self.score(hidden)
+        out = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds, return_routing)
+        hidden, routings = out if return_routing else (out, None)
+        head = self.lm_head if self.config.num_scores is None else self.score
+        return (head(hidden), routings) if return_routing else head(hidden)
 
     def _alibi_slopes(self, device: torch.device) -> torch.Tensor | None:
         return alibi_slopes(self.config.n_heads).to(device) if self.config.position == "alibi" else None

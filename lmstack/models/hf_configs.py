@@ -10,7 +10,7 @@ from dataclasses import fields
 from typing import Any, Callable
 
 from lmstack.errors import ConfigError
-from lmstack.models.config import DecoderConfig
+from lmstack.models.config import DecoderConfig, MoEConfig
 from lmstack.nn.positions import RopeScaling
 
 _REQUIRED = object()
@@ -57,12 +57,12 @@ def _score_head_to_hf(cfg: DecoderConfig, architecture: str) -> dict[str, Any]:
             "id2label": names, "label2id": {v: int(k) for k, v in names.items()}}
 
 
-def _rope_from_hf(c: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+def _rope_from_hf(c: dict[str, Any], default_theta: float = 10000.0) -> tuple[float, RopeScaling | None]:
     """Read RoPE base and scaling from either the v5 ``rope_parameters`` or the legacy keys."""
     params = c.get("rope_scaling") or c.get("rope_parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"rope_scaling/rope_parameters must be an object, got {params!r}")
-    theta = float(c.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    theta = float(c.get("rope_theta") or params.get("rope_theta") or default_theta)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
@@ -133,9 +133,10 @@ def gpt2_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
 # --- Llama, Mistral, Qwen2 -------------------------------------------------------------------------------
 
 def _llama_like(c: dict[str, Any], model_type: str, *, eps: float, max_pos: int, qkv_bias: bool,
-                out_bias: bool, window: int | None, window_layers: tuple[int, ...] | None) -> DecoderConfig:
+                out_bias: bool, window: int | None, window_layers: tuple[int, ...] | None,
+                moe: MoEConfig | None = None, theta: float = 10000.0) -> DecoderConfig:
     dim, n_heads = _get(c, "hidden_size"), _get(c, "num_attention_heads")
-    theta, scaling = _rope_from_hf(c)
+    theta, scaling = _rope_from_hf(c, theta)
     return DecoderConfig(
         vocab_size=_get(c, "vocab_size"), dim=dim, n_layers=_get(c, "num_hidden_layers"), n_heads=n_heads,
         ffn_dim=_get(c, "intermediate_size"), n_kv_heads=_get(c, "num_key_value_heads", n_heads),
@@ -146,7 +147,7 @@ def _llama_like(c: dict[str, Any], model_type: str, *, eps: float, max_pos: int,
         rope_theta=theta, rope_scaling=scaling, sliding_window=window, sliding_window_layers=window_layers,
         tie_embeddings=bool(_get(c, "tie_word_embeddings", False)),
         dropout=float(_get(c, "attention_dropout", 0.0)), init_std=float(_get(c, "initializer_range", 0.02)),
-        model_type=model_type, **_special_tokens(c), **_score_head(c))
+        moe=moe, model_type=model_type, **_special_tokens(c), **_score_head(c))
 
 
 def _llama_like_to_hf(cfg: DecoderConfig, model_type: str, architecture: str) -> dict[str, Any]:
@@ -211,6 +212,83 @@ def qwen2_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     out.update(use_sliding_window=bool(layers), sliding_window=cfg.sliding_window, max_window_layers=first,
                layer_types=["sliding_attention" if i in layers else "full_attention" for i in range(cfg.n_layers)])
     return out
+
+
+# --- Mixtral, Qwen2-MoE (mixtures of experts) ----------------------------------------------------------------
+# Training-only settings transformers has no key for are written under keys of their own (transformers keeps
+# unknown keys and ignores them; its logits are the same, since inference never drops tokens).
+
+def _moe_training_keys(c: dict[str, Any]) -> dict[str, Any]:
+    return {"aux_loss_coef": float(_get(c, "router_aux_loss_coef", 0.001)),
+            "z_loss_coef": float(_get(c, "router_z_loss_coef", 0.0)),
+            "capacity_factor": c.get("router_capacity_factor")}
+
+
+def _moe_training_keys_to_hf(m: MoEConfig) -> dict[str, Any]:
+    out = {"router_aux_loss_coef": m.aux_loss_coef, "output_router_logits": False}
+    if m.z_loss_coef:
+        out["router_z_loss_coef"] = m.z_loss_coef
+    if m.capacity_factor is not None:
+        out["router_capacity_factor"] = m.capacity_factor
+    return out
+
+
+def mixtral_from_hf(c: dict[str, Any]) -> DecoderConfig:
+    moe = MoEConfig(num_experts=_get(c, "num_local_experts", 8), expert_dim=_get(c, "intermediate_size"),
+                    top_k=_get(c, "num_experts_per_tok", 2), normalize_top_k=True,
+                    router_jitter=float(_get(c, "router_jitter_noise", 0.0)), **_moe_training_keys(c))
+    return _llama_like(c, "mixtral", eps=1e-5, max_pos=4096 * 32, qkv_bias=False, out_bias=False,
+                       window=c.get("sliding_window"), window_layers=None, moe=moe, theta=1e6)
+
+
+def mixtral_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
+    m = _require_moe(cfg, "mixtral")
+    out = _llama_like_to_hf(cfg, "mixtral", "MixtralForCausalLM")
+    out.update(intermediate_size=m.expert_dim, num_local_experts=m.num_experts, num_experts_per_tok=m.top_k,
+               router_jitter_noise=m.router_jitter, sliding_window=cfg.sliding_window, **_moe_training_keys_to_hf(m))
+    return out
+
+
+def _qwen2_moe_window(c: dict[str, Any], n_layers: int) -> tuple[int | None, tuple[int, ...] | None]:
+    """Qwen2-MoE's sliding layers: ``layer_types`` if present, else (its own rule) the even-numbered layers
+    below max_window_layers."""
+    if "layer_types" in c and c["layer_types"] is not None:
+        return _qwen2_window(c, n_layers)
+    if not c.get("use_sliding_window"):
+        return None, None
+    layers = tuple(i for i in range(n_layers) if (i + 1) % 2 and i < c.get("max_window_layers", 28))
+    window = c.get("sliding_window", 4096)
+    if not layers or not window:
+        return None, None
+    return window, (None if len(layers) == n_layers else layers)
+
+
+def qwen2_moe_from_hf(c: dict[str, Any]) -> DecoderConfig:
+    window, layers = _qwen2_moe_window(c, _get(c, "num_hidden_layers"))
+    moe = MoEConfig(num_experts=_get(c, "num_experts", 60), expert_dim=_get(c, "moe_intermediate_size", 1408),
+                    top_k=_get(c, "num_experts_per_tok", 4), normalize_top_k=bool(c.get("norm_topk_prob", False)),
+                    shared_expert_dim=_get(c, "shared_expert_intermediate_size", 5632), shared_expert_gate=True,
+                    every=_get(c, "decoder_sparse_step", 1), dense_layers=tuple(c.get("mlp_only_layers") or ()),
+                    **_moe_training_keys(c))
+    return _llama_like(c, "qwen2_moe", eps=1e-6, max_pos=32768, qkv_bias=bool(c.get("qkv_bias", True)),
+                       out_bias=False, window=window, window_layers=layers, moe=moe)
+
+
+def qwen2_moe_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
+    m = _require_moe(cfg, "qwen2_moe")
+    out = qwen2_to_hf(cfg)
+    out.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], qkv_bias=cfg.qkv_bias,
+               num_experts=m.num_experts, moe_intermediate_size=m.expert_dim, num_experts_per_tok=m.top_k,
+               norm_topk_prob=m.normalize_top_k, shared_expert_intermediate_size=m.shared_expert_dim,
+               decoder_sparse_step=m.every, mlp_only_layers=list(m.dense_layers), **_moe_training_keys_to_hf(m))
+    out.update(_score_head_to_hf(cfg, "Qwen2MoeForCausalLM"))
+    return out
+
+
+def _require_moe(cfg: DecoderConfig, model_type: str) -> MoEConfig:
+    if cfg.moe is None:
+        raise ConfigError(f"a {model_type} checkpoint needs a mixture-of-experts config (moe), this one is dense")
+    return cfg.moe
 
 
 def expressible(from_hf: Callable[[dict], Any], to_hf: Callable[[Any], dict], cfg: Any) -> str | None:

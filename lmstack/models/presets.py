@@ -6,7 +6,7 @@ checked by tests/models/test_presets.py.
 """
 
 from lmstack.errors import ConfigError
-from lmstack.models.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig
+from lmstack.models.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig, MoEConfig
 from lmstack.nn.positions import RopeScaling
 
 
@@ -47,6 +47,19 @@ _PRESETS = {
     "smollm2-135m": lambda: DecoderConfig(
         vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, max_seq_len=8192,
         rope_theta=100000.0, tie_embeddings=True, model_type="llama", bos_token_id=1, eos_token_id=2),
+    # https://huggingface.co/mistralai/Mixtral-8x7B-v0.1/blob/main/config.json
+    "mixtral-8x7b": lambda: DecoderConfig(
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, max_seq_len=32768,
+        rope_theta=1000000.0, tie_embeddings=False, moe=MoEConfig(num_experts=8, expert_dim=14336, top_k=2,
+                                                                   aux_loss_coef=0.02),
+        model_type="mixtral", bos_token_id=1, eos_token_id=2),
+    # https://huggingface.co/Qwen/Qwen1.5-MoE-A2.7B/blob/main/config.json
+    "qwen1.5-moe-a2.7b": lambda: DecoderConfig(
+        vocab_size=151936, dim=2048, n_layers=24, n_heads=16, ffn_dim=5632, max_seq_len=8192, norm_eps=1e-6,
+        qkv_bias=True, rope_theta=1000000.0, tie_embeddings=False,
+        moe=MoEConfig(num_experts=60, expert_dim=1408, top_k=4, normalize_top_k=False, shared_expert_dim=5632,
+                      aux_loss_coef=0.001),
+        model_type="qwen2_moe", bos_token_id=151643, eos_token_id=151643),
     # https://huggingface.co/google-bert/bert-base-uncased/blob/main/config.json
     "bert-base": lambda: EncoderConfig(vocab_size=30522, dim=768, n_layers=12, n_heads=12, ffn_dim=3072,
                                        model_type="bert"),
@@ -58,6 +71,9 @@ _PRESETS = {
                                              ffn_dim=2048, model_type="t5"),
     # Small shapes for tests and demos (not published models).
     "tiny-gpt2": lambda: _gpt2(64, 2, 4).replace(vocab_size=512, max_seq_len=256, dropout=0.0),
+    "tiny-mixtral": lambda: DecoderConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                          max_seq_len=256, moe=MoEConfig(num_experts=4, expert_dim=64, top_k=2),
+                                          model_type="mixtral"),
     "tiny-llama": lambda: DecoderConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
                                         max_seq_len=256, model_type="llama"),
     "tiny-bert": lambda: EncoderConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=256,
@@ -79,6 +95,8 @@ PUBLISHED_PARAMETERS = {
     "mistral-7b": 7_241_732_096,
     "qwen2-0.5b": 494_032_768,
     "smollm2-135m": 134_515_008,
+    "mixtral-8x7b": 46_702_792_704,
+    "qwen1.5-moe-a2.7b": 14_315_784_192,
     "bert-base": 109_482_240,
     "minilm-l6": 22_713_216,
     "t5-small": 60_506_624,

@@ -3,7 +3,8 @@ branch on family names.
 
 A Family holds (a) how an HF ``config.json`` maps to our config and back, and (b) the tensor-name map as
 data: a list of TensorRule (HF name pattern -> our names, with named fix-up functions where HF stores a
-tensor differently, e.g. GPT-2's fused, transposed Conv1D ``c_attn``). ``{}`` in a pattern is a layer index.
+tensor differently, e.g. GPT-2's fused, transposed Conv1D ``c_attn``). Patterns name their indices:
+``{layer}`` (a block), ``{expert}`` (an expert of a mixture-of-experts layer).
 """
 
 import re
@@ -80,7 +81,7 @@ class TensorRule:
     """One HF tensor <-> one or more of our tensors.
 
     Attributes:
-        hf: HF name pattern, e.g. "model.layers.{}.self_attn.q_proj.weight".
+        hf: HF name pattern, e.g. "model.layers.{layer}.self_attn.q_proj.weight".
         ours: our name patterns; several when HF fuses them into one tensor.
         to_ours: HF tensor -> our tensors (same order as ``ours``).
         to_hf: our tensors -> HF tensor.
@@ -152,18 +153,17 @@ class Family:
     def hf_plan(self, our_names: list[str]) -> dict[str, tuple[TensorRule, tuple[str, ...]]]:
         """Map each HF tensor name to (rule, our names) for a model whose state dict holds ``our_names``.
 
-        Rules whose tensors the model lacks (e.g. biases of a bias-free config) are skipped; a tensor of
-        ours that no rule covers is a bug in the registry and raises. ``{}`` ranges over every layer index
-        that occurs in ``our_names`` (stacks of different depths, as in T5, need no count of their own).
+        Rules whose tensors the model lacks (e.g. biases of a bias-free config, experts of a dense layer)
+        are skipped; a tensor of ours that no rule covers is a bug in the registry and raises. A rule's
+        placeholders (``{layer}``, ``{expert}``) take every value under which our names occur, so stacks of
+        different depths (T5) and layers with and without experts need no counts of their own.
         """
         present, plan, covered = set(our_names), {}, set()
-        n_indices = 1 + max((int(i) for name in our_names for i in re.findall(r"\.(\d+)\.", name)), default=-1)
         for rule in self.rules:
-            indices = range(n_indices) if "{}" in rule.hf else [None]
-            for i in indices:
-                ours = tuple(o.format(i) if i is not None else o for o in rule.ours)
+            for binding in _bindings(rule.ours[0], our_names):
+                ours = tuple(o.format(**binding) for o in rule.ours)
                 if all(o in present for o in ours):
-                    plan[rule.hf.format(i) if i is not None else rule.hf] = (rule, ours)
+                    plan[rule.hf.format(**binding)] = (rule, ours)
                     covered.update(ours)
         missing = present - covered
         if missing:
@@ -171,8 +171,21 @@ class Family:
         return plan
 
 
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _bindings(pattern: str, names: list[str]) -> list[dict[str, str]]:
+    """Every assignment of ``pattern``'s named placeholders under which it spells one of ``names``."""
+    if not _PLACEHOLDER.search(pattern):
+        return [{}]
+    parts = _PLACEHOLDER.split(pattern)  # literal, name, literal, name, ..., literal
+    regex = re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>\\d+)" for i, p in enumerate(parts)))
+    found = {tuple(sorted(m.groupdict().items())) for m in map(regex.fullmatch, names) if m}
+    return [dict(b) for b in sorted(found, key=lambda b: tuple(int(v) for _, v in b))]
+
+
 def _gpt2_rules() -> tuple[TensorRule, ...]:
-    h, L = "transformer.h.{}.", "layers.{}."
+    h, L = "transformer.h.{layer}.", "layers.{layer}."
     qkv = tuple(f"{L}attn.{p}_proj" for p in "qkv")
     return (
         rename("transformer.wte.weight", "embed_tokens.weight"),
@@ -198,7 +211,7 @@ def _gpt2_rules() -> tuple[TensorRule, ...]:
 
 def _llama_rules() -> tuple[TensorRule, ...]:
     """Llama/Mistral/Qwen2 names: identical up to a few renames (our names mirror HF's)."""
-    h, L = "model.layers.{}.", "layers.{}."
+    h, L = "model.layers.{layer}.", "layers.{layer}."
     rules = [rename("model.embed_tokens.weight", "embed_tokens.weight"),
              rename(h + "input_layernorm.weight", L + "attn_norm.weight"),
              rename(h + "post_attention_layernorm.weight", L + "mlp_norm.weight")]
@@ -210,8 +223,23 @@ def _llama_rules() -> tuple[TensorRule, ...]:
     return tuple(rules)
 
 
+def _moe_rules(block: str) -> tuple[TensorRule, ...]:
+    """Router, experts and shared expert of a mixture-of-experts layer stored under ``block`` (Qwen-MoE:
+    "mlp", our names; Mixtral: "block_sparse_moe", experts w1 / w3 / w2 = gate / up / down)."""
+    h, L = f"model.layers.{{layer}}.{block}.", "layers.{layer}.mlp."
+    names = ({"gate": "w1", "up": "w3", "down": "w2"} if block == "block_sparse_moe"
+             else {p: f"{p}_proj" for p in ("gate", "up", "down")})
+    rules = [rename(h + "gate.weight", L + "gate.weight")]
+    for kind in ("weight", "bias"):
+        rules += [rename(f"{h}experts.{{expert}}.{hf}.{kind}", f"{L}experts.{{expert}}.{p}_proj.{kind}")
+                  for p, hf in names.items()]
+        rules += [rename(f"{h}shared_expert.{p}_proj.{kind}", f"{L}shared_expert.{p}_proj.{kind}")
+                  for p in ("gate", "up", "down")]
+    return (*_llama_rules(), *rules, rename(h + "shared_expert_gate.weight", L + "shared_expert_gate.weight"))
+
+
 def _bert_rules() -> tuple[TensorRule, ...]:
-    h, L = "bert.encoder.layer.{}.", "layers.{}."
+    h, L = "bert.encoder.layer.{layer}.", "layers.{layer}."
     pairs = [("bert.embeddings.word_embeddings", "embed_tokens"),
              ("bert.embeddings.position_embeddings", "embed_positions"),
              ("bert.embeddings.token_type_embeddings", "embed_token_types"),
@@ -241,7 +269,7 @@ _BERT_IGNORED = (r"bert\.embeddings\.position_ids",
 def _t5_rules() -> tuple[TensorRule, ...]:
     rules = [rename("shared.weight", "embed_tokens.weight"), rename("lm_head.weight", "lm_head.weight")]
     for stack, ff in (("encoder", 1), ("decoder", 2)):
-        h, L = f"{stack}.block.{{}}.", f"{stack}.layers.{{}}."
+        h, L = f"{stack}.block.{{layer}}.", f"{stack}.layers.{{layer}}."
         rules += [rename(f"{h}layer.0.SelfAttention.{p}.weight", f"{L}attn.{p}_proj.weight") for p in "qkvo"]
         rules += [rename(f"{h}layer.0.layer_norm.weight", f"{L}attn_norm.weight"),
                   rename(f"{h}layer.{ff}.layer_norm.weight", f"{L}mlp_norm.weight"),
@@ -253,7 +281,7 @@ def _t5_rules() -> tuple[TensorRule, ...]:
                   rename(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
                          f"{stack}.relative_bias.weight"),
                   rename(f"{stack}.final_layer_norm.weight", f"{stack}.norm.weight")]
-    h, L = "decoder.block.{}.", "decoder.layers.{}."
+    h, L = "decoder.block.{layer}.", "decoder.layers.{layer}."
     rules += [rename(f"{h}layer.1.EncDecAttention.{p}.weight", f"{L}cross_attn.{p}_proj.weight") for p in "qkvo"]
     rules += [rename(f"{h}layer.1.layer_norm.weight", f"{L}cross_attn_norm.weight")]
     return tuple(rules)
@@ -274,6 +302,10 @@ FAMILIES: dict[str, Family] = {
                       _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", hf_configs.qwen2_from_hf, hf_configs.qwen2_to_hf,
                     _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
+    "mixtral": Family("mixtral", "MixtralForCausalLM", hf_configs.mixtral_from_hf, hf_configs.mixtral_to_hf,
+                      _moe_rules("block_sparse_moe"), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
+    "qwen2_moe": Family("qwen2_moe", "Qwen2MoeForCausalLM", hf_configs.qwen2_moe_from_hf, hf_configs.qwen2_moe_to_hf,
+                        _moe_rules("mlp"), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
     "bert": Family("bert", "BertModel", hf_encoder_configs.bert_from_hf, hf_encoder_configs.bert_to_hf,
                    _bert_rules(), base_prefix="bert.", ignored_hf=_BERT_IGNORED,
                    stored_fallbacks=(("cls.predictions.decoder.bias", "cls.predictions.bias"),),

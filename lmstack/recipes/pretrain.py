@@ -7,7 +7,7 @@ Every key of the YAML file can be overridden by a flag of the same dotted name. 
     tokenizer/       tokenizer.json                data/          memory-mapped token shards (reused if unchanged)
     checkpoints/     step-NNNNNNN/ (HF weights + training state; the last train.keep_checkpoints)
     model/           the final model as a Hugging Face directory with its tokenizer
-    loss.png         the loss curve
+    loss.png         the loss curve              router.png     a mixture of experts' router statistics per step
 """
 
 import dataclasses
@@ -23,16 +23,16 @@ from lmstack.config import save_yaml
 from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, read_meta, resolve_sources, \
     split_documents, write_token_shards
 from lmstack.errors import ConfigError, DataError
-from lmstack.models import DecoderConfig, build_model, check_exportable
+from lmstack.models import DecoderConfig, MoEConfig, build_model, check_exportable
 from lmstack.recipes.denoising import denoising_task, model_for_objective, special_tokens_for
 from lmstack.models.presets import get_preset
 from lmstack.recipes.tokenizer import train_bpe_with_progress
 from lmstack.tokenizers import Tokenizer, load_tokenizer
 from lmstack.train import Trainer
 from lmstack.train.run_dir import prepare_run_dir
-from lmstack.train.plots import plot_loss_curve
+from lmstack.train.plots import plot_loss_curve, plot_router_stats
 from lmstack.train.trainer import resolve_device
-from lmstack.recipes.configs.pretrain import PretrainConfig
+from lmstack.recipes.configs.pretrain import MoESection, PretrainConfig
 
 
 @dataclass
@@ -87,10 +87,14 @@ def run(cfg: PretrainConfig) -> PretrainResult:
     model_dir = save_hf(model, out / "model")
     tokenizer.save(model_dir)
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=f"pretraining ({out.name})")
+    moe = getattr(model.config, "moe", None)
+    router_png = moe and plot_router_stats(out / "metrics.jsonl", out / "router.png", moe.num_experts,
+                                           f"router ({out.name})")
     summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "eval_loss", "eval_ppl", "eval_bpb",
                                                         "eval_mlm_accuracy", "eval_nsp_accuracy", "eval_accuracy")
                         if k in final)
-    print(f"step {final.get('step', trainer.step)}: {summary}\nmodel: {model_dir}\nloss curve: {out / 'loss.png'}")
+    print(f"step {final.get('step', trainer.step)}: {summary}\nmodel: {model_dir}\nloss curve: {out / 'loss.png'}"
+          + (f"\nrouter statistics: {router_png}" if router_png else ""))
     return PretrainResult(out, model_dir, final, time.perf_counter() - started)
 
 
@@ -129,6 +133,22 @@ def _token_shards(cfg: PretrainConfig, out: Path, files: list[Path], tokenizer: 
                               fingerprint=fingerprint)
 
 
+def _with_experts(config: DecoderConfig, section: MoESection) -> DecoderConfig:
+    """``config`` with the model.moe keys applied. A dense Llama preset made a mixture becomes Mixtral (the
+    family whose checkpoints hold it); experts default to the model's ffn_dim, as Mixtral has one width."""
+    keys = {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
+    if not keys:
+        return config
+    if config.moe is None:
+        if "num_experts" not in keys:
+            raise ConfigError(f"moe: the preset is dense; set moe.num_experts to make it a mixture of experts "
+                              f"(got {sorted(keys)})")
+        model_type = "mixtral" if config.model_type == "llama" else config.model_type
+        return dataclasses.replace(config, model_type=model_type,
+                                   moe=MoEConfig(**{"expert_dim": config.ffn_dim, **keys}))
+    return dataclasses.replace(config, moe=dataclasses.replace(config.moe, **keys))
+
+
 def _model(cfg: PretrainConfig, tokenizer_vocab: int, eos_id: int) -> torch.nn.Module:
     """Build (seeded) or load the model and check it against the tokenizer and the block size."""
     m = cfg.model
@@ -137,7 +157,7 @@ def _model(cfg: PretrainConfig, tokenizer_vocab: int, eos_id: int) -> torch.nn.M
         config = model.config
     else:
         overrides = {k: v for k, v in dataclasses.asdict(m).items()
-                     if k not in ("preset", "from_hf", "vocab_size") and v is not None}
+                     if k not in ("preset", "from_hf", "vocab_size", "moe") and v is not None}
         vocab = m.vocab_size if m.vocab_size is not None else tokenizer_vocab
         try:
             preset = get_preset(m.preset)
@@ -149,6 +169,7 @@ def _model(cfg: PretrainConfig, tokenizer_vocab: int, eos_id: int) -> torch.nn.M
             if preset.n_kv_heads == preset.n_heads:
                 overrides.setdefault("n_kv_heads", None)
             config = dataclasses.replace(preset, **overrides, vocab_size=vocab, eos_token_id=eos_id, bos_token_id=eos_id)
+            config = _with_experts(config, m.moe)
             check_exportable(config)  # the run ends with save_hf: refuse now, not after training
         except ConfigError as error:
             raise ConfigError(f"model: {error}") from None

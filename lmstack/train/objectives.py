@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.data.collate import IGNORE_INDEX
+from lmstack.nn.moe import Routing, load_balancing_loss, router_z_loss, routing_stats
 
 
 @contextmanager
@@ -149,6 +150,9 @@ class CausalLMObjective:
     and the loss are fused (``linear_cross_entropy``) over the scored positions only; anything else (a
     compiled or adapted model, no gradients) takes the logits path. Both give the same loss and gradients
     up to float rounding.
+
+    A mixture-of-experts model (``config.moe``) adds its router losses (``moe_auxiliary_loss``) and logs
+    the router statistics; held-out evaluation reports the language-model loss alone.
     """
 
     def __init__(self, token_bytes: torch.Tensor | None = None) -> None:
@@ -160,14 +164,37 @@ class CausalLMObjective:
 
     def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
         inputs, targets, extra = _unpack(batch)
+        moe = getattr(getattr(model, "config", None), "moe", None)
+        kwargs = {**extra, "return_routing": True} if moe is not None else extra
         head = getattr(model, "lm_head", None)
         if (torch.is_grad_enabled() and hasattr(model, "hidden_states") and type(head) is nn.Linear
                 and head.bias is None):
-            hidden, flat = model.hidden_states(inputs, **extra).flatten(0, 1), targets.flatten()
+            out = model.hidden_states(inputs, **kwargs)
+            hidden, routings = out if moe is not None else (out, None)
+            hidden, flat = hidden.flatten(0, 1), targets.flatten()
             scored = flat != IGNORE_INDEX
             if not bool(scored.all()):  # only scored positions reach the head (SFT: the assistant tokens)
                 hidden, flat = hidden[scored], flat[scored]
             loss = linear_cross_entropy(hidden, head.weight, flat)
         else:
-            loss = causal_lm_loss(model(inputs, **extra), targets)
-        return loss, {"tokens": int((targets != IGNORE_INDEX).sum())}
+            out = model(inputs, **kwargs)
+            logits, routings = out if moe is not None else (out, None)
+            loss = causal_lm_loss(logits, targets)
+        metrics = {"tokens": int((targets != IGNORE_INDEX).sum())}
+        if routings:
+            mask = extra.get("attention_mask")
+            aux, router_metrics = moe_auxiliary_loss(routings, moe.aux_loss_coef, moe.z_loss_coef,
+                                                     None if mask is None else mask != 0)
+            metrics.update(lm_loss=float(loss.detach()), **router_metrics)
+            loss = loss + aux
+        return loss, metrics
+
+
+def moe_auxiliary_loss(routings: list[Routing], aux_loss_coef: float, z_loss_coef: float,
+                       valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``aux_loss_coef * load_balancing_loss + z_loss_coef * router_z_loss`` over every MoE layer's tokens
+    (``valid``: (B, T), False for padding), and the numbers to log: both losses and ``routing_stats``."""
+    balance = load_balancing_loss(routings, valid)
+    z = router_z_loss(routings, valid)
+    metrics = {"moe_aux_loss": float(balance.detach()), "moe_z_loss": float(z.detach()), **routing_stats(routings)}
+    return aux_loss_coef * balance + z_loss_coef * z, metrics

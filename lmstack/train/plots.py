@@ -1,5 +1,6 @@
 """A run's curves as PNGs: the loss (raw and smoothed per step, and held-out), and a panel per logged
-number for objectives with more than a loss to watch (RL: reward, KL, entropy, clip fraction)."""
+number for objectives with more than a loss to watch (RL: reward, KL, entropy, clip fraction; a mixture
+of experts' router: ``plot_router_stats``)."""
 
 from pathlib import Path
 
@@ -39,33 +40,41 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "training l
     return Path(png_path)
 
 
-def plot_metric_panels(metrics_path: Path, png_path: Path, keys: list[str], title: str) -> Path | None:
+def plot_metric_panels(metrics_path: Path, png_path: Path, keys: list[str | tuple[str, list[str]]],
+                       title: str) -> Path | None:
     """One panel per key of ``keys`` that the run logged (raw per step and smoothed; ``eval_*`` keys as
-    points); None if it logged none of them."""
+    points), or per (panel title, keys) pair: their smoothed curves in one panel; None if it logged none."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    keys = [k for k in keys if any(k in r for r in records)]
-    if not keys:
+    panels = [(k, [k]) if isinstance(k, str) else k for k in keys]
+    panels = [(name, [k for k in group if any(k in r for r in records)]) for name, group in panels]
+    panels = [(name, group) for name, group in panels if group]
+    if not panels:
         return None
-    columns = min(3, len(keys))
-    rows = -(-len(keys) // columns)
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), dpi=110, squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
-        steps, values = zip(*points)
-        if key.startswith("eval_"):
-            ax.plot(steps, values, "o-", color="tab:orange", markersize=4)
-        else:
-            ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
-            ax.plot(steps, _ema(list(values), 0.9), color="tab:blue", linewidth=1.6)
-        ax.set_title(key, fontsize=10)
+    for ax, (name, group) in zip(axes.flat, panels):
+        for key in group:
+            points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+            steps, values = zip(*points)
+            if key.startswith("eval_"):
+                ax.plot(steps, values, "o-", color="tab:orange", markersize=4)
+            elif len(group) > 1:
+                ax.plot(steps, _ema(list(values), 0.9), linewidth=1.2, label=key)
+            else:
+                ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
+                ax.plot(steps, _ema(list(values), 0.9), color="tab:blue", linewidth=1.6)
+        if len(group) > 1 and len(group) <= 16:
+            ax.legend(fontsize=6, ncol=2)
+        ax.set_title(name, fontsize=10)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
@@ -73,6 +82,14 @@ def plot_metric_panels(metrics_path: Path, png_path: Path, keys: list[str], titl
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(png_path)
+
+
+def plot_router_stats(metrics_path: Path, png_path: Path, num_experts: int, title: str) -> Path | None:
+    """A mixture-of-experts run's router: LM and load-balancing losses, router entropy, the busiest expert's
+    load (1.0 = even), the dropped share, and each expert's share of the assignments."""
+    loads = ("tokens per expert (share)", [f"moe_load_{e}" for e in range(num_experts)])
+    return plot_metric_panels(metrics_path, png_path, ["lm_loss", "moe_aux_loss", "moe_router_entropy",
+                                                       "moe_load_max", "moe_dropped", loads], title)
 
 
 def _ema(values: list[float], decay: float) -> list[float]:

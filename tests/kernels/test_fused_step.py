@@ -30,6 +30,18 @@ CONFIGS = {
     "relu-no-positions": dict(norm="layernorm", mlp="plain", activation="relu", position="none"),
 }
 
+MOE = {
+    "mixtral": dict(norm="rmsnorm", mlp="gated", activation="silu", position="rope", n_kv_heads=2,
+                    moe=dict(num_experts=5, expert_dim=40, top_k=2)),
+    "qwen2-moe-shared-every-2nd": dict(norm="rmsnorm", mlp="gated", activation="silu", position="rope", qkv_bias=True,
+                                       moe=dict(num_experts=6, expert_dim=24, top_k=3, normalize_top_k=False,
+                                                shared_expert_dim=56, every=2)),
+    "gelu-sigmoid-top1-ungated-shared": dict(norm="layernorm", mlp="plain", activation="gelu", position="learned",
+                                             moe=dict(num_experts=4, expert_dim=32, top_k=1, score="sigmoid",
+                                                      shared_expert_dim=16, shared_expert_gate=False)),
+}
+CONFIGS.update(MOE)
+
 
 def _models(name: str) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
@@ -113,3 +125,30 @@ def test_falls_back_wherever_it_would_not_be_exact():
     assert fused_step_blocker(dropout.eval(), 1) is None
     alibi = use_skinny_linears_(build_model(DecoderConfig(**BASE, norm="layernorm", position="alibi")))
     assert fused_step_blocker(alibi, 1) == "ALiBi positions"
+
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_mixture_of_experts_step_reads_only_the_chosen_experts(name):
+    """Every expert the step's rows did not choose is poisoned with NaN: reading any of it would show."""
+    eager, fast = _models(name)
+    assert fused_step_blocker(fast, 2) is None
+    assert "training mode" in fused_step_blocker(copy.deepcopy(fast).train(), 2)
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(8).expand(2, 8)
+    caches = [StaticKVCache.for_model(eager, 2, 8) for _ in range(2)]
+    with torch.inference_mode():
+        for model, cache in zip((eager, fast), caches):
+            model(ids[:, :7], kv_cache=cache)
+        want, routings = eager(ids[:, 7:], position_ids=positions[:, 7:], kv_cache=caches[0], return_routing=True)
+        moe_layers = [layer.mlp for layer in fast.layers if type(layer.mlp).__name__ == "MoE"]
+        for moe, routing in zip(moe_layers, routings, strict=True):
+            chosen = set(routing.experts.flatten().tolist())
+            assert len(chosen) < moe.num_experts
+            for e in set(range(moe.num_experts)) - chosen:
+                for p in moe.experts[e].parameters():
+                    p.fill_(float("nan"))
+        got = FusedDecodeStep(fast)(ids[:, 7], positions[:, 7:], caches[1], None)
+    torch.testing.assert_close(got, want[:, -1], atol=1e-4, rtol=1e-4)
+    config = GenerationConfig(max_new_tokens=10, eos_token_id=[])
+    eager, fast = _models(name)
+    assert torch.equal(generate(fast, ids, config), generate(eager, ids, config))

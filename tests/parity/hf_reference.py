@@ -34,6 +34,8 @@ def randomize_(model):
                 fan_in = weight.shape[0] if type(module).__name__ == "Conv1D" else weight.shape[1]
                 weight.normal_(std=1.5 / fan_in**0.5)
         for name, param in model.named_parameters():
+            if param.dim() == 3:  # experts stacked in one tensor (E, out, in): each expert its own draw
+                param.normal_(std=1.5 / param.shape[2]**0.5)
             if param.dim() == 1:
                 param.normal_(mean=1.0 if name.endswith("weight") else 0.0, std=0.1)
     return model

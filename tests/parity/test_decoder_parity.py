@@ -35,6 +35,19 @@ def _qwen2(**kw):
     return transformers.Qwen2Config(**{**base, **kw})
 
 
+def _mixtral(**kw):
+    base = dict(vocab_size=V, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
+                num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2)
+    return transformers.MixtralConfig(**{**base, **kw})
+
+
+def _qwen2_moe(**kw):
+    base = dict(vocab_size=V, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+                num_key_value_heads=2, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=16, shared_expert_intermediate_size=48)
+    return transformers.Qwen2MoeConfig(**{**base, **kw})
+
+
 CASES = {
     "gpt2-tied": lambda: _gpt2(),
     "gpt2-untied-exact-gelu": lambda: _gpt2(tie_word_embeddings=False, activation_function="gelu", n_inner=80),
@@ -54,6 +67,12 @@ CASES = {
     "qwen2-bias-tied": lambda: _qwen2(),
     "qwen2-window-some-layers": lambda: _qwen2(num_hidden_layers=3, use_sliding_window=True, sliding_window=4,
                                                max_window_layers=1, tie_word_embeddings=False),
+    # Mixtures of experts: experts drawn apart (hf_reference.randomize_), so a swapped expert shows.
+    "mixtral-top2": lambda: _mixtral(),
+    "mixtral-top1-8-experts-window": lambda: _mixtral(num_local_experts=8, num_experts_per_tok=1, sliding_window=5),
+    "qwen2moe-shared-dense-layer": lambda: _qwen2_moe(mlp_only_layers=[1]),
+    "qwen2moe-normtopk-every-2nd": lambda: _qwen2_moe(norm_topk_prob=True, decoder_sparse_step=2,
+                                                      tie_word_embeddings=True),
 }
 
 

@@ -21,6 +21,13 @@ FAMILIES = {
     "qwen2": lambda: transformers.Qwen2Config(vocab_size=V, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                                               num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
                                               tie_word_embeddings=True),
+    "mixtral": lambda: transformers.MixtralConfig(vocab_size=V, hidden_size=48, intermediate_size=40,
+                                                  num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                                  max_position_embeddings=64, num_local_experts=4),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(vocab_size=V, hidden_size=48, intermediate_size=96,
+                                                     num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                                     max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
+                                                     moe_intermediate_size=16, shared_expert_intermediate_size=48),
 }
 
 

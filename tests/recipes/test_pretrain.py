@@ -88,3 +88,30 @@ def test_every_shipped_config_resolves():
         cfg = resolve(jobs[path.parent.name], path, {"out": "unused"})
         assert cfg.train.max_steps > 0, path
         assert f"--config configs/{path.parent.name}/{path.name}" in path.read_text().splitlines()[1], path
+
+
+def test_mixture_of_experts_recipe(tmp_path):
+    """configs/pretrain/shakespeare-moe.yaml's model section at a tiny size: a Mixtral checkpoint, the router's
+    numbers per step and their plot."""
+    out = tmp_path / "moe"
+    moe = ["--model.preset", "tiny-llama", "--model.moe.num_experts", "4", "--model.moe.top_k", "2",
+           "--model.moe.capacity_factor", "1.0"]
+    assert main(["pretrain", "--config", TINY, "--out", str(out), *QUICK, *moe]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        assert r["loss"] > r["lm_loss"] and r["moe_aux_loss"] > 0 and 0 <= r["moe_dropped"] < 1
+        assert sum(r[f"moe_load_{e}"] for e in range(4)) == pytest.approx(1.0)
+    assert (out / "router.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = load_hf(out / "model")
+    assert model.config.model_type == "mixtral" and model.config.moe.num_experts == 4
+    assert model.config.moe.capacity_factor == 1.0  # saved with the checkpoint (router_capacity_factor)
+
+
+def test_mixture_of_experts_keys_need_experts(tmp_path, capsys):
+    assert "set moe.num_experts to make it a mixture" in _error(
+        capsys, ["pretrain", "--config", TINY, "--out", str(tmp_path / "x"), *QUICK, "--model.moe.top_k", "2"])
+    assert "moe.top_k=5 exceeds moe.num_experts=4" in _error(
+        capsys, ["pretrain", "--config", TINY, "--out", str(tmp_path / "x"), *QUICK, "--model.moe.num_experts", "4",
+                 "--model.moe.top_k", "5"])
+    assert "a gpt2 checkpoint cannot hold this config: fields ['moe'] cannot be expressed" in _error(
+        capsys, ["pretrain", "--config", TINY, "--out", str(tmp_path / "x"), *QUICK, "--model.moe.num_experts", "4"])

@@ -6,7 +6,9 @@
 // memory bus is kept busy streaming weights. Embeddings, positions and RoPE angles are computed in Python
 // (they vary by family and are cheap); lmstack/generate/fused_step.py builds the arguments and checks that
 // a model is one this step can run. A linear may hold fp32 weights or low-bit ones (int8, int4, NF4:
-// quant_kernels.h), described per linear by `formats` and `aux`.
+// quant_kernels.h), described per linear by `formats` and `aux`. A layer's feed-forward may be a mixture of
+// experts (lmstack.nn.moe.MoE): the router picks each row's top-k experts, and only those experts' weights
+// are read (rows that chose the same expert share one pass over its weights).
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -30,7 +32,7 @@ enum LayerSlot {
 };
 
 struct Shape {
-  int64_t rows, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab, max_len;
+  int64_t rows, dim, n_heads, n_kv_heads, head_dim, vocab, max_len;
   bool rmsnorm, gated, rope;
   Epilogue activation;
   float eps;
@@ -162,6 +164,90 @@ void matmul(const float* x, const Linear& L, float* y, const Shape& s, Epilogue 
   TORCH_CHECK(!failed, "decode_step: unsupported weight format ", L.format, " or shape");
 }
 
+// The feed-forward block of the rows of x (s.rows, C): out(act(in x) [* up x]), stored into or added to y.
+// mid, up: scratch of at least s.rows * the hidden width.
+void feed_forward(const float* x, const Linear& in, const Linear& up_proj, const Linear& out, float* y, Epilogue mode,
+                  const Shape& s, float* mid, float* up) {
+  const int64_t width = in.w->size(0);
+  matmul(x, in, mid, s, s.activation);
+  if (s.gated) {
+    matmul(x, up_proj, up, s);
+    for (int64_t i = 0; i < s.rows * width; ++i) mid[i] *= up[i];
+  }
+  matmul(mid, out, y, s, mode);
+}
+
+// One layer's mixture of experts (lmstack.nn.moe.MoE): `linears` holds 3 per expert (in, up, out), then the
+// shared expert's 3 and its gate when present.
+struct Experts {
+  int64_t count = 0, top_k = 0;
+  bool normalize = false, sigmoid = false, shared = false, shared_gate = false;
+  const at::Tensor* router = nullptr;  // (E, C) fp32
+  std::vector<Linear> linears;
+};
+
+// Scratch of the mixture-of-experts layers, made once per step (mid, up: sized for the widest expert).
+struct ExpertScratch {
+  std::vector<float> logits, rows_in, rows_out, gate, mid, up;
+};
+
+// Adds the mixture's output for every row of h (s.rows, C) to stream: sum over the row's top-k experts of
+// weight * expert(h) (+ [sigmoid(gate . h) *] shared(h)). The weights are those of lmstack.nn.moe.TopKRouter:
+// softmax (or sigmoid) scores of the router logits, the k best, divided by their sum if `normalize`.
+void mixture(const float* h, const Experts& m, float* stream, const Shape& s, ExpertScratch& t) {
+  const int64_t E = m.count, C = s.dim, K = m.top_k;
+  t.logits.resize(s.rows * E);
+  lmstack::skinny_matmul(h, m.router->data_ptr<float>(), nullptr, t.logits.data(), s.rows, E, C, Epilogue::kStore);
+  std::vector<int64_t> chosen(s.rows * K);
+  std::vector<float> weight(s.rows * K);
+  std::vector<int64_t> order(E);
+  for (int64_t r = 0; r < s.rows; ++r) {
+    float* p = t.logits.data() + r * E;
+    if (m.sigmoid) {
+      for (int64_t e = 0; e < E; ++e) p[e] = 1.0f / (1.0f + std::exp(-p[e]));
+    } else {
+      const float top = *std::max_element(p, p + E);
+      float total = 0.0f;
+      for (int64_t e = 0; e < E; ++e) total += (p[e] = std::exp(p[e] - top));
+      for (int64_t e = 0; e < E; ++e) p[e] /= total;
+    }
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                      [p](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    float kept = 0.0f;
+    for (int64_t j = 0; j < K; ++j) kept += p[order[j]];
+    for (int64_t j = 0; j < K; ++j) {
+      chosen[r * K + j] = order[j];
+      weight[r * K + j] = m.normalize ? p[order[j]] / kept : p[order[j]];
+    }
+  }
+  std::vector<int64_t> rows;
+  std::vector<float> row_weights;
+  for (int64_t e = 0; e < E; ++e) {  // each chosen expert once, on the rows that chose it
+    rows.clear(), row_weights.clear();
+    for (int64_t i = 0; i < s.rows * K; ++i)
+      if (chosen[i] == e) rows.push_back(i / K), row_weights.push_back(weight[i]);
+    if (rows.empty()) continue;  // its weights are not read
+    Shape sub = s;
+    sub.rows = static_cast<int64_t>(rows.size());
+    for (int64_t i = 0; i < sub.rows; ++i) std::copy_n(h + rows[i] * C, C, t.rows_in.data() + i * C);
+    feed_forward(t.rows_in.data(), m.linears[3 * e], m.linears[3 * e + 1], m.linears[3 * e + 2], t.rows_out.data(),
+                 Epilogue::kStore, sub, t.mid.data(), t.up.data());
+    for (int64_t i = 0; i < sub.rows; ++i) lmstack::axpy(row_weights[i], t.rows_out.data() + i * C, stream + rows[i] * C, C);
+  }
+  if (!m.shared) return;
+  const Linear* shared = m.linears.data() + 3 * E;
+  feed_forward(h, shared[0], shared[1], shared[2], t.rows_out.data(), Epilogue::kStore, s, t.mid.data(), t.up.data());
+  if (m.shared_gate) {
+    t.gate.resize(s.rows);
+    matmul(h, shared[3], t.gate.data(), s);
+  }
+  for (int64_t r = 0; r < s.rows; ++r) {
+    const float g = m.shared_gate ? 1.0f / (1.0f + std::exp(-t.gate[r])) : 1.0f;
+    lmstack::axpy(g, t.rows_out.data() + r * C, stream + r * C, C);
+  }
+}
+
 void check_fp32(const at::Tensor& t, const char* what) {
   TORCH_CHECK(!t.numel() || (t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu()),
               "decode_step: ", what, " must be a contiguous fp32 CPU tensor");
@@ -177,10 +263,17 @@ void check_fp32(const at::Tensor& t, const char* what) {
 //   gated (0/1), activation (an Epilogue). formats: (format, group size) per linear, in the order q, k, v,
 //   o, mlp in, mlp up, mlp out of each layer, then the LM head; aux: kAux tensors per linear, same order
 //   (see Format). Returns logits (B, V).
+// moe_shape: 6 entries per layer: experts E (0: the layer's MLP is dense), top_k, normalize (0/1), sigmoid
+//   scores (0/1), shared expert (0/1), shared-expert gate (0/1). A mixture layer's MLP slots in `weights` are
+//   empty (and its 3 MLP linear descriptions empty fp32 ones); instead moe_weights holds, layer after layer, the
+//   router (E, C) and then weight and bias of each of its linears (Experts' order), described by moe_formats
+//   and moe_aux as `formats` and `aux` describe the others.
 at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor k_cache,
                           at::Tensor v_cache, int64_t slot, at::Tensor cos, at::Tensor sin,
                           at::Tensor key_mask, std::vector<int64_t> windows, std::vector<int64_t> shape,
-                          double norm_eps, std::vector<at::Tensor> aux, std::vector<int64_t> formats) {
+                          double norm_eps, std::vector<at::Tensor> aux, std::vector<int64_t> formats,
+                          std::vector<at::Tensor> moe_weights, std::vector<at::Tensor> moe_aux,
+                          std::vector<int64_t> moe_formats, std::vector<int64_t> moe_shape) {
   const int64_t n_layers = static_cast<int64_t>(windows.size());
   TORCH_CHECK(shape.size() == 5, "decode_step: shape takes 5 entries");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == n_layers * kPerLayer + 3, "decode_step: expected ",
@@ -207,20 +300,56 @@ at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor
     }
   for (size_t i = 0; i < weights.size(); ++i)
     if (!low_bit[i]) check_fp32(weights[i], "every fp32 weight");
+
+  TORCH_CHECK(static_cast<int64_t>(moe_shape.size()) == 6 * n_layers, "decode_step: moe_shape takes 6 entries per layer");
+  std::vector<Experts> mixtures(n_layers);
+  size_t next_tensor = 0, next_linear = 0;
+  int64_t widest = 0;  // the widest feed-forward hidden layer (scratch size)
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const int64_t* m = moe_shape.data() + 6 * l;
+    Experts& mix = mixtures[l];
+    mix.count = m[0], mix.top_k = m[1], mix.normalize = m[2], mix.sigmoid = m[3], mix.shared = m[4],
+    mix.shared_gate = m[5];
+    if (!mix.count) {
+      widest = std::max(widest, weights[l * kPerLayer + kInW].size(0));
+      continue;
+    }
+    TORCH_CHECK(mix.top_k >= 1 && mix.top_k <= mix.count, "decode_step: layer ", l, ": top_k outside 1..experts");
+    const size_t n_lin = 3 * (mix.count + mix.shared) + mix.shared_gate;
+    TORCH_CHECK(next_tensor + 1 + 2 * n_lin <= moe_weights.size() && 2 * (next_linear + n_lin) <= moe_formats.size() &&
+                    kAux * (next_linear + n_lin) <= moe_aux.size(), "decode_step: too few mixture-of-experts tensors");
+    mix.router = &moe_weights[next_tensor++];
+    check_fp32(*mix.router, "a router weight");
+    TORCH_CHECK(mix.router->dim() == 2 && mix.router->size(0) == mix.count && mix.router->size(1) == x.size(1),
+                "decode_step: layer ", l, ": router weight must be (experts, dim)");
+    for (size_t j = 0; j < n_lin; ++j, ++next_linear, next_tensor += 2) {
+      const Linear L{&moe_weights[next_tensor], &moe_weights[next_tensor + 1], moe_aux.data() + kAux * next_linear,
+                     moe_formats[2 * next_linear], moe_formats[2 * next_linear + 1]};
+      if (L.format == kFp32) check_fp32(*L.w, "every fp32 weight");
+      check_fp32(*L.b, "every bias");
+      if (j % 3 == 0 && j < 3 * (mix.count + mix.shared)) widest = std::max(widest, L.w->size(0));
+      mix.linears.push_back(L);
+    }
+  }
+  TORCH_CHECK(next_tensor == moe_weights.size() && 2 * next_linear == moe_formats.size() &&
+                  kAux * next_linear == moe_aux.size(), "decode_step: more mixture-of-experts tensors than layers use");
   check_fp32(x, "x"), check_fp32(k_cache, "k_cache"), check_fp32(v_cache, "v_cache");
   check_fp32(cos, "cos"), check_fp32(sin, "sin");
   TORCH_CHECK(!key_mask.numel() || (key_mask.scalar_type() == at::kLong && key_mask.is_contiguous() &&
                                     key_mask.size(1) > slot), "decode_step: key_mask must be contiguous int64 (B, > slot)");
 
   const at::Tensor& head = weights.back();
-  Shape s{x.size(0), x.size(1), shape[0], shape[1], k_cache.size(4), weights[kInW].size(0), head.size(0),
+  Shape s{x.size(0), x.size(1), shape[0], shape[1], k_cache.size(4), head.size(0),
           k_cache.size(3), shape[2] != 0, shape[3] != 0, cos.numel() > 0, static_cast<Epilogue>(shape[4]),
           static_cast<float>(norm_eps)};
   TORCH_CHECK(slot >= 0 && slot < s.max_len, "decode_step: slot ", slot, " outside the cache of ", s.max_len);
   const int64_t HD = s.n_heads * s.head_dim, KD = s.n_kv_heads * s.head_dim;
 
   std::vector<float> h(s.rows * s.dim), q(s.rows * HD), k(s.rows * KD), v(s.rows * KD), attn(s.rows * HD),
-      mid(s.rows * s.ffn_dim), up(s.gated ? s.rows * s.ffn_dim : 0), scores(s.rows * s.n_heads * (slot + 1));
+      mid(s.rows * widest), up(s.gated ? s.rows * widest : 0), scores(s.rows * s.n_heads * (slot + 1));
+  ExpertScratch scratch;
+  scratch.rows_in.resize(s.rows * s.dim), scratch.rows_out.resize(s.rows * s.dim);
+  scratch.mid.resize(s.rows * widest), scratch.up.resize(s.gated ? s.rows * widest : 0);
   float* stream = x.data_ptr<float>();
   const int64_t* mask = key_mask.numel() ? key_mask.data_ptr<int64_t>() : nullptr;
   const int64_t layer_stride = k_cache.stride(0);
@@ -248,12 +377,12 @@ at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor
     matmul(attn.data(), linear(l, 3), stream, s, Epilogue::kAccumulate);
 
     normalize(stream, h.data(), data(w[kMlpNormW]), data(w[kMlpNormB]), s);
-    matmul(h.data(), linear(l, 4), mid.data(), s, s.activation);
-    if (s.gated) {
-      matmul(h.data(), linear(l, 5), up.data(), s);
-      for (size_t i = 0; i < mid.size(); ++i) mid[i] *= up[i];
+    if (mixtures[l].count) {
+      mixture(h.data(), mixtures[l], stream, s, scratch);
+    } else {
+      feed_forward(h.data(), linear(l, 4), linear(l, 5), linear(l, 6), stream, Epilogue::kAccumulate, s, mid.data(),
+                   up.data());
     }
-    matmul(mid.data(), linear(l, 6), stream, s, Epilogue::kAccumulate);
   }
   const at::Tensor* final_norm = weights.data() + n_layers * kPerLayer;
   normalize(stream, h.data(), data(final_norm[0]), data(final_norm[1]), s);

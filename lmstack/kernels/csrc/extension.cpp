@@ -5,7 +5,9 @@ at::Tensor skinny_linear(at::Tensor x, at::Tensor weight, at::Tensor bias);
 at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor k_cache,
                           at::Tensor v_cache, int64_t slot, at::Tensor cos, at::Tensor sin,
                           at::Tensor key_mask, std::vector<int64_t> windows, std::vector<int64_t> shape,
-                          double norm_eps, std::vector<at::Tensor> aux, std::vector<int64_t> formats);
+                          double norm_eps, std::vector<at::Tensor> aux, std::vector<int64_t> formats,
+                          std::vector<at::Tensor> moe_weights, std::vector<at::Tensor> moe_aux,
+                          std::vector<int64_t> moe_formats, std::vector<int64_t> moe_shape);
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::Tensor slots,
                                   at::Tensor lengths, int64_t window, double scale);
 

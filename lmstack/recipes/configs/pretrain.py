@@ -9,6 +9,22 @@ from lmstack.train.config import TrainConfig
 
 
 @dataclass
+class MoESection:
+    """Mixture-of-experts feed-forward layers (lmstack.nn.moe): each unset key keeps the preset's value (or
+    lmstack.models.MoEConfig's default); setting num_experts on a dense preset makes it a mixture."""
+
+    num_experts: int | None = field(None, help="experts per MoE layer (default: the preset's; none: dense)")
+    top_k: int | None = field(None, help="experts each token is sent to (default 2)")
+    expert_dim: int | None = field(None, help="hidden width of each expert (default: model.ffn_dim)")
+    every: int | None = field(None, help="every n-th layer is an MoE layer (default 1: all)")
+    capacity_factor: float | None = field(None, help="Switch capacity while training: at most factor * tokens * "
+                                          "top_k / experts per expert, the rest dropped (default: no limit)")
+    aux_loss_coef: float | None = field(None, help="weight of the load-balancing loss (default 0.01)")
+    z_loss_coef: float | None = field(None, help="weight of the router z-loss (default 0)")
+    router_jitter: float | None = field(None, help="multiplicative input jitter while training (default 0)")
+
+
+@dataclass
 class ModelSection:
     """The model: a preset, or a Hugging Face directory to continue pretraining, with size overrides."""
 
@@ -23,6 +39,7 @@ class ModelSection:
     dropout: float | None = field(None, help="dropout while training")
     vocab_size: int | None = field(None, help="embedding rows (default: the tokenizer's size; a larger one "
                                    "leaves ids no text maps to, which sampling could then produce)")
+    moe: MoESection = field(default_factory=MoESection, help="mixture of experts")
 
 
 @dataclass
