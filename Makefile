@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/pretrain_quality.py --run runs/quickstart   # after `make quickstart`: same wall-clock
+	$(PY) benchmarks/moe.py                 # MoE vs dense at equal training time; decode vs transformers' Mixtral
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

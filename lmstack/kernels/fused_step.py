@@ -70,6 +70,8 @@ def _layer_blocker(layer: nn.Module, mlp_kind: str) -> str | None:
         return f"attention is a {type(attn).__name__}"
     if attn.scale is not None:
         return f"attention scale {attn.scale} (the kernel uses 1/sqrt(head_dim))"
+    if attn.q_norm is not None:
+        return "per-head query/key norms (Qwen3; not in the kernel yet)"
     if type(mlp) is MoE:
         reason = _mixture_blocker(mlp, mlp_kind)
         if reason:

@@ -96,6 +96,7 @@ class DecoderConfig:
     mlp_bias: bool = False
     qkv_bias: bool = False
     out_bias: bool = False  # bias of the attention output projection
+    qk_norm: bool = False  # RMSNorm over each head's query and key before RoPE (Qwen3)
     # --- positions ---
     position: Literal["rope", "learned", "sinusoidal", "alibi", "none"] = "rope"
     rope_theta: float = 10000.0

@@ -1,5 +1,5 @@
-"""The decoder-only transformer: GPT-2, Llama, Mistral, Qwen2, Mixtral and Qwen2-MoE are all this class
-with another config.
+"""The decoder-only transformer: GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE and Qwen3-MoE are
+all this class with another config.
 
     input_ids (B, T)
       -> embed_tokens (+ embed_positions when learned/sinusoidal)          (B, T, C)
@@ -38,7 +38,8 @@ class Block(nn.Module):
         self.sliding_window = config.window_for_layer(layer_idx)
         self.attn_norm = make_norm(config.norm, config.dim, config.norm_eps, config.norm_bias)
         self.attn = Attention(config.dim, config.n_heads, config.n_kv_heads, config.head_dim,
-                              qkv_bias=config.qkv_bias, out_bias=config.out_bias, dropout=config.dropout)
+                              qkv_bias=config.qkv_bias, out_bias=config.out_bias, dropout=config.dropout,
+                              qk_norm_eps=config.norm_eps if config.qk_norm else None)
         self.mlp_norm = make_norm(config.norm, config.dim, config.norm_eps, config.norm_bias)
         self.mlp = self._make_feed_forward(config, layer_idx)
         self.dropout = config.dropout

@@ -134,7 +134,7 @@ def gpt2_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
 
 def _llama_like(c: dict[str, Any], model_type: str, *, eps: float, max_pos: int, qkv_bias: bool,
                 out_bias: bool, window: int | None, window_layers: tuple[int, ...] | None,
-                moe: MoEConfig | None = None, theta: float = 10000.0) -> DecoderConfig:
+                moe: MoEConfig | None = None, theta: float = 10000.0, qk_norm: bool = False) -> DecoderConfig:
     dim, n_heads = _get(c, "hidden_size"), _get(c, "num_attention_heads")
     theta, scaling = _rope_from_hf(c, theta)
     return DecoderConfig(
@@ -143,7 +143,7 @@ def _llama_like(c: dict[str, Any], model_type: str, *, eps: float, max_pos: int,
         head_dim=_get(c, "head_dim", None) or (dim // n_heads if isinstance(dim, int) and n_heads else None),
         max_seq_len=_get(c, "max_position_embeddings", max_pos), norm="rmsnorm",
         norm_eps=float(_get(c, "rms_norm_eps", eps)), mlp="gated", activation=_activation(_get(c, "hidden_act", "silu")),
-        mlp_bias=bool(c.get("mlp_bias", False)), qkv_bias=qkv_bias, out_bias=out_bias, position="rope",
+        mlp_bias=bool(c.get("mlp_bias", False)), qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=qk_norm, position="rope",
         rope_theta=theta, rope_scaling=scaling, sliding_window=window, sliding_window_layers=window_layers,
         tie_embeddings=bool(_get(c, "tie_word_embeddings", False)),
         dropout=float(_get(c, "attention_dropout", 0.0)), init_std=float(_get(c, "initializer_range", 0.02)),
@@ -214,7 +214,23 @@ def qwen2_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     return out
 
 
-# --- Mixtral, Qwen2-MoE (mixtures of experts) ----------------------------------------------------------------
+def qwen3_from_hf(c: dict[str, Any]) -> DecoderConfig:
+    """Qwen3: Qwen2's layout with per-head q / k norms, attention_bias for all four projections and an
+    explicit head_dim."""
+    window, layers = _qwen2_window(c, _get(c, "num_hidden_layers"))
+    bias = bool(c.get("attention_bias", False))
+    return _llama_like(c, "qwen3", eps=1e-6, max_pos=32768, qkv_bias=bias, out_bias=bias, window=window,
+                       window_layers=layers, qk_norm=True)
+
+
+def qwen3_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
+    out = qwen2_to_hf(cfg)
+    out.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], attention_bias=cfg.qkv_bias)
+    out.update(_score_head_to_hf(cfg, "Qwen3ForCausalLM"))
+    return out
+
+
+# --- Mixtral, Qwen2-MoE, Qwen3-MoE (mixtures of experts) ----------------------------------------------------------------
 # Training-only settings transformers has no key for are written under keys of their own (transformers keeps
 # unknown keys and ignores them; its logits are the same, since inference never drops tokens).
 
@@ -282,6 +298,29 @@ def qwen2_moe_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
                norm_topk_prob=m.normalize_top_k, shared_expert_intermediate_size=m.shared_expert_dim,
                decoder_sparse_step=m.every, mlp_only_layers=list(m.dense_layers), **_moe_training_keys_to_hf(m))
     out.update(_score_head_to_hf(cfg, "Qwen2MoeForCausalLM"))
+    return out
+
+
+def qwen3_moe_from_hf(c: dict[str, Any]) -> DecoderConfig:
+    """Qwen3-MoE: Qwen3 attention (q / k norms), no shared expert; a sliding window (when
+    use_sliding_window) on every layer, as transformers applies it."""
+    moe = MoEConfig(num_experts=_get(c, "num_experts", None) or _get(c, "num_local_experts", 128),
+                    expert_dim=_get(c, "moe_intermediate_size", 768), top_k=_get(c, "num_experts_per_tok", 8),
+                    normalize_top_k=bool(c.get("norm_topk_prob", False)), every=_get(c, "decoder_sparse_step", 1),
+                    dense_layers=tuple(c.get("mlp_only_layers") or ()), **_moe_training_keys(c))
+    window = c.get("sliding_window") if c.get("use_sliding_window") else None
+    bias = bool(c.get("attention_bias", False))
+    return _llama_like(c, "qwen3_moe", eps=1e-6, max_pos=32768, qkv_bias=bias, out_bias=bias, window=window,
+                       window_layers=None, moe=moe, qk_norm=True)
+
+
+def qwen3_moe_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
+    m = _require_moe(cfg, "qwen3_moe")
+    out = _llama_like_to_hf(cfg, "qwen3_moe", "Qwen3MoeForCausalLM")
+    out.update(attention_bias=cfg.qkv_bias, use_sliding_window=cfg.sliding_window is not None,
+               sliding_window=cfg.sliding_window, num_experts=m.num_experts, moe_intermediate_size=m.expert_dim,
+               num_experts_per_tok=m.top_k, norm_topk_prob=m.normalize_top_k, decoder_sparse_step=m.every,
+               mlp_only_layers=list(m.dense_layers), **_moe_training_keys_to_hf(m))
     return out
 
 

@@ -210,11 +210,12 @@ def _gpt2_rules() -> tuple[TensorRule, ...]:
 
 
 def _llama_rules() -> tuple[TensorRule, ...]:
-    """Llama/Mistral/Qwen2 names: identical up to a few renames (our names mirror HF's)."""
+    """Llama/Mistral/Qwen2/Qwen3 names: identical up to a few renames (our names mirror HF's)."""
     h, L = "model.layers.{layer}.", "layers.{layer}."
     rules = [rename("model.embed_tokens.weight", "embed_tokens.weight"),
              rename(h + "input_layernorm.weight", L + "attn_norm.weight"),
              rename(h + "post_attention_layernorm.weight", L + "mlp_norm.weight")]
+    rules += [rename(f"{h}self_attn.{p}_norm.weight", f"{L}attn.{p}_norm.weight") for p in "qk"]  # Qwen3
     for kind in ("weight", "bias"):
         rules += [rename(f"{h}self_attn.{p}_proj.{kind}", f"{L}attn.{p}_proj.{kind}") for p in "qkvo"]
         rules += [rename(f"{h}mlp.{p}_proj.{kind}", f"{L}mlp.{p}_proj.{kind}") for p in ("gate", "up", "down")]
@@ -302,9 +303,13 @@ FAMILIES: dict[str, Family] = {
                       _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", hf_configs.qwen2_from_hf, hf_configs.qwen2_to_hf,
                     _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", hf_configs.qwen3_from_hf, hf_configs.qwen3_to_hf,
+                    _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
     "mixtral": Family("mixtral", "MixtralForCausalLM", hf_configs.mixtral_from_hf, hf_configs.mixtral_to_hf,
                       _moe_rules("block_sparse_moe"), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
     "qwen2_moe": Family("qwen2_moe", "Qwen2MoeForCausalLM", hf_configs.qwen2_moe_from_hf, hf_configs.qwen2_moe_to_hf,
+                        _moe_rules("mlp"), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
+    "qwen3_moe": Family("qwen3_moe", "Qwen3MoeForCausalLM", hf_configs.qwen3_moe_from_hf, hf_configs.qwen3_moe_to_hf,
                         _moe_rules("mlp"), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
     "bert": Family("bert", "BertModel", hf_encoder_configs.bert_from_hf, hf_encoder_configs.bert_to_hf,
                    _bert_rules(), base_prefix="bert.", ignored_hf=_BERT_IGNORED,

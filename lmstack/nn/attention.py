@@ -16,6 +16,7 @@ from torch import nn
 from lmstack.errors import ConfigError
 from lmstack.nn.kv_cache import packs_sequences
 from lmstack.nn.masks import AttentionMask
+from lmstack.nn.norms import RMSNorm
 from lmstack.nn.positions import apply_rotary
 
 ATTENTION_BACKENDS = ("sdpa", "eager", "flash")
@@ -167,11 +168,13 @@ class Attention(nn.Module):
         dropout: attention-probability dropout while training.
         backend: "sdpa" (default), "eager" or "flash"; see ``set_attention_backend``.
         scale: score multiplier; default 1/sqrt(head_dim) (T5 uses 1.0: its scale lives in the init).
+        qk_norm_eps: if set, RMSNorm (of this eps) over each head's query and key before RoPE (Qwen3:
+            ``q_norm`` / ``k_norm``, one weight of width D shared by the heads).
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  qkv_bias: bool = False, out_bias: bool = False, dropout: float = 0.0,
-                 backend: str = "sdpa", scale: float | None = None) -> None:
+                 backend: str = "sdpa", scale: float | None = None, qk_norm_eps: float | None = None) -> None:
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         head_dim = head_dim or dim // n_heads
@@ -183,14 +186,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``x`` (B, S, C): each (B, Hkv, S, D). Cross-attention computes them once
         from the encoder output and passes them to every decoding step as ``kv``."""
         B, S, _ = x.shape
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
+        return k.transpose(1, 2), v
 
     def forward(self, x: torch.Tensor, mask: AttentionMask,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -204,7 +211,10 @@ class Attention(nn.Module):
             kv: precomputed (keys, values), each (B, Hkv, S, D), from ``project_kv`` (cross-attention).
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)  # (B, H, T, D)
         if kv is not None:
             k, v = kv
         else:

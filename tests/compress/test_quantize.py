@@ -459,8 +459,9 @@ def test_fused_step_with_int8_activations_equals_the_reference_model(scheme, gro
     # Per token, torchao's rule puts a token's largest negative element on the rounding boundary -127.5, where
     # the last bit of x (torch's norms against the fused step's) picks -127 or -128: one code step, which
     # moves these logits (std 1) by up to ~1e-1 in this 64-wide model. Per group (llama.cpp's rule) no element
-    # sits on a boundary, and the step must match to float accuracy.
-    _compare_fused_steps(quantized, reference, rows, atol=2e-1 if group is None else 1e-4)
+    # sits on a boundary by construction, but one can land within the last bit of x of one by chance: on some
+    # hosts (1 row, int8, group 32) one code flips and the logits move by ~2e-2. A wrong kernel is off by O(1).
+    _compare_fused_steps(quantized, reference, rows, atol=2e-1 if group is None else 5e-2)
 
 
 def test_int8_activations_are_saved_and_loaded(tmp_path):

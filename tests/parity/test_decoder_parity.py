@@ -48,6 +48,19 @@ def _qwen2_moe(**kw):
     return transformers.Qwen2MoeConfig(**{**base, **kw})
 
 
+def _qwen3(**kw):
+    base = dict(vocab_size=V, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                num_key_value_heads=2, head_dim=12, max_position_embeddings=64, tie_word_embeddings=True)
+    return transformers.Qwen3Config(**{**base, **kw})
+
+
+def _qwen3_moe(**kw):
+    base = dict(vocab_size=V, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+                num_key_value_heads=2, head_dim=12, max_position_embeddings=64, num_experts=6,
+                num_experts_per_tok=3, moe_intermediate_size=16)
+    return transformers.Qwen3MoeConfig(**{**base, **kw})
+
+
 CASES = {
     "gpt2-tied": lambda: _gpt2(),
     "gpt2-untied-exact-gelu": lambda: _gpt2(tie_word_embeddings=False, activation_function="gelu", n_inner=80),
@@ -73,6 +86,11 @@ CASES = {
     "qwen2moe-shared-dense-layer": lambda: _qwen2_moe(mlp_only_layers=[1]),
     "qwen2moe-normtopk-every-2nd": lambda: _qwen2_moe(norm_topk_prob=True, decoder_sparse_step=2,
                                                       tie_word_embeddings=True),
+    # Qwen3: per-head q / k norms (drawn away from 1 by randomize_).
+    "qwen3-bias-window-some-layers": lambda: _qwen3(num_hidden_layers=3, attention_bias=True, use_sliding_window=True,
+                                                    sliding_window=4, max_window_layers=1),
+    "qwen3moe-dense-layer-normtopk": lambda: _qwen3_moe(mlp_only_layers=[1], norm_topk_prob=True),
+    "qwen3moe-window-untied": lambda: _qwen3_moe(use_sliding_window=True, sliding_window=5, tie_word_embeddings=False),
 }
 
 

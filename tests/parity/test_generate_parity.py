@@ -28,6 +28,11 @@ FAMILIES = {
                                                      num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
                                                      max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
                                                      moe_intermediate_size=16, shared_expert_intermediate_size=48),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(vocab_size=V, hidden_size=48, intermediate_size=96,
+                                                     num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                                     head_dim=8, max_position_embeddings=64, num_experts=4,
+                                                     num_experts_per_tok=2, moe_intermediate_size=16,
+                                                     norm_topk_prob=True),
 }
 
 
