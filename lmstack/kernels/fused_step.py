@@ -30,6 +30,7 @@ from lmstack.kernels.skinny_linear import FP32, MAX_ROWS, DecodeOperands
 # Values of the Epilogue enum in csrc/skinny_kernels.h.
 _ACTIVATION_CODES = {"gelu": 2, "gelu_tanh": 3, "silu": 4, "relu": 5}
 _NONE = torch.empty(0)
+_NORM_SLOTS = (0, 5, 9, 10)  # the norms among _layer_modules' entries (the rest are the 7 linears)
 
 
 def fused_step_blocker(model: nn.Module, batch_size: int) -> str | None:
@@ -70,8 +71,9 @@ def _layer_blocker(layer: nn.Module, mlp_kind: str) -> str | None:
         return f"attention is a {type(attn).__name__}"
     if attn.scale is not None:
         return f"attention scale {attn.scale} (the kernel uses 1/sqrt(head_dim))"
-    if attn.q_norm is not None:
-        return "per-head query/key norms (Qwen3; not in the kernel yet)"
+    for norm in (attn.q_norm, attn.k_norm):
+        if norm is not None and (type(norm) is not RMSNorm or norm.unit_offset):
+            return f"a query/key norm is a {type(norm).__name__}"
     if type(mlp) is MoE:
         reason = _mixture_blocker(mlp, mlp_kind)
         if reason:
@@ -170,7 +172,7 @@ class FusedDecodeStep:
     @staticmethod
     def _layer_modules(layer: nn.Module) -> list[nn.Module | None]:
         """attn norm, q, k, v, o, mlp norm, mlp in, mlp up (None unless gated), mlp out (all three None for a
-        mixture of experts: ``_add_mixture``)."""
+        mixture of experts: ``_add_mixture``), the per-head query and key norms (None unless Qwen3-like)."""
         attn, mlp = layer.attn, layer.mlp
         if isinstance(mlp, MoE):
             fc_in = up = fc_out = None
@@ -178,7 +180,8 @@ class FusedDecodeStep:
             fc_in, up, fc_out = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         else:
             fc_in, up, fc_out = mlp.fc_in, None, mlp.fc_out
-        return [layer.attn_norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp_norm, fc_in, up, fc_out]
+        return [layer.attn_norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp_norm, fc_in, up, fc_out,
+                attn.q_norm, attn.k_norm]
 
     @classmethod
     def _layer_weights(cls, layer: nn.Module) -> list[torch.Tensor]:
@@ -198,7 +201,7 @@ class FusedDecodeStep:
         """The 7 linears' operands (q, k, v, o, mlp in, up, out); an absent up is an empty fp32 one."""
         modules = cls._layer_modules(layer)
         return [m.decode_operands() if m is not None else DecodeOperands(_NONE, None, FP32, 0, [])
-                for i, m in enumerate(modules) if i not in (0, 5)]
+                for i, m in enumerate(modules) if i not in _NORM_SLOTS]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
                  key_mask: torch.Tensor | None) -> torch.Tensor:

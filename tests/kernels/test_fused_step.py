@@ -28,6 +28,8 @@ CONFIGS = {
     "mqa-gelu-sinusoidal": dict(norm="layernorm", norm_bias=False, mlp="plain", activation="gelu",
                                 position="sinusoidal", n_kv_heads=1),
     "relu-no-positions": dict(norm="layernorm", mlp="plain", activation="relu", position="none"),
+    "qwen3-qk-norm": dict(norm="rmsnorm", mlp="gated", activation="silu", position="rope", n_kv_heads=3, head_dim=12,
+                          qk_norm=True),
 }
 
 MOE = {
@@ -39,6 +41,8 @@ MOE = {
     "gelu-sigmoid-top1-ungated-shared": dict(norm="layernorm", mlp="plain", activation="gelu", position="learned",
                                              moe=dict(num_experts=4, expert_dim=32, top_k=1, score="sigmoid",
                                                       shared_expert_dim=16, shared_expert_gate=False)),
+    "qwen3-moe": dict(norm="rmsnorm", mlp="gated", activation="silu", position="rope", n_kv_heads=2, qk_norm=True,
+                      moe=dict(num_experts=6, expert_dim=24, top_k=2, every=2)),
 }
 CONFIGS.update(MOE)
 
@@ -47,9 +51,11 @@ def _models(name: str) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     eager = build_model(DecoderConfig(**BASE, **CONFIGS[name])).eval()
     with torch.no_grad():  # unit-gain weights: attention far from uniform, so position bugs show
-        for p in eager.parameters():
+        for name, p in eager.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, p.shape[1] ** -0.5)
+            elif name.endswith("norm.weight"):  # norm weights away from 1, so a swapped norm shows
+                p.normal_(1.0, 0.2)
     return eager, use_skinny_linears_(copy.deepcopy(eager))
 
 

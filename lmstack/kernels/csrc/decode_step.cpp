@@ -26,9 +26,10 @@ namespace {
 using lmstack::Epilogue;
 
 // The order of each layer's tensors in `weights` (an absent bias or norm bias is an empty tensor).
+// kQNormW, kKNormW: the per-head RMSNorm weights (D) of queries and keys (Qwen3), or empty.
 enum LayerSlot {
   kAttnNormW, kAttnNormB, kQW, kQB, kKW, kKB, kVW, kVB, kOW, kOB,
-  kMlpNormW, kMlpNormB, kInW, kInB, kUpW, kUpB, kOutW, kOutB, kPerLayer
+  kMlpNormW, kMlpNormB, kInW, kInB, kUpW, kUpB, kOutW, kOutB, kQNormW, kQNormB, kKNormW, kKNormB, kPerLayer
 };
 
 struct Shape {
@@ -54,6 +55,18 @@ void normalize(const float* x, float* y, const float* w, const float* b, const S
     for (int64_t i = 0; i < C; ++i) sq += (xr[i] - mean) * (xr[i] - mean);
     const float inv = 1.0f / std::sqrt(static_cast<float>(sq / C) + s.eps);
     for (int64_t i = 0; i < C; ++i) yr[i] = (xr[i] - static_cast<float>(mean)) * inv * w[i] + (b ? b[i] : 0.0f);
+  }
+}
+
+// RMSNorm of each of the `heads` vectors of width D per row, in place (weight w of width D).
+void normalize_heads(float* x, int64_t heads, const float* w, const Shape& s) {
+  const int64_t D = s.head_dim;
+  for (int64_t i = 0; i < s.rows * heads; ++i) {
+    float* v = x + i * D;
+    double sq = 0.0;
+    for (int64_t j = 0; j < D; ++j) sq += static_cast<double>(v[j]) * v[j];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(sq / D) + s.eps);
+    for (int64_t j = 0; j < D; ++j) v[j] = v[j] * inv * w[j];
   }
 }
 
@@ -360,6 +373,8 @@ at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor
     matmul(h.data(), linear(l, 0), q.data(), s);
     matmul(h.data(), linear(l, 1), k.data(), s);
     matmul(h.data(), linear(l, 2), v.data(), s);
+    if (const float* q_norm = data(w[kQNormW])) normalize_heads(q.data(), s.n_heads, q_norm, s);
+    if (const float* k_norm = data(w[kKNormW])) normalize_heads(k.data(), s.n_kv_heads, k_norm, s);
     if (s.rope) {
       rotate(q.data(), s.n_heads, data(cos), data(sin), s);
       rotate(k.data(), s.n_kv_heads, data(cos), data(sin), s);
