@@ -125,7 +125,8 @@ def _active_parameters(model) -> int:
 
 def _print_training(results: dict, seconds: float) -> None:
     print(f"Shakespeare, a budget of {seconds:.0f} s of training each, sized in steps by a calibration run (the "
-          f"seconds each really trained are in the table; torch {torch.__version__}, {torch.get_num_threads()} threads)")
+          f"seconds each really trained are in the table; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads)")
     header = ("model", "parameters", "active/token", "steps", "train s", "train tok/s", "held-out bits/byte",
               "busiest expert", "least-used expert", "router entropy")
     rows = []

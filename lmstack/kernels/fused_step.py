@@ -9,8 +9,9 @@ stay in Python, where each family differs.
 It is used by the decoding engine for models transformed with ``use_skinny_linears_`` (the opt-in to
 the CPU decoding kernels) whenever ``fused_step_blocker`` finds nothing in the way: 1-8 rows, fp32
 activations on CPU, a structure this step reproduces exactly (no ALiBi, no adapters or other wrapped
-layers), no dropout. A mixture-of-experts feed-forward (``lmstack.nn.moe.MoE``, in eval mode) runs in the step
-too: router, top-k and only the chosen experts' weights, per row. Every linear must offer ``decode_operands()``: a SkinnyLinear (fp32 weight) or an
+layers), no dropout. A mixture-of-experts feed-forward (``lmstack.nn.moe.MoE``, in eval mode) runs in the
+step too: router, top-k and only the chosen experts' weights, per row; so do Qwen3's per-head q/k norms.
+Every linear must offer ``decode_operands()``: a SkinnyLinear (fp32 weight) or an
 ``lmstack.compress.QuantizedLinear`` (int8 / int4 / NF4 codes, read by the same step). Otherwise
 decoding takes the eager path, which gives the same tokens.
 """

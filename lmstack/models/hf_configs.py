@@ -230,7 +230,7 @@ def qwen3_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     return out
 
 
-# --- Mixtral, Qwen2-MoE, Qwen3-MoE (mixtures of experts) ----------------------------------------------------------------
+# --- Mixtral, Qwen2-MoE, Qwen3-MoE (mixtures of experts) ---------------------------------------------------
 # Training-only settings transformers has no key for are written under keys of their own (transformers keeps
 # unknown keys and ignores them; its logits are the same, since inference never drops tokens).
 

@@ -246,7 +246,8 @@ void mixture(const float* h, const Experts& m, float* stream, const Shape& s, Ex
     for (int64_t i = 0; i < sub.rows; ++i) std::copy_n(h + rows[i] * C, C, t.rows_in.data() + i * C);
     feed_forward(t.rows_in.data(), m.linears[3 * e], m.linears[3 * e + 1], m.linears[3 * e + 2], t.rows_out.data(),
                  Epilogue::kStore, sub, t.mid.data(), t.up.data());
-    for (int64_t i = 0; i < sub.rows; ++i) lmstack::axpy(row_weights[i], t.rows_out.data() + i * C, stream + rows[i] * C, C);
+    for (int64_t i = 0; i < sub.rows; ++i)
+      lmstack::axpy(row_weights[i], t.rows_out.data() + i * C, stream + rows[i] * C, C);
   }
   if (!m.shared) return;
   const Linear* shared = m.linears.data() + 3 * E;
@@ -314,7 +315,8 @@ at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor
   for (size_t i = 0; i < weights.size(); ++i)
     if (!low_bit[i]) check_fp32(weights[i], "every fp32 weight");
 
-  TORCH_CHECK(static_cast<int64_t>(moe_shape.size()) == 6 * n_layers, "decode_step: moe_shape takes 6 entries per layer");
+  TORCH_CHECK(static_cast<int64_t>(moe_shape.size()) == 6 * n_layers,
+              "decode_step: moe_shape takes 6 entries per layer");
   std::vector<Experts> mixtures(n_layers);
   size_t next_tensor = 0, next_linear = 0;
   int64_t widest = 0;  // the widest feed-forward hidden layer (scratch size)
