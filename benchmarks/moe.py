@@ -32,6 +32,7 @@ from lmstack.config import resolve
 from lmstack.generate import GenerationConfig, generate
 from lmstack.kernels import load_cpu_kernels, use_skinny_linears_
 from lmstack.nn.kv_cache import StaticKVCache
+from lmstack.nn.moe import active_parameters
 from lmstack.recipes.pretrain import PretrainConfig, run
 from lmstack.train.trainer import read_metrics
 
@@ -107,20 +108,7 @@ def _train(name: str, out: Path, seconds: float, calibration_steps: int, overrid
     model = load_hf(result.model_dir)
     return {"model_dir": result.model_dir, "steps": steps, "seconds": trained, "tokens": records[-1]["tokens"],
             "bpb": result.final["eval_bpb"], "params": sum(p.numel() for p in model.parameters()),
-            "active": _active_parameters(model), "balance": balance}
-
-
-def _active_parameters(model) -> int:
-    """Parameters one token uses: all but the experts it was not sent to."""
-    total = sum(p.numel() for p in model.parameters())
-    moe = model.config.moe
-    if moe is None:
-        return total
-    for layer in model.layers:
-        if hasattr(layer.mlp, "experts"):
-            per_expert = sum(p.numel() for p in layer.mlp.experts[0].parameters())
-            total -= (moe.num_experts - moe.top_k) * per_expert
-    return total
+            "active": active_parameters(model), "balance": balance}
 
 
 def _print_training(results: dict, seconds: float) -> None:

@@ -212,6 +212,17 @@ class MoE(nn.Module):
         return (y, routing) if return_routing else y
 
 
+def active_parameters(model: nn.Module) -> int:
+    """Parameters one token uses: all of ``model``'s but the experts it is not sent to (each MoE layer's
+    ``num_experts - top_k`` experts); all of them for a dense model."""
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, MoE):
+            per_expert = sum(p.numel() for p in module.experts[0].parameters())
+            total -= (module.num_experts - module.top_k) * per_expert
+    return total
+
+
 # --- training signals -------------------------------------------------------------------------------------
 
 def _flat_valid(valid: torch.Tensor | None, n: int) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ from lmstack.compress.files import is_quantized_checkpoint, load_quantized, modu
 from lmstack.models.registry import family_for_config
 from lmstack.models import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from lmstack.models.summary import format_parameter_table
+from lmstack.nn.moe import active_parameters
 from lmstack.recipes.bundled import resolve_model_dir
 from lmstack.recipes.configs.info import InfoConfig
 
@@ -83,6 +84,15 @@ def _describe_quantized(path: Path) -> str:
     return "\n".join(lines + ["", "(per-module table: see the unquantized checkpoint)"])
 
 
+def _describe_experts(model) -> str:
+    m, cfg = model.config.moe, model.config
+    layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    shared = f", a shared expert of width {m.shared_expert_dim}" if m.shared_expert_dim else ""
+    active = active_parameters(model)
+    return (f"experts         {m.num_experts} per MoE layer ({layers} of {cfg.n_layers} layers), top-{m.top_k}, "
+            f"width {m.expert_dim}{shared}; {active:,} ({active / 1e6:.1f}M) parameters active per token")
+
+
 def _common_lines(model, extra: int = 0) -> list[str]:
     """Size and shape lines for any model kind (``extra``: weights held outside Parameters, e.g. quantized)."""
     cfg = model.config
@@ -99,6 +109,8 @@ def _common_lines(model, extra: int = 0) -> list[str]:
                   f"attention       {attention}", f"positions       {_describe_positions(cfg)}",
                   f"norm            {cfg.norm} (eps {cfg.norm_eps:g}); embeddings "
                   f"{'tied' if cfg.tie_embeddings else 'untied'}"]
+        if cfg.moe is not None:
+            lines.append(_describe_experts(model))
     elif isinstance(cfg, EncoderConfig):
         head = cfg.head + (f" ({len(cfg.labels)} labels: {', '.join(cfg.labels[:6])}"
                            f"{', ...' if len(cfg.labels) > 6 else ''})" if cfg.labels else "")

@@ -11,7 +11,8 @@ from lmstack.checkpoints import load_hf, save_hf
 from lmstack.errors import CheckpointError, ConfigError
 from lmstack.models import DecoderConfig, MoEConfig, build_model
 from lmstack.nn.checkpointing import checkpoint_layers_
-from lmstack.nn.moe import MoE, Routing, TopKRouter, dispatch, expert_capacity, limit_capacity, routing_stats
+from lmstack.nn.moe import (MoE, Routing, TopKRouter, active_parameters, dispatch, expert_capacity, limit_capacity,
+                             routing_stats)
 from lmstack.train.objectives import CausalLMObjective, next_token_targets
 
 
@@ -125,6 +126,13 @@ def test_shared_expert_and_gradcheck():
             y[n] += routing.weights[n, slot] * moe.experts[int(routing.experts[n, slot])](x[n:n + 1])[0]
     torch.testing.assert_close(moe(x), y + shared)
     assert torch.autograd.gradcheck(lambda t: moe(t), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_active_parameters_count_k_of_the_experts():
+    model = build_model(_tiny(top_k=1, every=2).replace(model_type="qwen2_moe"), seed=0)
+    expert = sum(p.numel() for p in model.layers[1].mlp.experts[0].parameters())
+    assert active_parameters(model) == sum(p.numel() for p in model.parameters()) - 3 * expert  # 1 MoE layer, 3 idle
+    assert active_parameters(build_model("tiny-llama")) == sum(p.numel() for p in build_model("tiny-llama").parameters())
 
 
 def test_routing_stats():

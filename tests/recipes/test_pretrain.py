@@ -90,7 +90,7 @@ def test_every_shipped_config_resolves():
         assert f"--config configs/{path.parent.name}/{path.name}" in path.read_text().splitlines()[1], path
 
 
-def test_mixture_of_experts_recipe(tmp_path):
+def test_mixture_of_experts_recipe(tmp_path, capsys):
     """configs/pretrain/shakespeare-moe.yaml's model section at a tiny size: a Mixtral checkpoint, the router's
     numbers per step and their plot."""
     out = tmp_path / "moe"
@@ -105,6 +105,9 @@ def test_mixture_of_experts_recipe(tmp_path):
     model = load_hf(out / "model")
     assert model.config.model_type == "mixtral" and model.config.moe.num_experts == 4
     assert model.config.moe.capacity_factor == 1.0  # saved with the checkpoint (router_capacity_factor)
+    capsys.readouterr()
+    assert main(["info", str(out / "model")]) == 0
+    assert "experts         4 per MoE layer (2 of 2 layers), top-2, width" in capsys.readouterr().out
 
 
 def test_mixture_of_experts_keys_need_experts(tmp_path, capsys):
