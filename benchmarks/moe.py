@@ -80,14 +80,10 @@ def _config(name: str, out: Path, overrides: dict, **more) -> PretrainConfig:
     return resolve(PretrainConfig, CONFIGS[name], keys)
 
 
-def _train_seconds(metrics_path: Path) -> tuple[float, int, list[dict]]:
-    """(seconds of training steps, steps, records): each step's time from its tokens and tokens/s."""
-    records = read_metrics(metrics_path)
-    seen, seconds = 0, 0.0
-    for r in records:
-        seconds += (r["tokens"] - seen) / r["tokens_per_s"]
-        seen = r["tokens"]
-    return seconds, len(records), records
+def _step_seconds(records: list[dict]) -> list[float]:
+    """Each logged step's training time, from its tokens and tokens/s (evaluation not counted)."""
+    seen = [0] + [r["tokens"] for r in records[:-1]]
+    return [(r["tokens"] - before) / r["tokens_per_s"] for r, before in zip(records, seen)]
 
 
 def _train(name: str, out: Path, seconds: float, calibration_steps: int, overrides: dict) -> dict:
@@ -96,13 +92,13 @@ def _train(name: str, out: Path, seconds: float, calibration_steps: int, overrid
     calibration = _config(name, out / f"{name}-calibration", overrides, **shared,
                           **{"train.max_steps": str(calibration_steps)})
     run(calibration)
-    _, _, records = _train_seconds(calibration.out / "metrics.jsonl")
-    times = [(b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip(records, records[1:])]
+    times = _step_seconds(read_metrics(calibration.out / "metrics.jsonl"))[1:]
     per_step = statistics.median(times[len(times) // 3:])  # past the first, slower steps
     cfg = _config(name, out / name, overrides, **{"tokenizer.path": str(tokenizer)},
                   **{"train.max_steps": str(max(1, round(seconds / per_step)))})
     result = run(cfg)
-    trained, steps, records = _train_seconds(cfg.out / "metrics.jsonl")
+    records = read_metrics(cfg.out / "metrics.jsonl")
+    trained, steps = sum(_step_seconds(records)), len(records)
     tail = records[-max(1, len(records) // 10):]
     balance = {key: statistics.mean(r[key] for r in tail) for key in tail[0] if key.startswith("moe_")}
     model = load_hf(result.model_dir)

@@ -108,12 +108,19 @@ def kernel_layer(module: nn.Module) -> bool:
     return getattr(module, "decode_operands", None) is not None
 
 
+def _feed_forward_slots(mlp: nn.Module) -> list[nn.Module | None]:
+    """A dense MLP's linears in the step's order: in, up (None unless gated), out."""
+    if isinstance(mlp, GatedMLP):
+        return [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    return [mlp.fc_in, None, mlp.fc_out]
+
+
 def _mlp_linears(mlp: nn.Module) -> list[nn.Module]:
     if isinstance(mlp, MoE):
         return [linear for module in _mixture_modules(mlp) for linear in _mlp_linears(module)]
     if not isinstance(mlp, (MLP, GatedMLP)):  # the shared expert's gate: a lone linear
         return [mlp]
-    return [mlp.gate_proj, mlp.up_proj, mlp.down_proj] if isinstance(mlp, GatedMLP) else [mlp.fc_in, mlp.fc_out]
+    return [linear for linear in _feed_forward_slots(mlp) if linear is not None]
 
 
 def _mixture_modules(moe: MoE) -> list[nn.Module]:
@@ -121,13 +128,15 @@ def _mixture_modules(moe: MoE) -> list[nn.Module]:
     return [*moe.experts, *[m for m in (moe.shared_expert, moe.shared_expert_gate) if m is not None]]
 
 
+def _operands(module: nn.Module | None) -> DecodeOperands:
+    """A linear's decode operands; an absent one (an ungated MLP's up) is an empty fp32 one."""
+    return module.decode_operands() if module is not None else DecodeOperands(_NONE, None, FP32, 0, [])
+
+
 def _mlp_operands(module: nn.Module) -> list[DecodeOperands]:
-    """in, up (an empty fp32 one unless gated), out of an expert; a lone linear (the shared expert's gate)."""
-    if isinstance(module, GatedMLP):
-        return [m.decode_operands() for m in (module.gate_proj, module.up_proj, module.down_proj)]
-    if isinstance(module, MLP):
-        return [module.fc_in.decode_operands(), DecodeOperands(_NONE, None, FP32, 0, []),
-                module.fc_out.decode_operands()]
+    """in, up, out of an expert; a lone linear (the shared expert's gate)."""
+    if isinstance(module, (MLP, GatedMLP)):
+        return [_operands(linear) for linear in _feed_forward_slots(module)]
     return [module.decode_operands()]
 
 
@@ -175,13 +184,8 @@ class FusedDecodeStep:
         """attn norm, q, k, v, o, mlp norm, mlp in, mlp up (None unless gated), mlp out (all three None for a
         mixture of experts: ``_add_mixture``), the per-head query and key norms (None unless Qwen3-like)."""
         attn, mlp = layer.attn, layer.mlp
-        if isinstance(mlp, MoE):
-            fc_in = up = fc_out = None
-        elif isinstance(mlp, GatedMLP):
-            fc_in, up, fc_out = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        else:
-            fc_in, up, fc_out = mlp.fc_in, None, mlp.fc_out
-        return [layer.attn_norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp_norm, fc_in, up, fc_out,
+        feed_forward = [None] * 3 if isinstance(mlp, MoE) else _feed_forward_slots(mlp)
+        return [layer.attn_norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp_norm, *feed_forward,
                 attn.q_norm, attn.k_norm]
 
     @classmethod
@@ -201,8 +205,7 @@ class FusedDecodeStep:
     def _layer_linears(cls, layer: nn.Module) -> list[DecodeOperands]:
         """The 7 linears' operands (q, k, v, o, mlp in, up, out); an absent up is an empty fp32 one."""
         modules = cls._layer_modules(layer)
-        return [m.decode_operands() if m is not None else DecodeOperands(_NONE, None, FP32, 0, [])
-                for i, m in enumerate(modules) if i not in _NORM_SLOTS]
+        return [_operands(m) for i, m in enumerate(modules) if i not in _NORM_SLOTS]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
                  key_mask: torch.Tensor | None) -> torch.Tensor:

@@ -279,13 +279,27 @@ def _qwen2_moe_window(c: dict[str, Any], n_layers: int) -> tuple[int | None, tup
     return window, (None if len(layers) == n_layers else layers)
 
 
+def _qwen_moe_from_hf(c: dict[str, Any], *, num_experts: int, expert_dim: int, top_k: int,
+                      **shared: Any) -> MoEConfig:
+    """The MoE keys Qwen2-MoE and Qwen3-MoE share (defaults: each family's published ones); ``shared``:
+    Qwen2-MoE's shared-expert fields."""
+    return MoEConfig(num_experts=_get(c, "num_experts", None) or _get(c, "num_local_experts", num_experts),
+                     expert_dim=_get(c, "moe_intermediate_size", expert_dim),
+                     top_k=_get(c, "num_experts_per_tok", top_k), normalize_top_k=bool(c.get("norm_topk_prob", False)),
+                     every=_get(c, "decoder_sparse_step", 1), dense_layers=tuple(c.get("mlp_only_layers") or ()),
+                     **shared, **_moe_training_keys(c))
+
+
+def _qwen_moe_to_hf(m: MoEConfig) -> dict[str, Any]:
+    return {"num_experts": m.num_experts, "moe_intermediate_size": m.expert_dim, "num_experts_per_tok": m.top_k,
+            "norm_topk_prob": m.normalize_top_k, "decoder_sparse_step": m.every,
+            "mlp_only_layers": list(m.dense_layers), **_moe_training_keys_to_hf(m)}
+
+
 def qwen2_moe_from_hf(c: dict[str, Any]) -> DecoderConfig:
     window, layers = _qwen2_moe_window(c, _get(c, "num_hidden_layers"))
-    moe = MoEConfig(num_experts=_get(c, "num_experts", 60), expert_dim=_get(c, "moe_intermediate_size", 1408),
-                    top_k=_get(c, "num_experts_per_tok", 4), normalize_top_k=bool(c.get("norm_topk_prob", False)),
-                    shared_expert_dim=_get(c, "shared_expert_intermediate_size", 5632), shared_expert_gate=True,
-                    every=_get(c, "decoder_sparse_step", 1), dense_layers=tuple(c.get("mlp_only_layers") or ()),
-                    **_moe_training_keys(c))
+    moe = _qwen_moe_from_hf(c, num_experts=60, expert_dim=1408, top_k=4, shared_expert_gate=True,
+                            shared_expert_dim=_get(c, "shared_expert_intermediate_size", 5632))
     return _llama_like(c, "qwen2_moe", eps=1e-6, max_pos=32768, qkv_bias=bool(c.get("qkv_bias", True)),
                        out_bias=False, window=window, window_layers=layers, moe=moe)
 
@@ -294,9 +308,7 @@ def qwen2_moe_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     m = _require_moe(cfg, "qwen2_moe")
     out = qwen2_to_hf(cfg)
     out.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], qkv_bias=cfg.qkv_bias,
-               num_experts=m.num_experts, moe_intermediate_size=m.expert_dim, num_experts_per_tok=m.top_k,
-               norm_topk_prob=m.normalize_top_k, shared_expert_intermediate_size=m.shared_expert_dim,
-               decoder_sparse_step=m.every, mlp_only_layers=list(m.dense_layers), **_moe_training_keys_to_hf(m))
+               shared_expert_intermediate_size=m.shared_expert_dim, **_qwen_moe_to_hf(m))
     out.update(_score_head_to_hf(cfg, "Qwen2MoeForCausalLM"))
     return out
 
@@ -304,10 +316,7 @@ def qwen2_moe_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
 def qwen3_moe_from_hf(c: dict[str, Any]) -> DecoderConfig:
     """Qwen3-MoE: Qwen3 attention (q / k norms), no shared expert; a sliding window (when
     use_sliding_window) on every layer, as transformers applies it."""
-    moe = MoEConfig(num_experts=_get(c, "num_experts", None) or _get(c, "num_local_experts", 128),
-                    expert_dim=_get(c, "moe_intermediate_size", 768), top_k=_get(c, "num_experts_per_tok", 8),
-                    normalize_top_k=bool(c.get("norm_topk_prob", False)), every=_get(c, "decoder_sparse_step", 1),
-                    dense_layers=tuple(c.get("mlp_only_layers") or ()), **_moe_training_keys(c))
+    moe = _qwen_moe_from_hf(c, num_experts=128, expert_dim=768, top_k=8)
     window = c.get("sliding_window") if c.get("use_sliding_window") else None
     bias = bool(c.get("attention_bias", False))
     return _llama_like(c, "qwen3_moe", eps=1e-6, max_pos=32768, qkv_bias=bias, out_bias=bias, window=window,
@@ -318,9 +327,7 @@ def qwen3_moe_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     m = _require_moe(cfg, "qwen3_moe")
     out = _llama_like_to_hf(cfg, "qwen3_moe", "Qwen3MoeForCausalLM")
     out.update(attention_bias=cfg.qkv_bias, use_sliding_window=cfg.sliding_window is not None,
-               sliding_window=cfg.sliding_window, num_experts=m.num_experts, moe_intermediate_size=m.expert_dim,
-               num_experts_per_tok=m.top_k, norm_topk_prob=m.normalize_top_k, decoder_sparse_step=m.every,
-               mlp_only_layers=list(m.dense_layers), **_moe_training_keys_to_hf(m))
+               sliding_window=cfg.sliding_window, **_qwen_moe_to_hf(m))
     return out
 
 

@@ -140,7 +140,7 @@ def dispatch(x: torch.Tensor, experts: nn.ModuleList, routing: Routing) -> torch
     an expert nobody chose is not called (and its weights are not read).
     x: (N, C) -> (N, C); dropped assignments contribute nothing.
     """
-    N, k = routing.experts.shape
+    k = routing.experts.shape[1]
     flat = routing.experts.flatten()  # assignment a = token * k + slot
     if routing.kept is None:
         order = torch.argsort(flat, stable=True)
@@ -225,9 +225,10 @@ def active_parameters(model: nn.Module) -> int:
 
 # --- training signals -------------------------------------------------------------------------------------
 
-def _flat_valid(valid: torch.Tensor | None, n: int) -> torch.Tensor | None:
+def _flat_valid(valid: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """(n,) float weights of the routed tokens: 1 for those that count (all of them without ``valid``)."""
     if valid is None:
-        return None
+        return torch.ones(n, device=device)
     valid = valid.reshape(-1).float()
     if valid.numel() != n:
         raise ValueError(f"valid has {valid.numel()} entries for {n} routed tokens")
@@ -250,14 +251,10 @@ def load_balancing_loss(routings: Sequence[Routing], valid: torch.Tensor | None 
     rows = torch.zeros((), device=routings[0].logits.device)
     for r in routings:
         p = r.probabilities()
-        mask = _flat_valid(valid, p.shape[0])
-        if mask is None:
-            counts = counts + torch.bincount(r.experts.flatten(), minlength=E).float()
-            probs, rows = probs + p.sum(0), rows + p.shape[0]
-        else:
-            counts = counts + torch.zeros(E, device=p.device).scatter_add_(
-                0, r.experts.flatten(), mask.repeat_interleave(r.experts.shape[1]))
-            probs, rows = probs + (p * mask[:, None]).sum(0), rows + mask.sum()
+        mask = _flat_valid(valid, p.shape[0], p.device)
+        counts = counts + torch.zeros(E, device=p.device).scatter_add_(
+            0, r.experts.flatten(), mask.repeat_interleave(r.experts.shape[1]))
+        probs, rows = probs + (p * mask[:, None]).sum(0), rows + mask.sum()
     return E * torch.sum(counts / rows * probs / rows)
 
 
@@ -267,9 +264,8 @@ def router_z_loss(routings: Sequence[Routing], valid: torch.Tensor | None = None
     total, rows = 0.0, 0.0
     for r in routings:
         z = torch.logsumexp(r.logits, dim=-1) ** 2
-        mask = _flat_valid(valid, z.shape[0])
-        total = total + (z.sum() if mask is None else (z * mask).sum())
-        rows = rows + (z.shape[0] if mask is None else mask.sum())
+        mask = _flat_valid(valid, z.shape[0], z.device)
+        total, rows = total + (z * mask).sum(), rows + mask.sum()
     return total / rows
 
 
