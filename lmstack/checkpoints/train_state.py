@@ -74,18 +74,24 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dic
         if extra_files is not None:
             extra_files(tmp)
         _fsync_dir_files(tmp)
-        if final.exists():  # re-saving a step (e.g. after resuming at it): swap, never delete first
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        move_into_place(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for stale in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final``; re-saving a step (e.g. after resuming at it) swaps the old one
+    out first and deletes it only after, so a checkpoint is never missing."""
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -76,6 +76,20 @@ def skip_init() -> Iterator[None]:
             setattr(torch.nn.init, name, function)
 
 
+# Megatron's split of a decoder over tensor-parallel ranks, as (module-name pattern, style): each rank holds a
+# slice of the vocabulary (embedding rows, LM-head rows: the loss is a vocabulary-parallel cross-entropy),
+# of the attention heads (q/k/v split by output columns, o_proj by input rows) and of the MLP width.
+DECODER_TP_PLAN: tuple[tuple[str, str], ...] = (
+    ("embed_tokens", "vocab_embedding"),
+    ("layers.*.attn", "split_heads"),
+    ("layers.*.attn.q_proj", "colwise"), ("layers.*.attn.k_proj", "colwise"), ("layers.*.attn.v_proj", "colwise"),
+    ("layers.*.attn.o_proj", "rowwise"),
+    ("layers.*.mlp.gate_proj", "colwise"), ("layers.*.mlp.up_proj", "colwise"), ("layers.*.mlp.down_proj", "rowwise"),
+    ("layers.*.mlp.fc_in", "colwise"), ("layers.*.mlp.fc_out", "rowwise"),
+    ("lm_head", "vocab_head"),
+)
+
+
 @dataclass(frozen=True)
 class TensorRule:
     """One HF tensor <-> one or more of our tensors.
@@ -133,6 +147,9 @@ class Family:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     ia3_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
     ia3_feedforward: tuple[str, ...] = ("down_proj",)
+    # Tensor parallelism (lmstack.parallel.tensor): (module-name pattern, style) pairs; () means the family has
+    # no plan (its experts or encoder blocks are not split) and tensor parallelism refuses it, naming it.
+    tp_plan: tuple[tuple[str, str], ...] = DECODER_TP_PLAN
 
     model_class: Callable[[Any], torch.nn.Module] = Decoder  # built from the mapped config
     config_class: type = DecoderConfig
@@ -306,20 +323,21 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("qwen3", "Qwen3ForCausalLM", hf_configs.qwen3_from_hf, hf_configs.qwen3_to_hf,
                     _llama_rules(), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
     "mixtral": Family("mixtral", "MixtralForCausalLM", hf_configs.mixtral_from_hf, hf_configs.mixtral_to_hf,
-                      _moe_rules("block_sparse_moe"), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
+                      _moe_rules("block_sparse_moe"), base_prefix="model.", ignored_hf=_LLAMA_IGNORED, tp_plan=()),
     "qwen2_moe": Family("qwen2_moe", "Qwen2MoeForCausalLM", hf_configs.qwen2_moe_from_hf, hf_configs.qwen2_moe_to_hf,
-                        _moe_rules("mlp"), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
+                        _moe_rules("mlp"), base_prefix="model.", ignored_hf=_LLAMA_IGNORED, tp_plan=()),
     "qwen3_moe": Family("qwen3_moe", "Qwen3MoeForCausalLM", hf_configs.qwen3_moe_from_hf, hf_configs.qwen3_moe_to_hf,
-                        _moe_rules("mlp"), base_prefix="model.", ignored_hf=_LLAMA_IGNORED),
+                        _moe_rules("mlp"), base_prefix="model.", ignored_hf=_LLAMA_IGNORED, tp_plan=()),
     "bert": Family("bert", "BertModel", hf_encoder_configs.bert_from_hf, hf_encoder_configs.bert_to_hf,
                    _bert_rules(), base_prefix="bert.", ignored_hf=_BERT_IGNORED,
                    stored_fallbacks=(("cls.predictions.decoder.bias", "cls.predictions.bias"),),
                    extra_architectures=tuple(hf_encoder_configs.BERT_ARCHITECTURES), model_class=Encoder,
-                   config_class=EncoderConfig, ia3_targets=("k_proj", "v_proj", "fc_out"), ia3_feedforward=("fc_out",)),
+                   config_class=EncoderConfig, ia3_targets=("k_proj", "v_proj", "fc_out"), ia3_feedforward=("fc_out",),
+                   tp_plan=()),
     "t5": Family("t5", "T5ForConditionalGeneration", hf_encoder_configs.t5_from_hf, hf_encoder_configs.t5_to_hf,
                  _t5_rules(), ignored_hf=_T5_IGNORED, model_class=EncoderDecoder,
                  config_class=EncoderDecoderConfig, ia3_targets=("k_proj", "v_proj", "fc_out", "down_proj"),
-                 ia3_feedforward=("fc_out", "down_proj")),
+                 ia3_feedforward=("fc_out", "down_proj"), tp_plan=()),
 }
 
 

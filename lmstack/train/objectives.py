@@ -162,6 +162,10 @@ class CausalLMObjective:
         """Held-out loss, perplexity and bits per byte (``evaluate_lm``)."""
         return evaluate_lm(model, batches, self.token_bytes)
 
+    def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of one pipeline micro-batch from the last stage's logits (B, T, V) (dense models)."""
+        return causal_lm_loss(logits, targets)
+
     def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
         inputs, targets, extra = _unpack(batch)
         moe = getattr(getattr(model, "config", None), "moe", None)

@@ -15,6 +15,11 @@ RL objectives all run through this one loop with the same checkpoints, resume, m
 Resuming restores weights, optimizer and scheduler state, the data position and the RNG states, and
 truncates metrics.jsonl to the checkpoint's step, so a run killed with SIGKILL and resumed produces the
 same loss sequence as one never interrupted (bitwise on CPU; tested).
+
+Distributed runs pass ``parallel`` (``lmstack.parallel.parallelize``'s result): it runs each micro-batch's
+loss and backward (through DDP, FSDP2, tensor-parallel layers or a pipeline schedule), clips the global
+gradient norm, averages the logged numbers over the data-parallel ranks and supplies the tensors of a
+sharded checkpoint; rank 0 alone logs, shows progress and writes the files every rank shares.
 """
 
 import json
@@ -28,11 +33,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lmstack.checkpoints.sharded import is_sharded, load_sharded_checkpoint, load_state_tensors, \
+    save_sharded_checkpoint, state_tensors
 from lmstack.checkpoints.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmstack.errors import CheckpointError, ConfigError, NumericalError
 from lmstack.fileio import atomic_path, sweep_orphans
 from lmstack.train.config import TrainConfig
-from lmstack.train.optim import WarmupCosine, build_optimizer
+from lmstack.train.optim import WarmupCosine, build_optimizer, param_groups
 
 
 
@@ -96,20 +103,33 @@ class Trainer:
             blocks, collated batches, labelled examples, rollouts); its position is saved in checkpoints.
         eval_data: a callable returning a fresh iterable of held-out batches, or None.
         checkpoint_files: adds files (tokenizer, run config) to each checkpoint directory.
+        parallel: a ``lmstack.parallel.Parallelized`` for a distributed run (``model`` is then its
+            transformed model; ``train_data`` this rank's slice), or None for one process.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, train_data, config: TrainConfig, run_dir: Path, *,
                  eval_data: Callable[[], Iterable] | None = None,
-                 checkpoint_files: Callable[[Path], None] | None = None) -> None:
+                 checkpoint_files: Callable[[Path], None] | None = None, parallel=None) -> None:
         if eval_data is not None and not hasattr(objective, "evaluate"):
             raise ConfigError(f"{type(objective).__name__} has no held-out evaluation; pass no eval_data")
+        if parallel is not None and config.compile:
+            raise ConfigError("a distributed run compiles through its parallel plan: use --parallel.compile, "
+                              "not --train.compile")
         self.model, self.objective, self.train_data, self.config = model, objective, train_data, config
         self.run_dir, self.eval_data = Path(run_dir), eval_data
-        self.checkpoint_files = checkpoint_files
+        self.checkpoint_files, self.parallel = checkpoint_files, parallel
+        self._trained = model if parallel is None else parallel.params_module  # whose parameters this rank holds
+        self.is_main = parallel is None or parallel.is_main
         self.device = next(model.parameters()).device
         self.autocast = autocast_dtype(config.precision, self.device)
         self.train_model = torch.compile(model) if config.compile else model
-        self.optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
+        betas = (config.beta1, config.beta2)
+        if parallel is None:
+            self.optimizer = build_optimizer(model, config.lr, config.weight_decay, betas)
+        else:
+            self.train_model = parallel.module
+            self.optimizer = parallel.make_optimizer(param_groups(parallel.params_module, config.weight_decay),
+                                                     lr=config.lr, betas=betas, eps=1e-8)
         self.scheduler = WarmupCosine(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr / config.lr)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.step, self.tokens_seen = 0, 0
@@ -117,15 +137,16 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         """Train to ``max_steps`` (from the latest checkpoint with ``resume``); returns the last step's record."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        sweep_orphans(self.run_dir / "checkpoints")  # temporaries of a run killed mid-save
+        if self.is_main:
+            sweep_orphans(self.run_dir / "checkpoints")  # temporaries of a run killed mid-save
         if resume:
             self._resume()
-        else:
+        elif self.is_main:
             self.metrics_path.unlink(missing_ok=True)
         self.model.train()
         record = self._last_logged()  # what fit returns if the run is already complete
         bar = tqdm(total=self.config.max_steps, initial=self.step, desc="training", unit="step",
-                   disable=not self.config.progress, dynamic_ncols=True, mininterval=0.5)
+                   disable=not (self.config.progress and self.is_main), dynamic_ncols=True, mininterval=0.5)
         start = time.perf_counter()
         while self.step < self.config.max_steps:
             record = self._train_step()
@@ -151,20 +172,18 @@ class Trainer:
         for _ in range(self.config.grad_accum):
             batch = to_device(self.train_data.next_batch(), self.device)
             with _autocast(self.device, self.autocast):
-                loss, metrics = self.objective(self.train_model, batch)
-            value = float(loss.detach())
-            if not math.isfinite(value):  # stop before the update: the weights and the checkpoints stay good
-                raise NumericalError(f"the training loss became {value} at step {self.step + 1}; the weights were "
-                                     f"not updated, and the last checkpoint in {self.run_dir} is from before it "
-                                     "(lower the learning rate or enable gradient clipping)")
-            (loss / self.config.grad_accum).backward()
+                value, metrics = self._forward_backward(batch)
             total += value
             tokens += metrics["tokens"]
             for key, number in metrics.items():  # the objective's own numbers, averaged over micro-batches
                 if key != "tokens":
                     logged[key] = logged.get(key, 0.0) + float(number) / self.config.grad_accum
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if self.parallel is None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        else:
+            grad_norm = self.parallel.clip_grad_norm(clip)
+            tokens, logged = self.parallel.reduce_metrics(tokens, logged)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -173,43 +192,90 @@ class Trainer:
         return {"loss": total / self.config.grad_accum, **logged, "lr": lr, "grad_norm": grad_norm,
                 "tokens": self.tokens_seen, "tokens_per_s": tokens / seconds}
 
+    def _forward_backward(self, batch) -> tuple[float, dict]:
+        """One micro-batch's loss (its value returned) and backward; stops before any update on a non-finite loss."""
+        if self.parallel is not None:
+            value, metrics = self.parallel.forward_backward(self.objective, batch, 1 / self.config.grad_accum)
+        else:
+            loss, metrics = self.objective(self.train_model, batch)
+            value = float(loss.detach())
+        if not math.isfinite(value):  # stop before the update: the weights and the checkpoints stay good
+            raise NumericalError(f"the training loss became {value} at step {self.step + 1}; the weights were "
+                                 f"not updated, and the last checkpoint in {self.run_dir} is from before it "
+                                 "(lower the learning rate or enable gradient clipping)")
+        if self.parallel is None:
+            (loss / self.config.grad_accum).backward()
+        return value, metrics
+
     def _evaluate(self, final: bool = False) -> dict:
         if self.eval_data is None:
             return {}
         batches = self.eval_data()
         if not final:  # periodic evaluations use the first eval_batches; the final one the whole split
             batches = (b for _, b in zip(range(self.config.eval_batches), batches))
+        batches = (to_device(b, self.device) for b in batches)
         with _autocast(self.device, self.autocast):
-            return self.objective.evaluate(self.train_model, (to_device(b, self.device) for b in batches))
+            if self.parallel is not None:
+                return self.parallel.evaluate(self.objective, batches)
+            return self.objective.evaluate(self.train_model, batches)
 
     def _log(self, record: dict) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.is_main:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _rng_state(self) -> dict:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
 
     def _save(self) -> Path:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+                 "data": self.train_data.state_dict()}
+        if self.parallel is not None:  # every rank writes its shards; nothing is gathered
+            return save_sharded_checkpoint(self.run_dir, self.step, state_tensors(self._trained, self.optimizer),
+                                           state, {"rng": self._rng_state()}, self.parallel.layout,
+                                           keep=self.config.keep_checkpoints, extra_files=self.checkpoint_files)
+        state.update(optimizer=self.optimizer.state_dict(), rng=self._rng_state())
         return save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.config.keep_checkpoints,
                                extra_files=self.checkpoint_files)
+
+    def _load(self, checkpoint: Path) -> tuple[dict, dict | None]:
+        """Weights and optimizer state from ``checkpoint`` into the live run; (train state, RNG states or None)."""
+        if is_sharded(checkpoint):  # a distributed run's (any layout; also into one process)
+            tensors = state_tensors(self._trained, self.optimizer)
+            state, own = load_sharded_checkpoint(checkpoint, tensors)
+            load_state_tensors(self._trained, self.optimizer, tensors)
+            return state, own and own["rng"]
+        if self.parallel is not None:
+            raise CheckpointError(f"{checkpoint} is a one-process checkpoint; a distributed run resumes from the "
+                                  "sharded checkpoints distributed runs write (or start a new run)")
+        state = load_checkpoint(checkpoint, self.model)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as error:  # weights that fit, an optimizer that does not (tied vs untied, ...)
+            raise CheckpointError(f"checkpoint {checkpoint} holds the optimizer state of another model ({error}); "
+                                  "start a new run without --resume") from None
+        return state, state["rng"]
 
     def _resume(self) -> None:
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
             raise CheckpointError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
-        state = load_checkpoint(checkpoint, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state, rng = self._load(checkpoint)
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule's shape follows the current config (e.g. a raised train.max_steps), its position the checkpoint.
         self.scheduler.warmup_steps, self.scheduler.max_steps = self.config.warmup_steps, self.config.max_steps
         self.scheduler.min_ratio = self.config.min_lr / self.config.lr
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # a sharded checkpoint holds no hyper-parameters: the schedule's position sets it
         self.train_data.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if rng is not None:  # None: this rank did not exist when it was saved (another world size) -> its seed
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self._truncate_metrics()
+        if self.is_main:
+            self._truncate_metrics()
 
     def _last_logged(self) -> dict:
         """The last step's record in metrics.jsonl, merged with the latest evaluation before it."""
