@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch import nn
 
-from lmstack.checkpoints.train_state import STATE_FILE, checkpoint_dirs, move_into_place
+from lmstack.checkpoints.train_state import STATE_FILE, checkpoint_dirs, fsync_files, move_into_place
 from lmstack.errors import CheckpointError
 
 SHARDED_DIR = "sharded"
@@ -142,10 +142,7 @@ def load_sharded_weights(checkpoint: Path, model: nn.Module) -> nn.Module:
     the Hugging Face folder, or a one-process job reads a distributed run's checkpoint."""
     checkpoint = Path(checkpoint)
     wanted = {f"model.{k}": v for k, v in model.state_dict().items()}
-    stored = stored_tensors(checkpoint)
-    missing = sorted(set(wanted) - set(stored))
-    if missing:
-        raise CheckpointError(f"checkpoint {checkpoint} holds another model (it lacks {missing[:3]})")
+    _check_fits(checkpoint, stored_tensors(checkpoint), wanted, "")
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(wanted, checkpoint_id=checkpoint / SHARDED_DIR, planner=_TensorsOnlyLoadPlanner(), no_dist=True,
@@ -186,7 +183,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.T
                 extra_files(tmp)
         _barrier(distributed)
         if rank == 0:
-            _fsync_tree(tmp)
+            fsync_files(tmp)
             move_into_place(tmp, final)
             for stale in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -212,11 +209,7 @@ def load_sharded_checkpoint(checkpoint: Path, tensors: dict[str, torch.Tensor]) 
         train_state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint {checkpoint} is incomplete ({error}){hint}") from None
-    missing = sorted(set(tensors) - set(stored))
-    wrong = sorted(n for n in tensors if n in stored and tuple(_full_shape(tensors[n])) != stored[n])
-    if missing or wrong:
-        raise CheckpointError(f"checkpoint {checkpoint} holds another model: missing {missing[:3]}, other shapes "
-                              f"{wrong[:3]} (a different architecture, vocabulary or optimizer){hint}")
+    _check_fits(checkpoint, stored, tensors, hint)
     with warnings.catch_warnings():  # one process reading a distributed run's checkpoint is intended
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(tensors, checkpoint_id=checkpoint / SHARDED_DIR, planner=_TensorsOnlyLoadPlanner(),
@@ -227,13 +220,14 @@ def load_sharded_checkpoint(checkpoint: Path, tensors: dict[str, torch.Tensor]) 
     return train_state, rank_state
 
 
-def read_layout(checkpoint: Path) -> dict:
-    path = Path(checkpoint) / LAYOUT_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _full_shape(tensor: torch.Tensor) -> torch.Size:
-    return tensor.shape  # a DTensor's shape is its global shape
+def _check_fits(checkpoint: Path, stored: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor],
+                hint: str) -> None:
+    """Refuse ``tensors`` the checkpoint lacks or holds in another full shape (a DTensor's shape is its global one)."""
+    missing = sorted(set(tensors) - set(stored))
+    wrong = sorted(n for n in tensors if n in stored and tuple(tensors[n].shape) != stored[n])
+    if missing or wrong:
+        raise CheckpointError(f"checkpoint {checkpoint} holds another model: missing {missing[:3]}, other shapes "
+                              f"{wrong[:3]} (a different architecture, vocabulary or optimizer){hint}")
 
 
 def _rank() -> tuple[int, bool]:
@@ -244,10 +238,3 @@ def _rank() -> tuple[int, bool]:
 def _barrier(distributed: bool) -> None:
     if distributed:
         dist.barrier()
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())

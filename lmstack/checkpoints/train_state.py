@@ -73,7 +73,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dic
         torch.save(train_state, tmp / STATE_FILE)
         if extra_files is not None:
             extra_files(tmp)
-        _fsync_dir_files(tmp)
+        fsync_files(tmp)
         move_into_place(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,9 +104,10 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _fsync_dir_files(directory: Path) -> None:
-    """Flush the files to disk before the rename makes the checkpoint visible (power loss, not just kills)."""
-    for path in directory.iterdir():
+def fsync_files(directory: Path) -> None:
+    """Flush every file under ``directory`` to disk before a rename makes the checkpoint visible (power loss,
+    not just kills)."""
+    for path in Path(directory).rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())

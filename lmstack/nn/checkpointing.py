@@ -23,10 +23,18 @@ class CheckpointedBlock:
         return super().forward(*args, **kwargs)
 
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of ``model.layers``: a ModuleList, or the ModuleDict a pipeline stage keeps (by layer index)."""
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, nn.ModuleDict):
+        return list(layers.values())
+    return list(layers) if isinstance(layers, nn.ModuleList) else []
+
+
 def checkpoint_layers_(model: nn.Module) -> nn.Module:
     """Checkpoint every block in ``model.layers`` (and ``model.encoder.layers`` / ``decoder.layers``) in place."""
-    stacks = [getattr(m, "layers", None) for m in (model, getattr(model, "encoder", None), getattr(model, "decoder", None))]
-    for stack in (s for s in stacks if isinstance(s, nn.ModuleList)):
+    for stack in (blocks(m) for m in (model, getattr(model, "encoder", None), getattr(model, "decoder", None))
+                  if m is not None):
         for block in stack:
             base = type(block)
             if issubclass(base, CheckpointedBlock):

@@ -21,6 +21,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
+from lmstack.nn.checkpointing import blocks
+
 
 class TrainingView(nn.Module):
     """What the objective calls: ``forward`` of the wrapped module (DDP's, so its gradient hooks run), and
@@ -48,7 +50,7 @@ def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2 over ``mesh`` (the data-parallel dimension, possibly of a 2-D mesh with tensor parallelism):
     each block of ``model.layers`` is one shard group, the root the rest. In place; returns ``model``."""
-    for block in model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers:
+    for block in blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model

@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from lmstack.errors import ConfigError
-from lmstack.nn.checkpointing import checkpoint_layers_
+from lmstack.nn.checkpointing import blocks, checkpoint_layers_
 from lmstack.parallel.config import ParallelConfig
 from lmstack.parallel.data import RankSlice
 from lmstack.parallel.data_parallel import TrainingView, apply_ddp, apply_fsdp, zero1_optimizer
@@ -63,7 +63,6 @@ class Parallelized:
         # Dropout differs between data-parallel replicas and pipeline stages; tensor-parallel ranks hold the
         # same activations and must draw the same masks.
         torch.manual_seed(seed + 1_000_003 * (1 + self.dp_rank + self.dp * self.pp_rank))
-        self.model_config = model.config
         model = model.to(world.device)
         self.schedule = None
         if self.tp > 1:
@@ -73,7 +72,7 @@ class Parallelized:
         if config.activation_checkpointing:
             checkpoint_layers_(model)
         if config.compile:
-            for block in model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers:
+            for block in blocks(model):
                 block.compile()
         self.params_module = model
         if self.pp > 1:
@@ -102,9 +101,7 @@ class Parallelized:
     def _stage(self, model: nn.Module) -> DecoderStage:
         ranges = stage_layers(model.config.n_layers, self.pp)
         last = self.pp_rank == self.pp - 1
-        stage = DecoderStage(model, ranges[self.pp_rank], first=self.pp_rank == 0, last=last)
-        self._pipeline_args = (self.pp_rank, self.pp, self.world.device, self.mesh["pp"].get_group())
-        return stage
+        return DecoderStage(model, ranges[self.pp_rank], first=self.pp_rank == 0, last=last)
 
     def shard_data(self, source):
         """This rank's slice of every batch of ``source`` (the global order stays the single-process one)."""
@@ -147,10 +144,9 @@ class Parallelized:
             n = self.config.microbatches or 2 * self.pp
             if inputs.shape[0] % n:
                 raise ConfigError(f"parallel.microbatches={n} does not divide the batch of {inputs.shape[0]} rows")
-            self._scale = scale
             loss_fn = lambda logits, t: objective.pipeline_loss(logits, t) * self._scale  # noqa: E731
-            self.schedule = build_schedule(self.params_module, *self._pipeline_args, self.config.pp_schedule, n,
-                                           loss_fn)
+            self.schedule = build_schedule(self.params_module, self.pp_rank, self.pp, self.world.device,
+                                           self.mesh["pp"].get_group(), self.config.pp_schedule, n, loss_fn)
         self._scale = scale
         losses: list[torch.Tensor] = []
         first, last = self.pp_rank == 0, self.pp_rank == self.pp - 1

@@ -122,12 +122,14 @@ class Trainer:
         self.is_main = parallel is None or parallel.is_main
         self.device = next(model.parameters()).device
         self.autocast = autocast_dtype(config.precision, self.device)
-        self.train_model = torch.compile(model) if config.compile else model
+        if parallel is not None:  # DDP / FSDP / TP as the plan wrapped it
+            self.train_model = parallel.module
+        else:
+            self.train_model = torch.compile(model) if config.compile else model
         betas = (config.beta1, config.beta2)
         if parallel is None:
             self.optimizer = build_optimizer(model, config.lr, config.weight_decay, betas)
         else:
-            self.train_model = parallel.module
             self.optimizer = parallel.make_optimizer(param_groups(parallel.params_module, config.weight_decay),
                                                      lr=config.lr, betas=betas, eps=1e-8)
         self.scheduler = WarmupCosine(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr / config.lr)
