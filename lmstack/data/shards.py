@@ -105,6 +105,24 @@ class TokenShards:
         return self.meta["splits"][self.split]["bytes"]
 
 
+def shards_match(directory: Path, fingerprint: dict, *, required: bool = False) -> bool:
+    """Whether ``directory`` holds shards made from the inputs ``fingerprint`` describes (a resumed run, or the
+    shards rank 0 of a distributed run just wrote, are reused).
+
+    Raises:
+        DataError: ``required`` (a rank that must not write them) and they do not match.
+    """
+    try:
+        if read_meta(directory).get("fingerprint") == fingerprint:
+            return True
+    except DataError:
+        pass
+    if required:
+        raise DataError(f"{directory}: the token shards rank 0 wrote are missing or were made from other inputs "
+                        "(the ranks of a launch must see the same files)")
+    return False
+
+
 def read_meta(directory: Path) -> dict:
     """meta.json of a tokenized dataset; DataError if missing or malformed."""
     meta = read_json_object(Path(directory) / "meta.json", DataError)

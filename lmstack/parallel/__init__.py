@@ -1,9 +1,14 @@
 """Distributed training on torch.distributed: DDP, ZeRO-1/2/3 (FSDP2), tensor and pipeline parallelism as
-transforms over the plain model, composed by ``parallelize`` (see docs/parallel.md)."""
+transforms over the plain model, composed by ``parallelize`` (see docs/parallel.md).
 
-from lmstack.parallel.config import ParallelConfig
-from lmstack.parallel.launch import DistributedError, World, init_distributed, launched, shutdown
-from lmstack.parallel.plan import Parallelized, parallelize
+Names are imported on first use, so ``lmstack.parallel.config`` (plain data, a recipe's ``parallel:``
+section) loads without torch.
+"""
 
-__all__ = ["DistributedError", "ParallelConfig", "Parallelized", "World", "init_distributed", "launched",
-           "parallelize", "shutdown"]
+from lmstack.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "config": ["ParallelConfig"],
+    "launch": ["DistributedError", "World", "init_distributed", "launched", "shutdown"],
+    "plan": ["Parallelized", "parallelize"],
+})

@@ -109,10 +109,15 @@ class Parallelized:
 
     def make_optimizer(self, groups: list[dict], **adamw) -> torch.optim.Optimizer:
         """AdamW over ``groups`` (ZeRO-1: its state split over the data-parallel ranks). The fused kernel needs
-        plain tensors; DTensor parameters (FSDP, TP) take the foreach one (the same update up to rounding)."""
+        plain tensors; DTensor parameters (FSDP, TP) take the foreach one (the same update up to rounding), each
+        group split into its DTensor and its plain parameters (same hyper-parameters)."""
         if self.config.strategy == "zero1" and self.dp > 1:
             return zero1_optimizer(groups, self.mesh["dp"], **adamw)
         plain = not any(isinstance(p, DTensor) for g in groups for p in g["params"])
+        if not plain:  # foreach kernels take one kind per list: tensor-parallel layers beside plain norms / biases
+            groups = [{**g, "params": kind} for g in groups
+                      for kind in ([p for p in g["params"] if isinstance(p, DTensor)],
+                                   [p for p in g["params"] if not isinstance(p, DTensor)]) if kind]
         return torch.optim.AdamW(groups, fused=plain, foreach=None if plain else True, **adamw)
 
     # --- one step ------------------------------------------------------------------------------------

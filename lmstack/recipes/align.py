@@ -24,15 +24,17 @@ from lmstack.config import save_yaml
 from lmstack.data.preference import PairBatches, encode_pairs, encode_unpaired, eval_pair_batches, read_preference_rows
 from lmstack.data.sft import SFTBatches, encode_sft, eval_sft_batches, read_sft_rows
 from lmstack.errors import ConfigError, DataError
+from lmstack.fileio import output_directory
 from lmstack.models.heads import with_score_head
 from lmstack.nn.transforms import apply_transforms
+from lmstack.parallel.config import ParallelConfig
 from lmstack.peft import save_adapter, trainable_parameters
 from lmstack.recipes.bundled import resolve_model_dir
 from lmstack.recipes.configs.align import DPOConfig, RewardConfig, SFTConfig
+from lmstack.recipes.distributed import Job, distributed, one_process_only
 from lmstack.recipes.finetune_lm import finish, peft_transforms, save_memory_
 from lmstack.train import CausalLMObjective, Trainer
 from lmstack.train.run_dir import prepare_run_dir
-from lmstack.train.trainer import resolve_device
 
 
 def _load(cfg, trainable: tuple[str, ...] = (), score_head: bool = False):
@@ -63,10 +65,13 @@ def _pad_id(files) -> int:
     return pad if pad is not None else files.stop_ids[0]
 
 
-def _fit(cfg, model, files, objective, train_data, eval_data, out: Path, job: str, policy=None) -> dict:
-    """Train ``model`` (for PPO the policy-and-value pair; ``policy`` is what the run exports)."""
+def _fit(cfg, model, files, objective, train_data, eval_data, out: Path, job: str, policy=None,
+         launch: Job | None = None) -> dict:
+    """Train ``model`` (for PPO the policy-and-value pair; ``policy`` is what the run exports), on every rank of
+    ``launch`` (a distributed job) or in this one process."""
     policy = model if policy is None else policy
-    device = resolve_device(cfg.train.device)
+    launch = launch or Job(ParallelConfig())  # one process
+    device = launch.device(cfg.train.device)
     save_memory_(model, cfg)
     model.to(device).train()
     reference = getattr(objective, "reference", None) or getattr(train_data, "reference", None)
@@ -80,15 +85,24 @@ def _fit(cfg, model, files, objective, train_data, eval_data, out: Path, job: st
             save_adapter(policy, directory / "adapter", base_model_name_or_path=str(cfg.model.path))
 
     print(f"{job} on {Path(cfg.model.path).name}: {trainable_parameters(model)}; peft {cfg.peft.method}; "
-          f"device {device}")
-    final = Trainer(model, objective, train_data, cfg.train, out, eval_data=eval_data,
-                    checkpoint_files=checkpoint_files).fit(resume=cfg.resume)
-    return finish(policy, cfg, out, files.tokenizer, final, job)
+          f"device {device}{launch.describe()}")
+    plan = launch.parallelize(model, cfg.seed, peft=cfg.peft.method != "none")
+    final = Trainer(model, objective, launch.shard(train_data), cfg.train, out, eval_data=eval_data,
+                    checkpoint_files=checkpoint_files, parallel=plan).fit(resume=cfg.resume)
+    rebuild = lambda: open_model(resolve_model_dir(cfg.model.path), load=load_model).model  # noqa: E731
+    return finish(launch.trained_model(policy, rebuild, out), cfg, out, files.tokenizer, final, job, launch)
 
 
 def sft(cfg: SFTConfig) -> dict:
-    """Supervised fine-tuning on chat rows; returns the final metrics record."""
-    out = prepare_run_dir(cfg, "sft.yaml")
+    """Supervised fine-tuning on chat rows (on every rank of a ``torchrun`` launch); returns the final metrics
+    record."""
+    with distributed(cfg.parallel) as launch:
+        out = launch.main_first(lambda main: prepare_run_dir(cfg, "sft.yaml") if main
+                                else output_directory(cfg.out, "--out"))
+        return _sft(cfg, out, launch)
+
+
+def _sft(cfg: SFTConfig, out: Path, launch: Job) -> dict:
     model, files, _ = _load(cfg)
     template, tok = files.chat_template.text, files.tokenizer
     if files.chat_template.is_builtin:
@@ -101,7 +115,7 @@ def sft(cfg: SFTConfig) -> dict:
     held = encode(cfg.data.eval) if cfg.data.eval else None
     eval_data = (lambda: eval_sft_batches(held.examples, cfg.train.batch_size, pad)) if held else None
     token_bytes = torch.tensor(tok.byte_lengths() + [0] * (model.config.vocab_size - tok.vocab_size))
-    return _fit(cfg, model, files, CausalLMObjective(token_bytes), batches, eval_data, out, "sft")
+    return _fit(cfg, model, files, CausalLMObjective(token_bytes), batches, eval_data, out, "sft", launch=launch)
 
 
 def _pairs(cfg, files, unpaired: bool = False):
@@ -122,6 +136,7 @@ def _pairs(cfg, files, unpaired: bool = False):
 
 def dpo(cfg: DPOConfig) -> dict:
     """Preference optimisation with ``cfg.loss``; returns the final metrics record."""
+    one_process_only(cfg.parallel, "dpo")
     out = prepare_run_dir(cfg, "dpo.yaml")
     model, files, path = _load(cfg)
     reference = None
@@ -140,6 +155,7 @@ def dpo(cfg: DPOConfig) -> dict:
 
 def reward(cfg: RewardConfig) -> dict:
     """Train a reward model (scalar head, Bradley-Terry); returns the final metrics record."""
+    one_process_only(cfg.parallel, "reward")
     out = prepare_run_dir(cfg, "reward.yaml")
     model, files, _ = _load(cfg, score_head=True)
     model.config.pad_token_id = _pad_id(files)  # transformers pools each row at its last non-pad token

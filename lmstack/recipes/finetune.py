@@ -24,11 +24,13 @@ from lmstack.config import save_yaml
 from lmstack.data.labeled import (encode_sequences, encode_tagged, eval_example_batches, label_ids, label_set,
                                   read_rows, ExampleBatches)
 from lmstack.errors import ConfigError
+from lmstack.fileio import output_directory
 from lmstack.models import Encoder
 from lmstack.models.config import LABELED_HEADS
 from lmstack.nn.transforms import apply_transforms
 from lmstack.peft import trainable_parameters
 from lmstack.recipes.bundled import resolve_model_dir
+from lmstack.recipes.distributed import distributed, one_process_only
 from lmstack.recipes.finetune_lm import export, peft_transforms, run_causal_lm, save_memory_
 from lmstack.tokenizers import WordPieceTokenizer, load_tokenizer
 from lmstack.train import Trainer
@@ -51,9 +53,13 @@ def run(cfg: FinetuneConfig) -> dict:
     for name, value in (("--out", cfg.out), ("model.path", cfg.model.path), ("data.train", cfg.data.train)):
         if value is None:
             raise ConfigError(f"{name} is required")
-    out = prepare_run_dir(cfg, "finetune.yaml")  # pretrain's rules: one run per directory, resumed as it was
     if cfg.task == "causal_lm":
-        return run_causal_lm(cfg, out)
+        with distributed(cfg.parallel) as job:
+            out = job.main_first(lambda main: prepare_run_dir(cfg, "finetune.yaml") if main
+                                 else output_directory(cfg.out, "--out"))
+            return run_causal_lm(cfg, out, job)
+    one_process_only(cfg.parallel, f"finetune --task {cfg.task}")
+    out = prepare_run_dir(cfg, "finetune.yaml")  # pretrain's rules: one run per directory, resumed as it was
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(model_dir)
     if not isinstance(tokenizer, WordPieceTokenizer):

@@ -21,7 +21,7 @@ from lmstack.checkpoints import is_gguf, load_model, save_hf
 from lmstack.checkpoints.model_files import open_model
 from lmstack.compress import quantize_
 from lmstack.config import save_yaml
-from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, read_meta, write_token_shards
+from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, shards_match, write_token_shards
 from lmstack.errors import ConfigError, DataError
 from lmstack.nn.checkpointing import checkpoint_layers_
 from lmstack.nn.memory import unmap_large_frees
@@ -32,9 +32,9 @@ from lmstack.peft.config import PeftSection
 from lmstack.recipes.bundled import resolve_model_dir
 from lmstack.recipes.configs.finetune import FinetuneConfig
 from lmstack.recipes.denoising import denoising_task
+from lmstack.recipes.distributed import Job
 from lmstack.train import Trainer
 from lmstack.train.plots import plot_loss_curve
-from lmstack.train.trainer import resolve_device
 
 # Never quantized by QLoRA (as bitsandbytes' recipe): the token table, the LM head and new task heads.
 QLORA_KEEP = ("classifier*", "pooler*", "mlm_head*", "nsp_head*")
@@ -89,13 +89,15 @@ def export(model: torch.nn.Module, cfg: FinetuneConfig, out: Path, tokenizer) ->
     return written
 
 
-def run_causal_lm(cfg: FinetuneConfig, out: Path) -> dict:
-    """Fine-tune a decoder on ``cfg.data`` text; returns the final metrics record.
+def run_causal_lm(cfg: FinetuneConfig, out: Path, job: Job | None = None) -> dict:
+    """Fine-tune a decoder on ``cfg.data`` text (on every rank of ``job``'s launch); returns the final metrics
+    record.
 
     Raises:
         ConfigError: not a decoder, a block longer than its context, PEFT settings that match nothing.
         DataError: an empty or unreadable training file.
     """
+    job = job or Job(cfg.parallel)  # one process
     path = resolve_model_dir(cfg.model.path)
     # Prompt tuning starts from the tokenizer's tokens, so it is applied once both are loaded; the other
     # methods are applied to the meta model before its weights load.
@@ -116,8 +118,8 @@ def run_causal_lm(cfg: FinetuneConfig, out: Path) -> dict:
     eos_id = files.stop_ids[0] if files.stop_ids else None
     if tokenizer is None or eos_id is None:
         raise DataError(f"{path}: causal_lm fine-tuning needs the model's tokenizer and an end-of-text token")
-    data_dir = _token_shards(cfg, out, tokenizer, eos_id)
-    device = resolve_device(cfg.train.device)
+    data_dir = job.main_first(lambda main: _token_shards(cfg, out, tokenizer, eos_id, reuse_only=not main))
+    device = job.device(cfg.train.device)
     save_memory_(model, cfg)
     model = model.to(device).train()
     task = denoising_task("causal_lm", tokenizer, eos_id, model.config, block, 0.0, False)
@@ -125,7 +127,7 @@ def run_causal_lm(cfg: FinetuneConfig, out: Path) -> dict:
     held = open_split(data_dir, "val") if cfg.data.eval else None
     eval_data = (lambda: eval_batches(held, task.raw_block, cfg.train.batch_size)) if held else None
     print(f"causal_lm on {path.name}: {trainable_parameters(model)}; {blocks.data.n_tokens:,} training tokens "
-          f"({blocks.blocks_per_epoch:,} blocks of {block}); peft {cfg.peft.method}; device {device}")
+          f"({blocks.blocks_per_epoch:,} blocks of {block}); peft {cfg.peft.method}; device {device}{job.describe()}")
 
     def checkpoint_files(directory: Path) -> None:
         tokenizer.save(directory)
@@ -133,13 +135,21 @@ def run_causal_lm(cfg: FinetuneConfig, out: Path) -> dict:
         if cfg.peft.method != "none":  # each checkpoint's adapter is loadable by peft as it is
             save_adapter(model, directory / "adapter", base_model_name_or_path=str(cfg.model.path))
 
-    trainer = Trainer(model, task.objective, blocks, cfg.train, out, eval_data=eval_data,
-                      checkpoint_files=checkpoint_files)
-    return finish(model, cfg, out, tokenizer, trainer.fit(resume=cfg.resume), "fine-tuning")
+    plan = job.parallelize(model, cfg.seed, peft=cfg.peft.method != "none")
+    trainer = Trainer(model, task.objective, job.shard(blocks), cfg.train, out, eval_data=eval_data,
+                      checkpoint_files=checkpoint_files, parallel=plan)
+    final = trainer.fit(resume=cfg.resume)
+    rebuild = lambda: open_model(path, load=load_model).model  # noqa: E731  (full fine-tuning's starting weights)
+    return finish(job.trained_model(model, rebuild, out), cfg, out, tokenizer, final, "fine-tuning", job)
 
 
-def finish(model: torch.nn.Module, cfg, out: Path, tokenizer, final: dict, title: str) -> dict:
-    """After training: export (``export``), the loss curve, the held-out numbers printed; returns ``final``."""
+def finish(model: torch.nn.Module | None, cfg, out: Path, tokenizer, final: dict, title: str,
+           job: Job | None = None) -> dict:
+    """After training: export (``export``), the loss curve, the held-out numbers printed (by rank 0 of a
+    distributed ``job``, whose ``model`` is None on the other ranks); returns ``final``."""
+    if job is not None and not job.is_main:
+        job.barrier()  # until rank 0 has written the exports
+        return final
     model.eval()
     for written in export(model, cfg, out, tokenizer):
         print(f"wrote {written}")
@@ -147,22 +157,22 @@ def finish(model: torch.nn.Module, cfg, out: Path, tokenizer, final: dict, title
     shown = {k: v for k, v in final.items() if k.startswith("eval_")}
     if shown:
         print("held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in shown.items()))
+    if job is not None:
+        job.barrier()
     return final
 
 
-def _token_shards(cfg: FinetuneConfig, out: Path, tokenizer, eos_id: int) -> Path:
-    """OUT/data from the training (and held-out) text, reused when a resumed run's inputs are unchanged."""
+def _token_shards(cfg: FinetuneConfig, out: Path, tokenizer, eos_id: int, reuse_only: bool = False) -> Path:
+    """OUT/data from the training (and held-out) text, reused when a resumed run's inputs are unchanged
+    (``reuse_only``: they must be, as on the ranks after rank 0 of a launch)."""
     sources = [cfg.data.train] + ([cfg.data.eval] if cfg.data.eval else [])
     fingerprint = {"sources": [[str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in sources
                                if Path(f).is_file()],
                    "text_field": cfg.data.text_field, "tokenizer": hashlib.sha256(
                        repr(sorted(tokenizer.vocab.items())[:1000]).encode()).hexdigest()}
     data_dir = out / "data"
-    try:  # as pretraining does: a resumed run reads the shards it wrote
-        if read_meta(data_dir).get("fingerprint") == fingerprint:
-            return data_dir
-    except DataError:
-        pass
+    if shards_match(data_dir, fingerprint, required=reuse_only):
+        return data_dir
     splits = {"train": [d.text for d in read_documents([Path(cfg.data.train)], cfg.data.text_field)]}
     if cfg.data.eval:
         splits["val"] = [d.text for d in read_documents([Path(cfg.data.eval)], cfg.data.text_field)]

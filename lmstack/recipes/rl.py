@@ -29,9 +29,11 @@ from lmstack.errors import ConfigError
 from lmstack.generate import GenerationConfig
 from lmstack.models.heads import with_score_head
 from lmstack.nn.transforms import apply_transforms
+from lmstack.parallel.config import ParallelConfig
 from lmstack.recipes.align import _fit, _load, _pad_id
 from lmstack.recipes.bundled import resolve_model_dir
 from lmstack.recipes.configs.rl import GRPOConfig, PPOConfig
+from lmstack.recipes.distributed import one_process_only
 from lmstack.recipes.finetune_lm import peft_transforms
 from lmstack.train.plots import plot_metric_panels
 from lmstack.train.run_dir import prepare_run_dir
@@ -100,6 +102,7 @@ def _curves(out: Path, job: str) -> None:
 
 def grpo(cfg: GRPOConfig) -> dict:
     """Group-relative policy optimisation; returns the final metrics record."""
+    one_process_only(ParallelConfig(), "grpo")
     out = prepare_run_dir(cfg, "grpo.yaml")
     model, files, _ = _load(cfg)
     examples, rewards, generation, evaluation = _setup(cfg, model, files)
@@ -117,6 +120,7 @@ def grpo(cfg: GRPOConfig) -> dict:
 
 def ppo(cfg: PPOConfig) -> dict:
     """PPO with a value model and a KL penalty to the starting model; returns the final metrics record."""
+    one_process_only(ParallelConfig(), "ppo")
     out = prepare_run_dir(cfg, "ppo.yaml")
     policy, files, path = _load(cfg)
     examples, rewards, generation, evaluation = _setup(cfg, policy, files)

@@ -2,9 +2,9 @@
 
 ``prepare_run_dir`` refuses a directory that already holds checkpoints unless ``--resume`` is given; on
 resume it compares the job's config with the one saved in the latest checkpoint and refuses any change
-but how long and how often (``RESUMABLE_CHANGES``; the directory's own path may differ: a run may be
-named by a relative path or have moved). It sweeps temporaries a killed run left, then saves the
-resolved config as ``config.yaml``.
+but how long and how often (``RESUMABLE_CHANGES``) and the distributed layout (``parallel.*``); the
+directory's own path may differ (a run may be named by a relative path or have moved). It sweeps
+temporaries a killed run left, then saves the resolved config as ``config.yaml``.
 """
 
 from pathlib import Path
@@ -17,6 +17,8 @@ from lmstack.fileio import output_directory, sweep_orphans
 
 RESUMABLE_CHANGES = ("config", "resume", "out", "train.max_steps", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.compile")
+# A distributed run may resume on another world size or layout (sharded checkpoints are re-sharded on load).
+RESUMABLE_SECTIONS = ("parallel.",)
 
 
 def prepare_run_dir(cfg: Any, saved_name: str) -> Path:
@@ -55,7 +57,8 @@ def check_resumable(cfg: Any, saved_path: Path) -> None:
 
     now, before = flat(to_dict(cfg)), flat(load_yaml(saved_path))
     changed = sorted(k for k in now.keys() | before.keys()
-                     if now.get(k) != before.get(k) and k not in RESUMABLE_CHANGES)
+                     if now.get(k) != before.get(k) and k not in RESUMABLE_CHANGES
+                     and not k.startswith(RESUMABLE_SECTIONS))
     if changed:
         detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(f"--resume with a changed config ({detail}); only how long and how often may change")

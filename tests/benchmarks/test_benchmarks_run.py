@@ -93,3 +93,17 @@ def test_serve_benchmark_prints_its_table():
     assert [(name, clients) for name, clients, _ in rows] == [("lmstack fp32", "1"), ("lmstack fp32", "2"),
                                                              ("lmstack int8 dyn", "1"), ("lmstack int8 dyn", "2")], out
     assert all(tokens == "3" for _, _, tokens in rows), out  # every reply streamed all its tokens
+
+
+def test_parallel_benchmark_measures_the_zero_formulas():
+    """Each strategy's measured per-rank bytes match the formulas where ZeRO shards (tiny model, 2 ranks)."""
+    out = _run("parallel.py", "--dim", "64", "--layers", "2", "--vocab", "512", "--seq", "32", "--steps", "2",
+               "--worlds", "1", "2")
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in out.splitlines()[2:]}
+    assert set(rows) == {("1", "single"), *(("2", s) for s in ("ddp", "zero1", "zero2", "zero3", "tp"))}, out
+    single = [float(x) for x in rows[("1", "single")]]
+    for strategy in ("ddp", "zero1", "zero3"):  # params, grads and Adam state measured = formula
+        figures = [float(x) for x in rows[("2", strategy)]]
+        assert figures[0] == figures[1] and figures[2] == figures[3] and figures[4] == figures[5], (strategy, out)
+    zero3 = [float(x) for x in rows[("2", "zero3")]]
+    assert zero3[0] < single[0] and zero3[4] < single[4], out  # sharded below the one-process sizes

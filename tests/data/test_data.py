@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmstack.data import (PackedBlocks, eval_batches, open_split, read_documents, resolve_sources,
-                          shakespeare_files, split_documents, write_token_shards)
+                          shakespeare_files, shards_match, split_documents, write_token_shards)
 from lmstack.errors import DataError
 
 
@@ -120,3 +120,12 @@ def test_too_little_data_and_eval_batches(tmp_path):
     batches = list(eval_batches(data, block_size=9, batch_size=4))
     assert sum(len(b[0]) for b in batches) == len(list(range(0, 101 - 9, 10)))
     assert len(list(eval_batches(data, block_size=9, batch_size=4, max_batches=1))) == 1
+
+
+def test_shards_match_their_fingerprint_only(tmp_path):
+    data = write_token_shards(tmp_path / "data", {"train": ["ab"]}, lambda t: [ord(c) % 7 for c in t], vocab_size=7,
+                              eos_id=0, fingerprint={"sources": ["a.txt"]})
+    assert shards_match(data, {"sources": ["a.txt"]})
+    assert not shards_match(data, {"sources": ["b.txt"]}) and not shards_match(tmp_path / "none", {})
+    with pytest.raises(DataError, match="the token shards rank 0 wrote are missing or were made from other inputs"):
+        shards_match(data, {"sources": ["b.txt"]}, required=True)

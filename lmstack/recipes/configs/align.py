@@ -6,6 +6,7 @@ from typing import Literal
 
 from lmstack.config import check_seed, field
 from lmstack.peft.config import PeftSection
+from lmstack.parallel.config import ParallelConfig
 from lmstack.train.config import TrainConfig
 
 
@@ -38,6 +39,8 @@ class _AlignJob:
     data: AlignDataSection = field(default_factory=AlignDataSection, help="data")
     peft: PeftSection = field(default_factory=PeftSection, help="parameter-efficient fine-tuning")
     train: TrainConfig = field(default_factory=TrainConfig, help="training")
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, help="distributed training: a torchrun launch's "
+                                     "layout (docs/parallel.md)")
 
     def __post_init__(self) -> None:
         check_seed(self.seed)

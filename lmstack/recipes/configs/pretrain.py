@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 from lmstack.config import check_seed, field
+from lmstack.parallel.config import ParallelConfig
 from lmstack.train.config import TrainConfig
 
 
@@ -80,6 +81,8 @@ class PretrainConfig:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection, help="tokenizer")
     data: DataSection = field(default_factory=DataSection, help="data")
     train: TrainConfig = field(default_factory=TrainConfig, help="training")
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, help="distributed training: a torchrun launch's "
+                                     "layout (docs/parallel.md)")
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
