@@ -49,7 +49,8 @@ class Job:
         return resolve_device(name) if self.world is None else self.world.device
 
     def describe(self) -> str:
-        """"" in one process, else e.g. "; 4 ranks: pp 1 x dp 2 x tp 2, zero3"."""
+        """The launch for a recipe's start-up line: '' in one process, else e.g.
+        '; 4 ranks: pp 1 x dp 2 x tp 2, zero3'."""
         if self.world is None:
             return ""
         pp, dp, tp = self.config.degrees(self.world.world_size)
@@ -57,14 +58,15 @@ class Job:
 
     def main_first(self, prepare: Callable[[bool], T]) -> T:
         """``prepare(True)`` on rank 0, then ``prepare(False)`` on the other ranks (which reuse its files).
-        A ``LmstackError`` on rank 0 is raised on every rank, with rank 0's message."""
+        An error rank 0 reports (a ``LmstackError``, or an ``OSError``: a file it cannot read or write) is raised on
+        every rank, with rank 0's message, instead of leaving them waiting for it."""
         if self.world is None:
             return prepare(True)
         result, failure, message = None, None, ""
         if self.is_main:
             try:
                 result = prepare(True)
-            except LmstackError as error:
+            except (LmstackError, OSError) as error:
                 failure, message = error, json.dumps([type(error).__name__, str(error)])
         message = _broadcast_text(message, self.world.device)
         if failure is not None:
