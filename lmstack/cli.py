@@ -20,6 +20,8 @@ JOBS = {
     "info": ("info", "run", "InfoConfig"),
     "convert": ("convert", "run", "ConvertConfig"),
     "quantize": ("quantize", "run", "QuantizeConfig"),
+    "prune": ("prune", "run", "PruneConfig"),
+    "distill": ("distill", "run", "DistillConfig"),
     "generate": ("generate", "run", "GenerateJobConfig"),
     "chat": ("chat", "run", "ChatConfig"),
     "pretrain": ("pretrain", "run", "PretrainConfig"),

@@ -20,7 +20,7 @@ ALLOWED = {
     "recipes": {"nn", "models", "checkpoints", "generate", "config", "tokenizers", "data", "train", "rag", "eval",
                 "kernels", "fileio", "compress", "peft", "align", "serve", "parallel"},
     "parallel": {"nn", "models", "config"},
-    "compress": {"nn", "models", "kernels", "checkpoints", "fileio"},
+    "compress": {"nn", "models", "kernels", "checkpoints", "fileio", "generate"},  # distillation samples
     "peft": {"nn", "models", "checkpoints", "fileio", "config"},
     "rag": {"models", "nn", "checkpoints", "tokenizers"},
     "eval": set(),

@@ -28,6 +28,7 @@ _SIGNATURES = {
     "lmstack_int8_dynamic_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_int4_dynamic_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_nf4_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _F, _P, _P, _I64, _I64, _I64, _INT]),
+    "lmstack_sparse24_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _INT]),
     "lmstack_fake_quantize_activations": (None, [_P, _P, _I64, _I64, _I64, _INT]),
     "lmstack_int8_dequant": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_int4_dequant": (None, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
@@ -51,6 +52,18 @@ def quant_kernels() -> ctypes.CDLL | None:
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def sparse24_matmul(x, values, codes, bias):
+    """x (rows, in) fp32 with 1 <= rows <= 8 and in a multiple of 32 -> (rows, out), over a 2:4-sparse weight
+    packed by ``lmstack.compress.semi_sparse.pack_2of4`` (values (out, in / 2), codes (out, in / 8))."""
+    y = torch.empty(x.shape[0], values.shape[0])
+    failed = quant_kernels().lmstack_sparse24_matmul(x.data_ptr(), values.data_ptr(), codes.data_ptr(), _ptr(bias),
+                                                     y.data_ptr(), x.shape[0], values.shape[0], x.shape[1],
+                                                     torch.get_num_threads())
+    if failed:
+        raise ValueError(f"sparse24_matmul: unsupported shape x {tuple(x.shape)}, values {tuple(values.shape)}")
+    return y
 
 
 def int8_matmul(x, qweight, scales, bias, group_size: int = 0, dynamic: bool = False):

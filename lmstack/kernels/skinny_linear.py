@@ -64,6 +64,7 @@ class SkinnyLinear(nn.Module):
 # Weight formats of the fused decoding step (csrc/decode_step.cpp, enum Format).
 FP32, INT8, INT4, NF4 = 0, 1, 2, 3
 INT8_DYNAMIC, INT4_DYNAMIC = 4, 5  # stored as INT8 / INT4; activations rounded to int8 per call
+SPARSE24 = 6  # a 2:4-sparse fp32 weight's kept half, its position codes in aux slot 0 (compress.semi_sparse)
 AUX_SLOTS = 6
 
 

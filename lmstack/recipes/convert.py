@@ -7,8 +7,11 @@ of an earlier save there.
 Q4_1; llama-layout families), with the tokenizer and chat template as GGUF metadata.
 """
 
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from lmstack.checkpoints import is_gguf, load_hf, save_hf
 from lmstack.errors import ConfigError
@@ -19,6 +22,30 @@ from lmstack.recipes.configs.convert import ConvertConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "vocab.txt", "chat_template.jinja", "generation_config.json", "tokenizer.model")
+
+
+@contextmanager
+def staged_output(source: Path, output: Path) -> Iterator[Path]:
+    """A private folder beside ``output`` to build a derived checkpoint in (``lmstack quantize``, ``prune``): when
+    the block succeeds its files move into ``output`` (config.json last); the folder is removed either way, so a
+    failed run (short calibration text, a bad setting) leaves ``output`` as it was.
+
+    Raises:
+        ConfigError: ``output`` is the source itself, or a place no directory can be written.
+    """
+    output_directory(output, "output")
+    if source.resolve() == output.resolve():
+        raise ConfigError(f"output {output} is the source itself; choose another directory")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        yield work
+        output.mkdir(exist_ok=True)
+        for file in sorted(work.iterdir(), key=lambda f: f.name == "config.json"):
+            os.replace(file, output / file.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run(cfg: ConvertConfig) -> Path:

@@ -59,6 +59,8 @@ def run(cfg: FinetuneConfig) -> dict:
                                  else output_directory(cfg.out, "--out"))
             return run_causal_lm(cfg, out, job)
     one_process_only(cfg.parallel, f"finetune --task {cfg.task}")
+    if cfg.prune.sparsity:
+        raise ConfigError(f"--prune.sparsity (gradual pruning) is for --task causal_lm, not {cfg.task}")
     out = prepare_run_dir(cfg, "finetune.yaml")  # pretrain's rules: one run per directory, resumed as it was
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(model_dir)

@@ -19,7 +19,8 @@ import torch
 
 from lmstack.checkpoints import is_gguf, load_model, save_hf
 from lmstack.checkpoints.model_files import open_model
-from lmstack.compress import quantize_
+from lmstack.compress import GradualPruning, keep_masks_, masks_from_zeros, quantize_
+from lmstack.compress.settings import keeps_zeros, read_pruning_record, write_pruning_record
 from lmstack.config import save_yaml
 from lmstack.data import PackedBlocks, eval_batches, open_split, read_documents, shards_match, write_token_shards
 from lmstack.errors import ConfigError, DataError
@@ -122,6 +123,7 @@ def run_causal_lm(cfg: FinetuneConfig, out: Path, job: Job | None = None) -> dic
     device = job.device(cfg.train.device)
     save_memory_(model, cfg)
     model = model.to(device).train()
+    pruning, record = pruning_callbacks(model, cfg, path, job)
     task = denoising_task("causal_lm", tokenizer, eos_id, model.config, block, 0.0, False)
     blocks = PackedBlocks(open_split(data_dir, "train"), task.raw_block, cfg.train.batch_size, cfg.seed)
     held = open_split(data_dir, "val") if cfg.data.eval else None
@@ -137,10 +139,42 @@ def run_causal_lm(cfg: FinetuneConfig, out: Path, job: Job | None = None) -> dic
 
     plan = job.parallelize(model, cfg.seed, peft=cfg.peft.method != "none")
     trainer = Trainer(model, task.objective, job.shard(blocks), cfg.train, out, eval_data=eval_data,
-                      checkpoint_files=checkpoint_files, parallel=plan)
+                      checkpoint_files=checkpoint_files, parallel=plan, step_callbacks=pruning)
     final = trainer.fit(resume=cfg.resume)
     rebuild = lambda: open_model(path, load=load_model).model  # noqa: E731  (full fine-tuning's starting weights)
-    return finish(job.trained_model(model, rebuild, out), cfg, out, tokenizer, final, "fine-tuning", job)
+    final = finish(job.trained_model(model, rebuild, out), cfg, out, tokenizer, final, "fine-tuning", job)
+    if record is not None and job.is_main and (out / "model").is_dir():
+        write_pruning_record(out / "model", record)  # the exported model says how it was pruned, too
+    return final
+
+
+def pruning_callbacks(model: torch.nn.Module, cfg: FinetuneConfig, path: Path, job: Job) -> tuple[list, dict | None]:
+    """Keep the zeros of a pruned checkpoint (its config.json's ``pruning_config``) and set up ``prune.*``'s
+    gradual pruning; returns (the Trainer's step callbacks, the pruning record for the exported model).
+
+    Raises:
+        ConfigError: pruning with a PEFT method (a merged adapter is dense) or in a distributed launch.
+    """
+    record = read_pruning_record(path) if path.is_dir() else None
+    gradual = cfg.prune.sparsity > 0
+    if not (keeps_zeros(record) or gradual):
+        return [], record
+    what = "gradual pruning (--prune.sparsity)" if gradual else f"the pruned checkpoint {path} (its zeros)"
+    if cfg.peft.method != "none":
+        raise ConfigError(f"{what} needs full fine-tuning: a merged {cfg.peft.method} adapter is dense and would "
+                          "fill the zeros (use --peft.method none)")
+    if job.world is not None:
+        raise ConfigError(f"{what} runs in one process; launch without torchrun")
+    if not gradual:
+        keep_masks_(model, masks_from_zeros(model))
+        return [], record
+    end = cfg.prune.end_step if cfg.prune.end_step is not None else max(cfg.train.max_steps * 3 // 4, 1)
+    schedule = GradualPruning(model, cfg.prune.sparsity, cfg.prune.start_step, end, cfg.prune.every,
+                              scope=cfg.prune.scope)
+    record = {**(record or {}), "method": "magnitude", "sparsity": cfg.prune.sparsity, "scope": cfg.prune.scope,
+              "schedule": {"kind": "cubic", "start_step": cfg.prune.start_step, "end_step": end,
+                           "every": cfg.prune.every}}
+    return [schedule], record
 
 
 def finish(model: torch.nn.Module | None, cfg, out: Path, tokenizer, final: dict, title: str,

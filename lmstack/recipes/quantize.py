@@ -9,9 +9,7 @@ config.json with its ``quantization_config`` (``lmstack.compress.files``), plus 
 AWQ draw ``calibration_tokens`` tokens of calibration text in windows of ``calibration_seq_len``.
 """
 
-import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,10 +19,9 @@ from lmstack.compress import quantize_, quantized_bytes
 from lmstack.compress.files import save_quantized
 from lmstack.data import read_documents, resolve_sources
 from lmstack.errors import ConfigError, DataError
-from lmstack.fileio import output_directory
 from lmstack.recipes.bundled import resolve_model_dir
 from lmstack.recipes.configs.quantize import QuantizeConfig
-from lmstack.recipes.convert import load_with_tokenizer_files
+from lmstack.recipes.convert import load_with_tokenizer_files, staged_output
 from lmstack.tokenizers import NoTokenizerError, load_tokenizer
 
 
@@ -69,21 +66,8 @@ def _quantize_into(work: Path, source: Path, cfg: QuantizeConfig) -> tuple[torch
 
 def run(cfg: QuantizeConfig) -> Path:
     source = resolve_model_dir(cfg.source)
-    output_directory(cfg.output, "output")
-    if source.resolve() == cfg.output.resolve():
-        raise ConfigError(f"output {cfg.output} is the source itself; choose another directory")
-    # Everything is written into a private folder beside the output and moved in at the end, so a failed
-    # run (short calibration text, a bad group size) leaves nothing in the output directory.
-    cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    work = cfg.output.parent / f".{cfg.output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    try:
+    with staged_output(source, cfg.output) as work:  # a failed run leaves nothing in the output directory
         model, before = _quantize_into(work, source, cfg)
-        cfg.output.mkdir(exist_ok=True)
-        for file in sorted(work.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
-            os.replace(file, cfg.output / file.name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     after = quantized_bytes(model)
     print(f"wrote {cfg.output} ({cfg.scheme}): {before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB "
           f"({before / after:.1f}x smaller)")

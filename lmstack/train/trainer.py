@@ -103,13 +103,17 @@ class Trainer:
             blocks, collated batches, labelled examples, rollouts); its position is saved in checkpoints.
         eval_data: a callable returning a fresh iterable of held-out batches, or None.
         checkpoint_files: adds files (tokenizer, run config) to each checkpoint directory.
+        step_callbacks: each called as ``callback(step)`` once before training (with the starting step: 0, or
+            the resumed one) and after every optimizer step (before that step's evaluation and checkpoint):
+            a technique that acts between steps (gradual pruning) without a loop of its own.
         parallel: a ``lmstack.parallel.Parallelized`` for a distributed run (``model`` is then its
             transformed model; ``train_data`` this rank's slice), or None for one process.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, train_data, config: TrainConfig, run_dir: Path, *,
                  eval_data: Callable[[], Iterable] | None = None,
-                 checkpoint_files: Callable[[Path], None] | None = None, parallel=None) -> None:
+                 checkpoint_files: Callable[[Path], None] | None = None, parallel=None,
+                 step_callbacks: Iterable[Callable[[int], None]] = ()) -> None:
         if eval_data is not None and not hasattr(objective, "evaluate"):
             raise ConfigError(f"{type(objective).__name__} has no held-out evaluation; pass no eval_data")
         if parallel is not None and config.compile:
@@ -118,6 +122,7 @@ class Trainer:
         self.model, self.objective, self.train_data, self.config = model, objective, train_data, config
         self.run_dir, self.eval_data = Path(run_dir), eval_data
         self.checkpoint_files, self.parallel = checkpoint_files, parallel
+        self.step_callbacks = list(step_callbacks)
         self._trained = model if parallel is None else parallel.params_module  # whose parameters this rank holds
         self.is_main = parallel is None or parallel.is_main
         self.device = next(model.parameters()).device
@@ -146,6 +151,8 @@ class Trainer:
         elif self.is_main:
             self.metrics_path.unlink(missing_ok=True)
         self.model.train()
+        for callback in self.step_callbacks:
+            callback(self.step)
         record = self._last_logged()  # what fit returns if the run is already complete
         bar = tqdm(total=self.config.max_steps, initial=self.step, desc="training", unit="step",
                    disable=not (self.config.progress and self.is_main), dynamic_ncols=True, mininterval=0.5)
@@ -153,6 +160,8 @@ class Trainer:
         while self.step < self.config.max_steps:
             record = self._train_step()
             self.step += 1
+            for callback in self.step_callbacks:
+                callback(self.step)
             record = {"step": self.step, **record, "elapsed_s": round(time.perf_counter() - start, 3)}
             if self._due(self.config.eval_every) or self.step == self.config.max_steps:
                 record.update(self._evaluate(final=self.step == self.config.max_steps))

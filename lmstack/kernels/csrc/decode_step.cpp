@@ -123,8 +123,9 @@ void attend_cached(const float* q, const float* k, const float* v, const int64_t
 // -, input_scale]; int4 [scales, zeros, mins (instead of zeros: weight = code * scale + min), -, -,
 // input_scale]; nf4 [absmax_codes, absmax_scales (or the plain absmax without double
 // quantization), absmax_code, levels, offset, input_scale]. kInt8Dynamic and kInt4Dynamic store weights as
-// kInt8 and kInt4 do and quantize the input to int8 first (dynamic_kernels.h).
-enum Format : int64_t { kFp32 = 0, kInt8 = 1, kInt4 = 2, kNf4 = 3, kInt8Dynamic = 4, kInt4Dynamic = 5 };
+// kInt8 and kInt4 do and quantize the input to int8 first (dynamic_kernels.h). kSparse24: w holds the kept
+// half of a 2:4-sparse fp32 weight (n_out, n_in / 2) and aux[0] its position codes (quant_kernels.h).
+enum Format : int64_t { kFp32 = 0, kInt8 = 1, kInt4 = 2, kNf4 = 3, kInt8Dynamic = 4, kInt4Dynamic = 5, kSparse24 = 6 };
 constexpr int kAux = 6;
 
 struct Linear {
@@ -144,7 +145,7 @@ void matmul(const float* x, const Linear& L, float* y, const Shape& s, Epilogue 
     return;
   }
   const bool int8 = L.format == kInt8 || L.format == kInt8Dynamic;
-  const int64_t n_in = int8 ? L.w->size(1) : 2 * L.w->size(1);
+  const int64_t n_in = int8 ? L.w->size(1) : 2 * L.w->size(1);  // 4-bit: two codes a byte; 2:4: half the inputs
   std::vector<float> scaled;
   if (const float* input_scale = ptr<float>(L.aux[5])) {  // AWQ: x * input_scale per input channel
     scaled.assign(x, x + s.rows * n_in);
@@ -168,6 +169,9 @@ void matmul(const float* x, const Linear& L, float* y, const Shape& s, Epilogue 
     failed = lmstack::quant::int4_dynamic_matmul(x, ptr<uint8_t>(*L.w), ptr<float>(L.aux[0]), ptr<int8_t>(L.aux[1]),
                                                  ptr<float>(L.aux[2]), bias, y, s.rows, n_out, n_in, L.group, threads,
                                                  e);
+  } else if (L.format == kSparse24) {
+    failed = lmstack::quant::sparse24_matmul(x, ptr<float>(*L.w), ptr<uint8_t>(L.aux[0]), bias, y, s.rows, n_out, n_in,
+                                             threads, e);
   } else if (L.format == kNf4) {
     const float offset = L.aux[4].numel() ? L.aux[4].item<float>() : 0.0f;
     failed = lmstack::quant::nf4_matmul(x, ptr<uint8_t>(*L.w), ptr<float>(L.aux[3]), ptr<uint8_t>(L.aux[0]),

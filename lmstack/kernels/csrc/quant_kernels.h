@@ -269,5 +269,63 @@ inline int nf4_matmul(const float* x, const uint8_t* q, const float* levels, con
   return 0;
 }
 
+// 2:4 semi-structured fp32 weights (lmstack/compress/semi_sparse.py): of every 4 consecutive inputs of a row,
+// the 2 kept weights are stored in element order (values: (n_out, n_in / 2)) with their positions as a
+// 4-bit code (bits 0-1: the first kept position, bits 2-3: the second); two groups share a byte, the first
+// in the low nibble (codes: (n_out, n_in / 8)). A run of 32 inputs reads 64 bytes of values and 4 of codes,
+// 0.53x the dense row's 128. Each code byte covers 8 columns, expanded in registers by one permute of its 4
+// values: the source's lanes 4-7 are zero and a dropped column's index points there.
+struct Sparse24Table {
+  alignas(32) int32_t index[256][8];
+  Sparse24Table() {
+    for (int code = 0; code < 256; ++code)
+      for (int j = 0; j < 8; ++j) {
+        const int group = j / 4, position = j % 4, nibble = (code >> (4 * group)) & 0xF;
+        index[code][j] = position == (nibble & 3) ? 2 * group : position == (nibble >> 2) ? 2 * group + 1 : 4;
+      }
+  }
+};
+
+inline const Sparse24Table& sparse24_table() {
+  static const Sparse24Table table;
+  return table;
+}
+
+struct Sparse24Weights {  // get(): the dense weights of the run of 32 at flat dense offset row * n_in + c
+  const float* values;
+  const uint8_t* codes;
+  const Sparse24Table* table;
+  inline void get(int64_t offset, __m256 w[4]) const {
+    const float* v = values + offset / 2;
+    const uint8_t* c = codes + offset / 8;
+    for (int k = 0; k < 4; ++k) {
+      const __m256 four = _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(v + 4 * k), 0);
+      const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(table->index[c[k]]));
+      w[k] = _mm256_permutevar8x32_ps(four, index);
+    }
+  }
+};
+
+template <int B>
+void sparse24_rows(const float* x, const Sparse24Weights& weights, const float* bias, float* y, int64_t n_out,
+                   int64_t n_in, int threads, Epilogue e) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t j = 0; j < n_out; ++j) {
+    __m256 dot[B];
+    dot_rows<B>(weights, x, n_in, j, 0, n_in, dot);
+    for (int b = 0; b < B; ++b) finish(y + b * n_out + j, hsum(dot[b]) + (bias ? bias[j] : 0.0f), e);
+  }
+}
+
+inline int sparse24_matmul(const float* x, const float* values, const uint8_t* codes, const float* bias, float* y,
+                           int64_t rows, int64_t n_out, int64_t n_in, int threads, Epilogue e = Epilogue::kStore) {
+  if (n_in % 32 || rows < 1 || rows > 8 || !values || !codes) return 1;
+  const Sparse24Weights weights{values, codes, &sparse24_table()};
+#define CALL(B) sparse24_rows<B>(x, weights, bias, y, n_out, n_in, threads, e)
+  LMSTACK_DISPATCH_ROWS(rows, CALL)
+#undef CALL
+  return 0;
+}
+
 }  // namespace quant
 }  // namespace lmstack

@@ -30,6 +30,12 @@ int lmstack_nf4_matmul(const float* x, const uint8_t* q, const float* levels, co
                                     n_out, n_in, threads);
 }
 
+// 2:4 semi-structured fp32 weights: values (n_out, n_in / 2), position codes (n_out, n_in / 8) (quant_kernels.h).
+int lmstack_sparse24_matmul(const float* x, const float* values, const uint8_t* codes, const float* bias, float* y,
+                            int64_t rows, int64_t n_out, int64_t n_in, int threads) {
+  return lmstack::quant::sparse24_matmul(x, values, codes, bias, y, rows, n_out, n_in, threads);
+}
+
 // The same with x quantized to int8 on the fly (dynamic_kernels.h).
 int lmstack_int8_dynamic_matmul(const float* x, const int8_t* q, const float* scales, const float* bias, float* y,
                                 int64_t rows, int64_t n_out, int64_t n_in, int64_t group, int threads) {

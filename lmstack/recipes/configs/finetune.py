@@ -40,6 +40,24 @@ class FinetuneDataSection:
 
 
 @dataclass
+class FinetunePruneSection:
+    """Gradual magnitude pruning while fine-tuning a decoder (causal_lm): the sparsity rises on Zhu & Gupta's cubic
+    schedule from start_step to end_step, masks recomputed every ``every`` steps (docs/compression.md). A checkpoint
+    pruned by `lmstack prune` keeps its zeros without this section."""
+
+    sparsity: float = field(0.0, help="final fraction of each linear's weights to zero (0: no gradual pruning)")
+    start_step: int = field(0, help="first pruning step")
+    end_step: int | None = field(None, help="step that reaches the final sparsity (default: 3/4 of train.max_steps)")
+    every: int = field(10, help="steps between mask updates")
+    scope: Literal["layer", "global"] = field("layer", help="each matrix its fraction, or one threshold over all")
+
+    def __post_init__(self) -> None:
+        from lmstack.compress.settings import check_sparsity
+
+        check_sparsity(self.sparsity, "prune.sparsity")
+
+
+@dataclass
 class FinetuneConfig:
     """Fine-tune an encoder for sequence (pair) classification or token classification (NER), or a decoder
     on text (causal_lm), in full or with a PEFT method."""
@@ -54,6 +72,7 @@ class FinetuneConfig:
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection, help="model")
     data: FinetuneDataSection = field(default_factory=FinetuneDataSection, help="data")
     peft: PeftSection = field(default_factory=PeftSection, help="parameter-efficient fine-tuning")
+    prune: FinetunePruneSection = field(default_factory=FinetunePruneSection, help="gradual pruning (causal_lm)")
     train: TrainConfig = field(default_factory=TrainConfig, help="training")
     parallel: ParallelConfig = field(default_factory=ParallelConfig, help="distributed training: a torchrun launch's "
                                      "layout (docs/parallel.md)")
