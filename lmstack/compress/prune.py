@@ -259,13 +259,14 @@ def sparsity_report(model: nn.Module, lm_head: bool = True) -> str:
 
 class GradualPruning:
     """Magnitude pruning raised on Zhu & Gupta's cubic schedule while a model trains: at steps ``start``,
-    ``start + every``, ... up to ``end`` the masks are recomputed at
+    ``start + every``, ... below ``end``, and at ``end`` itself (where the final sparsity is reached even when
+    ``every`` does not divide ``end - start``), the masks are recomputed at
 
         s_t = s_f + (s_i - s_f) · (1 - (t - start) / (end - start))³
 
     (the sparsity rises fast, then slowly, so the network recovers between prunings). Call it after every
     optimizer step with the step reached (the Trainer's ``step_callbacks``), and once before training with the
-    starting step (0, or a resumed step: the masks are then rebuilt from the current weights).
+    starting step (0, or a resumed step: the masks in force are then read back from the checkpoint's zeros).
     """
 
     def __init__(self, model: nn.Module, final_sparsity: float, start: int, end: int, every: int = 1, *,
@@ -284,19 +285,24 @@ class GradualPruning:
         """The sparsity in force after ``step``: that of the last pruning step at or before it (0 before start)."""
         if step < self.start:
             return 0.0
-        last = min(self.start + (step - self.start) // self.every * self.every, self.end)
+        last = self.end if step >= self.end else self.start + (step - self.start) // self.every * self.every
         progress = (last - self.start) / (self.end - self.start)
         return self.final + (self.initial - self.final) * (1.0 - progress) ** 3
 
     def __call__(self, step: int) -> None:
-        due = self.start <= step <= self.end and (step - self.start) % self.every == 0
-        if due or (not self._built and step >= self.start):
+        due = step == self.end or (self.start <= step < self.end and (step - self.start) % self.every == 0)
+        if due:
             targets = prune_targets(self.model, exclude=self.exclude)
             scores = {n: m.weight.detach().abs() for n, m in targets.items()}
             s = self.sparsity_at(step)
             masks = (global_masks(scores, s) if self.scope == "global"
                      else {n: magnitude_mask(v, s) for n, v in scores.items()})
             keep_masks_(self.model, masks)
+            self._built = True
+        elif not self._built and step >= self.start:
+            # Resumed between prunings: the masks in force are the saved weights' zeros (a magnitude rebuild
+            # would agree only up to ties).
+            keep_masks_(self.model, masks_from_zeros(self.model, exclude=self.exclude))
             self._built = True
         else:
             apply_masks_(self.model)  # the optimizer may have moved weights pruned by a changed mask

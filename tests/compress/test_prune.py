@@ -191,8 +191,18 @@ def test_cubic_schedule_rises_to_the_final_sparsity_and_rebuilds_on_resume():
     q = model.layers[0].attn.q_proj.weight
     assert (q == 0).float().mean().item() == pytest.approx(schedule.sparsity_at(6), abs=1e-3)
     resumed = GradualPruning(copy.deepcopy(model), 0.8, start=2, end=10, every=2)
-    resumed(6)  # a resumed run's first call rebuilds the masks from the zeros
+    resumed(7)  # a run resumed between prunings reads the masks in force back from the zeros
     assert torch.equal(resumed.model.layers[0].attn.q_proj.weight_mask, model.layers[0].attn.q_proj.weight_mask)
+
+
+def test_the_end_step_prunes_to_the_final_sparsity_off_the_grid():
+    model = _model()
+    schedule = GradualPruning(model, 0.5, start=0, end=5, every=2)  # pruning steps 0, 2, 4 and 5
+    assert schedule.sparsity_at(4) < 0.5 and schedule.sparsity_at(5) == schedule.sparsity_at(9) == 0.5
+    for step in range(0, 7):
+        schedule(step)
+    q = model.layers[0].attn.q_proj.weight
+    assert (q == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
 
 
 # --- structured pruning -----------------------------------------------------------------------------------

@@ -77,19 +77,38 @@ def test_gradual_pruning_during_finetuning_reaches_its_sparsity(model_dir, corpu
     assert record["schedule"] == {"kind": "cubic", "start_step": 0, "end_step": 3, "every": 1}
 
 
-def test_gradual_pruning_resumes_exactly(model_dir, corpus, tmp_path):
+def test_gradual_pruning_resumes_exactly(model_dir, corpus, tmp_path, monkeypatch):
+    """A run that crashes after its step-3 checkpoint (between prunings at 2 and 4), resumed, ends with the
+    weights and losses of one that never stopped (same max_steps: the learning-rate schedule depends on it)."""
+    import lmstack.recipes.finetune_lm as finetune_lm
+
     common = ["finetune", "--task", "causal_lm", "--model.path", str(model_dir), "--data.train", str(corpus),
               "--data.max_length", "32", "--prune.sparsity", "0.5", "--prune.every", "2", "--prune.end_step", "5",
               "--train.batch_size", "2", "--train.eval_every", "0", "--train.progress", "false",
-              "--train.warmup_steps", "0", "--train.checkpoint_every", "3"]
+              "--train.warmup_steps", "0", "--train.checkpoint_every", "3", "--train.max_steps", "6"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert main([*common, "--out", str(whole), "--train.max_steps", "6"]) == 0
-    assert main([*common, "--out", str(cut), "--train.max_steps", "3"]) == 0
-    assert main([*common, "--out", str(cut), "--train.max_steps", "6", "--resume"]) == 0
+    assert main([*common, "--out", str(whole)]) == 0
+    wanted = finetune_lm.pruning_callbacks
+
+    def crash_at_step_4(*args):
+        callbacks, record = wanted(*args)
+
+        def crash(step):
+            if step == 4:
+                raise RuntimeError("simulated crash")
+        return [*callbacks, crash], record
+
+    monkeypatch.setattr(finetune_lm, "pruning_callbacks", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main([*common, "--out", str(cut)])
+    monkeypatch.setattr(finetune_lm, "pruning_callbacks", wanted)
+    assert main([*common, "--out", str(cut), "--resume"]) == 0
     a, b = load_file(whole / "model" / "model.safetensors"), load_file(cut / "model" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    zeros = [(v == 0).float().mean().item() for k, v in a.items() if k.endswith("proj.weight")]
+    assert all(abs(z - 0.5) < 0.02 for z in zeros)  # the end step reached the final sparsity
     losses = lambda run: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert losses(whole) == losses(cut)
+    assert len(losses(whole)) == 6 and losses(whole) == losses(cut)
 
 
 def test_pruning_with_peft_is_refused(model_dir, corpus, tmp_path, capsys):
