@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/pretrain_quality.py --run runs/quickstart   # after `make quickstart`: same wall-clock
 	$(PY) benchmarks/moe.py                 # MoE vs dense at equal training time; decode vs transformers' Mixtral
+	$(PY) benchmarks/rag.py                 # retrieval recall, ANN, indexing vs sentence-transformers + FAISS, prompting
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

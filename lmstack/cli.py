@@ -33,6 +33,12 @@ JOBS = {
     "ppo": ("rl", "ppo", "PPOConfig"),
     "embed": ("embed", "run", "EmbedConfig"),
     "serve": ("serve", "run", "ServeConfig"),
+    "rag": {
+        "index": ("rag", "index", "RagIndexConfig"),
+        "query": ("rag", "query", "RagQueryConfig"),
+        "ask": ("rag", "ask", "RagAskConfig"),
+        "delete": ("rag", "delete", "RagDeleteConfig"),
+    },
     "tokenizer": {
         "train": ("tokenizer", "train", "TrainTokenizerConfig"),
         "encode": ("tokenizer", "encode", "EncodeConfig"),

@@ -18,11 +18,12 @@ ALLOWED = {
     "generate": {"models", "nn", "kernels"},
     "kernels": {"models", "nn", "native"},
     "recipes": {"nn", "models", "checkpoints", "generate", "config", "tokenizers", "data", "train", "rag", "eval",
-                "kernels", "fileio", "compress", "peft", "align", "serve", "parallel"},
+                "kernels", "fileio", "compress", "peft", "align", "serve", "parallel", "agents"},
     "parallel": {"nn", "models", "config"},
     "compress": {"nn", "models", "kernels", "checkpoints", "fileio", "generate"},  # distillation samples
     "peft": {"nn", "models", "checkpoints", "fileio", "config"},
-    "rag": {"models", "nn", "checkpoints", "tokenizers"},
+    "rag": {"models", "nn", "checkpoints", "tokenizers", "generate"},  # RAG generates the answer
+    "agents": {"rag", "generate", "tokenizers"},
     "eval": set(),
     "data": {"tokenizers", "fileio"},
     "train": {"models", "nn", "data", "checkpoints", "config", "fileio", "eval"},

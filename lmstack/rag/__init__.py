@@ -1,9 +1,22 @@
-"""Retrieval: sentence embeddings (a vector index, RAG and agents build on them).
+"""Retrieval: sentence embeddings, documents and chunking, vector indexes, BM25, a persistent store, hybrid
+search, re-ranking and retrieval-augmented generation.
 
-    from lmstack.rag import SentenceEncoder
-    vectors = SentenceEncoder("dir").encode(["first text", "second text"])   # (2, D)
+    from lmstack.rag import SentenceEncoder, Index, load_documents, answer
+    encoder = SentenceEncoder("dir")
+    index = Index.build("my-index", load_documents("notes/"), encoder, encoder_name="dir")
+    index.search("question", k=5, mode="hybrid")
+    answer("question", index, files)          # files: lmstack.checkpoints.model_files.open_model(...)
 """
 
-from lmstack.rag.embeddings import SentenceEncoder, cosine_similarity_matrix, pool
+from lmstack.lazy import lazy_exports
 
-__all__ = ["SentenceEncoder", "cosine_similarity_matrix", "pool"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "embeddings": ["SentenceEncoder", "cosine_similarity_matrix", "pool"],
+    "documents": ["Chunk", "Document", "chunk_documents", "load_documents"],
+    "bm25": ["BM25", "tokenize"],
+    "index": ["ExactIndex", "FaissIndex", "IVFIndex", "build_index", "kmeans"],
+    "store": ["ChunkStore"],
+    "retrieve": ["Hit", "Index", "reciprocal_rank_fusion", "relative_score_fusion"],
+    "rerank": ["CrossEncoder", "EmbeddingReranker"],
+    "answering": ["Answer", "Citation", "answer", "build_prompt", "cited", "prompt_ids", "stream_answer"],
+})

@@ -63,25 +63,33 @@ class SentenceEncoder:
     def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         """Embed ``texts``: (N, dim) float32 on CPU, rows in the order given.
 
-        Texts are sorted by length and batched so that little compute goes to padding.
+        Every text is tokenized first; batches are then cut from the texts sorted by token count, so that
+        little compute goes to padding.
         """
         if isinstance(texts, str):
             raise ConfigError("encode takes a list of texts; wrap a single text in a list")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        encoded = [self.token_ids(text) for text in texts]
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         out = torch.empty(len(texts), self.dim)
         starts = range(0, len(texts), batch_size)
         for start in tqdm(starts, desc="embedding", disable=not progress, unit="batch"):
             rows = order[start:start + batch_size]
-            out[rows] = self._embed_batch([texts[i] for i in rows]).cpu()
+            out[rows] = self._embed_batch([encoded[i] for i in rows]).cpu()
         return out
 
-    def _embed_batch(self, texts: list[str]) -> torch.Tensor:
-        batch = self.tokenizer.encode_batch(texts, padding=True, truncation=True, max_length=self.max_length)
-        ids = torch.tensor(batch["input_ids"], device=self.device)
-        mask = torch.tensor(batch["attention_mask"], device=self.device)
-        hidden = self.model.hidden_states(ids, mask, torch.tensor(batch["token_type_ids"], device=self.device))
+    def token_ids(self, text: str) -> list[int]:
+        """[CLS] ... [SEP] ids of ``text``, cut to ``max_length`` (the end token kept), as transformers truncates."""
+        ids = self.tokenizer.encode(text)
+        return ids if len(ids) <= self.max_length else ids[:self.max_length - 1] + ids[-1:]
+
+    def _embed_batch(self, ids: list[list[int]]) -> torch.Tensor:
+        """Right-pad one batch of token ids (padding is masked out of attention and pooling), embed, pool."""
+        longest = max(len(row) for row in ids)
+        mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in ids], device=self.device)
+        ids = torch.tensor([row + [0] * (longest - len(row)) for row in ids], device=self.device)
+        hidden = self.model.hidden_states(ids, mask, torch.zeros_like(ids))
         vectors = pool(hidden.float(), mask, self.pooling)
         return F.normalize(vectors, dim=-1) if self.normalize else vectors
 

@@ -40,3 +40,18 @@ def test_errors(tok):
         tok.decode([99])
     with pytest.raises(TokenizerError, match="unknown truncation strategy"):
         tok("hello able", "hello", truncation="sideways", max_length=4)
+
+
+@pytest.mark.parametrize("options", [{}, {"lowercase": False}, {"clean_text": False}])
+def test_the_fast_ids_path_equals_the_character_path(options):
+    import random
+    import string
+
+    tok = WordPieceTokenizer(vocab={t: i for i, t in enumerate(VOCAB)}, **options)
+    rng = random.Random(0)
+    alphabet = string.printable + "\x00\x01\x0b\x0c\x1c\x1f\x7f" + "unaffable hello"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80))) for _ in range(300)]
+    texts += ["Hellos, unaffable!", "tab\tsep\nline\r\n", "", "   ", "Ünaffable 東京 hello"]  # the last: not ASCII
+    for text in texts:
+        assert tok.ids(text) == [i for i, _ in tok.tokenize_with_offsets(text)], repr(text)
+        assert tok.ids(text) == [i for i, _ in tok.tokenize_with_offsets(text)]  # again: from the word cache
