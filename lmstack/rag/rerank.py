@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lmstack.errors import ConfigError
-from lmstack.fileio import read_json_object
+from lmstack.rag.embeddings import _read_json as _read_json_file
 
 _ACTIVATIONS = {"Sigmoid": torch.sigmoid, "Identity": lambda x: x, "Tanh": torch.tanh}
 
@@ -108,4 +108,7 @@ def _activation(config: dict, num_labels: int, path: Path):
 
 
 def _read_json(path: Path) -> dict | None:
-    return read_json_object(path, ConfigError) if path.is_file() else None
+    value = _read_json_file(path)
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
