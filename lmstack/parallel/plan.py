@@ -130,15 +130,24 @@ class Parallelized:
         return nullcontext()
 
     def forward_backward(self, objective, batch, scale: float) -> tuple[float, dict]:
-        """Loss and backward of one micro-batch on every rank; returns (the loss averaged over the
-        data-parallel ranks, this rank's metrics)."""
+        """Backward of one micro-batch's ``loss * scale`` on every rank; returns (``loss * scale`` averaged
+        over the data-parallel ranks, this rank's metrics)."""
         with peer_failures(self.world.rank):
             if self.pp > 1:
                 return self._pipeline_step(objective, batch, scale)
             with self.loss_context():
                 loss, metrics = objective(self.module, batch)
                 (loss * scale).backward()
-            return self._mean_over("dp", _scalar(loss)), metrics
+            return self._mean_over("dp", _scalar(loss) * scale), metrics
+
+    def sum_over_dp(self, value: int) -> int:
+        """``value`` summed over the data-parallel ranks (the step's scored tokens)."""
+        if self.dp == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.world.device)
+        with peer_failures(self.world.rank):
+            dist.all_reduce(t, group=self.mesh["dp"].get_group())
+        return int(t)
 
     def _pipeline_step(self, objective, batch, scale: float) -> tuple[float, dict]:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2) or not hasattr(objective, "pipeline_loss"):
@@ -157,7 +166,7 @@ class Parallelized:
         first, last = self.pp_rank == 0, self.pp_rank == self.pp - 1
         args = (inputs,) if first else ()
         self.schedule.step(*args, target=targets if last else None, losses=losses if last else None)
-        value = torch.tensor(float(sum(float(x) for x in losses) / len(losses) / scale) if last else 0.0)
+        value = torch.tensor(float(sum(float(x) for x in losses) / len(losses)) if last else 0.0)  # x: scaled
         dist.broadcast(value, dist.get_global_rank(self.mesh["pp"].get_group(), self.pp - 1),
                        group=self.mesh["pp"].get_group())
         tokens = int((targets != -100).sum())

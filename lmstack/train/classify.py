@@ -31,6 +31,10 @@ class ClassificationObjective:
         loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return loss, {"tokens": int((labels != IGNORE_INDEX).sum())}
 
+    def loss_items(self, batch: dict[str, torch.Tensor]) -> int:
+        """Labelled items of ``batch`` (the loss is their mean; the Trainer weighs micro-batches by them)."""
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
     def predict(self, model: nn.Module, batches: Iterable[dict]) -> tuple[list, list, float, int]:
         """(predictions, references, summed loss, scored items) in eval mode; token tasks give one list per row."""
         with evaluating(model):

@@ -71,6 +71,10 @@ class SpanCorruptionObjective:
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return loss, {"tokens": int((labels != IGNORE_INDEX).sum())}
 
+    def loss_items(self, batch: dict[str, torch.Tensor]) -> int:
+        """Labelled items of ``batch`` (the loss is their mean; the Trainer weighs micro-batches by them)."""
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
     def evaluate(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
         """Held-out target loss (nats per target token), perplexity and token accuracy."""
         nats, tokens, correct = 0.0, 0, 0

@@ -162,6 +162,10 @@ class CausalLMObjective:
         """Held-out loss, perplexity and bits per byte (``evaluate_lm``)."""
         return evaluate_lm(model, batches, self.token_bytes)
 
+    def loss_items(self, batch) -> int:
+        """The scored tokens of ``batch``: its loss is their mean (the Trainer weighs micro-batches by them)."""
+        return int((_unpack(batch)[1] != IGNORE_INDEX).sum())
+
     def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of one pipeline micro-batch from the last stage's logits (B, T, V) (dense models)."""
         return causal_lm_loss(logits, targets)

@@ -51,6 +51,12 @@ class Objective(Protocol):
     (averaged over gradient-accumulation micro-batches: reward margins, accuracies, KL, ...).
     ``evaluate(model, batches) -> dict`` returns ``eval_*`` numbers; an objective without it has no
     held-out evaluation (the Trainer refuses held-out data for it).
+
+    ``loss_items(batch) -> int`` (optional): how many items the batch's loss is the mean over (scored
+    tokens, for a language model). With it, each micro-batch's loss is weighted by its share of the step's
+    items, over gradient accumulation and data-parallel ranks together, so the gradient is that of the mean
+    over every scored token of the step: SFT rows of unequal length give the same update whether they come in
+    one batch, in accumulated micro-batches or on several ranks. Without it, micro-batches weigh equally.
     """
 
     def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]: ...
@@ -180,10 +186,11 @@ class Trainer:
         started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         total, tokens, logged = 0.0, 0, {}
-        for _ in range(self.config.grad_accum):
-            batch = to_device(self.train_data.next_batch(), self.device)
+        batches = [self.train_data.next_batch() for _ in range(self.config.grad_accum)]
+        for batch, weight in zip(batches, self._loss_weights(batches)):
+            batch = to_device(batch, self.device)
             with _autocast(self.device, self.autocast):
-                value, metrics = self._forward_backward(batch)
+                value, metrics = self._forward_backward(batch, weight)
             total += value
             tokens += metrics["tokens"]
             for key, number in metrics.items():  # the objective's own numbers, averaged over micro-batches
@@ -200,22 +207,37 @@ class Trainer:
         self.scheduler.step()
         self.tokens_seen += tokens
         seconds = time.perf_counter() - started
-        return {"loss": total / self.config.grad_accum, **logged, "lr": lr, "grad_norm": grad_norm,
+        return {"loss": total, **logged, "lr": lr, "grad_norm": grad_norm,
                 "tokens": self.tokens_seen, "tokens_per_s": tokens / seconds}
 
-    def _forward_backward(self, batch) -> tuple[float, dict]:
-        """One micro-batch's loss (its value returned) and backward; stops before any update on a non-finite loss."""
+    def _loss_weights(self, batches: list) -> list[float]:
+        """Each micro-batch's weight in the step's loss: its share of the items scored over every micro-batch
+        and data-parallel rank (times the ranks, whose gradients are averaged), or 1 / grad_accum each."""
+        count = getattr(self.objective, "loss_items", None)
+        if count is None:
+            return [1.0 / len(batches)] * len(batches)
+        items = [int(count(batch)) for batch in batches]
+        total = sum(items) if self.parallel is None else self.parallel.sum_over_dp(sum(items))
+        if total == 0:
+            raise NumericalError(f"step {self.step + 1} has no scored items (every label of its batches is "
+                                 "ignored): check the data's loss mask, e.g. SFT rows cut before the answer")
+        ranks = 1 if self.parallel is None else self.parallel.dp
+        return [n * ranks / total for n in items]
+
+    def _forward_backward(self, batch, weight: float) -> tuple[float, dict]:
+        """One micro-batch's backward of ``loss * weight`` (that value returned); stops before any update on a
+        non-finite loss."""
         if self.parallel is not None:
-            value, metrics = self.parallel.forward_backward(self.objective, batch, 1 / self.config.grad_accum)
+            value, metrics = self.parallel.forward_backward(self.objective, batch, weight)
         else:
             loss, metrics = self.objective(self.train_model, batch)
-            value = float(loss.detach())
+            value = float(loss.detach()) * weight
         if not math.isfinite(value):  # stop before the update: the weights and the checkpoints stay good
             raise NumericalError(f"the training loss became {value} at step {self.step + 1}; the weights were "
                                  f"not updated, and the last checkpoint in {self.run_dir} is from before it "
                                  "(lower the learning rate or enable gradient clipping)")
         if self.parallel is None:
-            (loss / self.config.grad_accum).backward()
+            (loss * weight).backward()
         return value, metrics
 
     def _evaluate(self, final: bool = False) -> dict:

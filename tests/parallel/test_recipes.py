@@ -4,8 +4,8 @@ process, resume a run at another strategy, export a plain Hugging Face folder fr
 LoRA adapter on replicas; bad layouts are named on every rank.
 
 Tolerances as in test_two_ranks.py: losses 1e-5, exported weights 1e-4 (fp32 reduction order). SFT rows have
-unequal token counts, so a data-parallel SFT loss (the mean of each rank's token mean, as gradient
-accumulation averages micro-batches) is not the one-process loss; its run is checked for training and exports.
+unequal token counts: each rank's loss is weighted by its share of the step's scored tokens (the Trainer's
+``loss_items``), so data-parallel SFT also equals one process.
 """
 
 import json
@@ -65,6 +65,7 @@ def runs(tmp_path_factory):
     # The one-process references: the same command lines without --parallel.*.
     assert main([*PRETRAIN, "--out", str(root / "single")]) == 0
     assert main([*finetune, "--out", str(root / "finetune_single")]) == 0
+    assert main([*sft, "--out", str(root / "sft_single")]) == 0
     outcome = {c["name"]: [json.loads((root / f"{c['name']}-rank{r}.json").read_text()) for r in (0, 1)]
                for c in cases}
     return root, outcome
@@ -107,11 +108,14 @@ def test_finetune_causal_lm_under_torchrun(runs):
     _weights_close(root / "finetune" / "model", root / "finetune_single" / "model")
 
 
-def test_sft_lora_on_replicas_trains_and_exports(runs):
+def test_sft_lora_on_replicas_trains_like_one_process_and_exports(runs):
     root, outcome = runs
     assert [o["code"] for o in outcome["sft"]] == [0, 0], outcome["sft"]
     records = read_metrics(root / "sft" / "metrics.jsonl")
     assert len(records) == 3 and all(r["loss"] > 0 for r in records)
+    # Rows of unequal length, one per rank: equal to one process only through token-weighted losses.
+    torch.testing.assert_close(_losses(root / "sft"), _losses(root / "sft_single"), atol=1e-5, rtol=0)
+    _weights_close(root / "sft" / "model", root / "sft_single" / "model")
     assert (root / "sft" / "adapter" / "adapter_config.json").is_file()
     load_adapter(load_hf(root / "base"), root / "sft" / "adapter")  # rank 0's adapter loads onto the base
     assert load_hf(root / "sft" / "model").config.vocab_size > 0

@@ -9,7 +9,7 @@ import torch
 from lmstack.checkpoints import train_state
 from lmstack.checkpoints.train_state import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 from lmstack.data import PackedBlocks, open_split, write_token_shards
-from lmstack.errors import CheckpointError, ConfigError
+from lmstack.errors import CheckpointError, ConfigError, NumericalError
 from lmstack.models import build_model
 from lmstack.models.config import DecoderConfig
 from lmstack.train import (IGNORE_INDEX, CausalLMObjective, TrainConfig, Trainer, causal_lm_loss, linear_cross_entropy,
@@ -73,6 +73,61 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     for p, q in zip(one.parameters(), two.parameters()):
         torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
     assert not all(torch.equal(p, q) for p, q in zip(base.parameters(), one.parameters()))
+
+
+class _Rows:
+    """SFT-like dict batches cut in order from fixed rows whose scored tokens differ (1 to 12 per row)."""
+
+    def __init__(self, batch_size: int) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.rows, self.batch_size, self.position = [], batch_size, 0
+        for scored in (1, 12, 3, 9, 2, 7, 12, 4):
+            ids = torch.randint(1, 64, (16,), generator=g)
+            labels = torch.full((16,), IGNORE_INDEX)
+            labels[:scored] = torch.randint(1, 64, (scored,), generator=g)
+            self.rows.append((ids, labels))
+
+    def next_batch(self) -> dict:
+        rows = [self.rows[(self.position + i) % len(self.rows)] for i in range(self.batch_size)]
+        self.position += self.batch_size
+        return {"input_ids": torch.stack([r[0] for r in rows]), "labels": torch.stack([r[1] for r in rows])}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def test_accumulation_weighs_micro_batches_by_their_scored_tokens(tmp_path):
+    """Rows with 1 to 12 scored tokens: two micro-batches of 2 make the same update and log the same loss as one
+    batch of 4 (the mean over every scored token of the step, not the mean of the two micro-batch means)."""
+    base = build_model(TINY, seed=0)
+    one, two = copy.deepcopy(base), copy.deepcopy(base)
+    config = dict(max_steps=2, warmup_steps=1, eval_every=0, checkpoint_every=100, progress=False)
+    first = Trainer(one, CausalLMObjective(), _Rows(4), TrainConfig(batch_size=4, **config), tmp_path / "a").fit()
+    second = Trainer(two, CausalLMObjective(), _Rows(2), TrainConfig(batch_size=2, grad_accum=2, **config),
+                     tmp_path / "b").fit()
+    assert first["loss"] == pytest.approx(second["loss"], rel=1e-5)
+    for p, q in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
+    # Weighing the micro-batches equally (an objective without loss_items) moves the weights elsewhere: the
+    # first two rows hold 1 and 12 scored tokens, the next two 3 and 9.
+    unweighted = copy.deepcopy(base)
+    Trainer(unweighted, lambda model, batch: CausalLMObjective()(model, batch), _Rows(2),
+            TrainConfig(batch_size=2, grad_accum=2, **config), tmp_path / "c").fit()
+    assert max(float((p - q).detach().abs().max()) for p, q in zip(one.parameters(), unweighted.parameters())) > 1e-4
+    assert CausalLMObjective().loss_items(_Rows(4).next_batch()) == 1 + 12 + 3 + 9
+
+
+def test_a_step_without_scored_tokens_is_named(tmp_path):
+    source = _Rows(2)
+    for ids, labels in source.rows:
+        labels.fill_(IGNORE_INDEX)
+    trainer = Trainer(build_model(TINY, seed=0), CausalLMObjective(), source,
+                      TrainConfig(max_steps=1, batch_size=2, eval_every=0, progress=False), tmp_path)
+    with pytest.raises(NumericalError, match="no scored items"):
+        trainer.fit()
 
 
 def test_loss_decreases_and_metrics_are_logged(tmp_path):
