@@ -2,6 +2,7 @@
 Observation back, until the model gives a Final Answer or a budget runs out.
 
     agent = ReActAgent(ChatModel(open_model("smollm2.gguf")), [calculator(), file_lookup("docs/")])
+    agent = ReActAgent(ServerChat("http://127.0.0.1:8000"), [calculator()])     # or a running lmstack serve
     result = agent.run("What is 17% of 2350?")
     result.answer, result.stopped, result.steps[0].tool, result.steps[0].observation
 
@@ -19,17 +20,16 @@ first JSON object after "Action:", or LangChain's ``Action: name`` + ``Action In
 an unknown tool or bad arguments becomes an "Error: ..." observation the model can correct, never a crash.
 """
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import regex
-import torch
 
 from lmstack.agents.tools import Tool, ToolError
 from lmstack.errors import ConfigError
-from lmstack.generate import GenerationConfig, generate
+from lmstack.rag.chat import LanguageModel, LocalChat
+
+ChatModel = LocalChat  # the name agents have used: a model in this process (ServerChat: a running server)
 
 FORMAT = """Answer the question. You can use these tools:
 {tools}
@@ -47,40 +47,6 @@ _ACTION = regex.compile(r"Action\s*:\s*(.*)", regex.IGNORECASE | regex.DOTALL)
 _ACTION_INPUT = regex.compile(r"^\s*([\w.-]+)\s*\n?\s*Action Input\s*:\s*(.*)$", regex.IGNORECASE | regex.DOTALL)
 _THOUGHT = regex.compile(r"^\s*(?:Thought\s*:)?\s*(.*?)\s*(?=Action\s*:|Final Answer\s*:|$)",
                          regex.IGNORECASE | regex.DOTALL)
-
-
-class LanguageModel(Protocol):
-    def complete(self, messages: list[dict], continuation: str, stop: list[str],
-                 max_new_tokens: int) -> tuple[str, int]:
-        """The text generated after the chat prompt of ``messages`` plus ``continuation`` (the assistant's turn so
-        far), up to the first of ``stop`` (excluded); and how many tokens it took."""
-
-
-class ChatModel:
-    """A LanguageModel over lmstack ModelFiles (``lmstack.checkpoints.model_files.open_model``): greedy by
-    default; ``config`` sets sampling."""
-
-    def __init__(self, files, config: GenerationConfig | None = None) -> None:
-        if files.tokenizer is None:
-            raise ConfigError(f"{files.path}: an agent needs the model's tokenizer")
-        self.files, self.config = files, config or GenerationConfig()
-        self.context = getattr(files.model.config, "context_limit", None) or files.model.config.max_seq_len
-
-    def complete(self, messages, continuation, stop, max_new_tokens):
-        prompt = self.files.render_chat(messages) + continuation
-        ids = self.files.tokenizer.encode(prompt, add_special_tokens=False)
-        max_new_tokens = min(max_new_tokens, self.context - len(ids))
-        if max_new_tokens < 1:
-            return "", 0
-        config = dataclasses.replace(self.config, max_new_tokens=max_new_tokens, stop_strings=stop,
-                                     eos_token_id=self.config.eos_token_id or self.files.stop_ids or None)
-        # One row: generation ends when it does, so there is no padding to strip.
-        new = generate(self.files.model, torch.tensor([ids]), config, tokenizer=self.files.tokenizer)[0, len(ids):]
-        new = new.tolist()
-        text = self.files.tokenizer.decode(new, skip_special_tokens=True)
-        for s in stop:
-            text = text.split(s)[0]
-        return text, len(new)
 
 
 @dataclass

@@ -6,6 +6,7 @@ search, re-ranking and retrieval-augmented generation.
     index = Index.build("my-index", load_documents("notes/"), encoder, encoder_name="dir")
     index.search("question", k=5, mode="hybrid")
     answer("question", index, files)          # files: lmstack.checkpoints.model_files.open_model(...)
+    answer("question", index, ServerChat("http://127.0.0.1:8000"))   # or a running lmstack serve
 """
 
 from lmstack.lazy import lazy_exports
@@ -18,5 +19,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "store": ["ChunkStore"],
     "retrieve": ["Hit", "Index", "reciprocal_rank_fusion", "relative_score_fusion"],
     "rerank": ["CrossEncoder", "EmbeddingReranker"],
-    "answering": ["Answer", "Citation", "answer", "build_prompt", "cited", "prompt_ids", "stream_answer"],
+    "answering": ["Answer", "Citation", "answer", "build_prompt", "cited", "prompt_messages", "stream_answer"],
+    "chat": ["LanguageModel", "LocalChat", "ServerChat", "as_chat"],
 })

@@ -16,6 +16,7 @@ from pathlib import Path
 from lmstack.errors import ConfigError
 from lmstack.rag import SentenceEncoder
 from lmstack.rag.answering import Answer, stream_answer
+from lmstack.rag.chat import ServerChat
 from lmstack.rag.documents import load_documents
 from lmstack.rag.rerank import CrossEncoder
 from lmstack.rag.retrieve import Index
@@ -83,10 +84,13 @@ def query(cfg: RagQueryConfig) -> list:
 
 def ask(cfg: RagAskConfig) -> Answer:
     found = _open(cfg.index, cfg.encoder)
-    files = open_for_decoding(cfg)
-    config = to_generation_config(cfg, eos_token_id=files.stop_ids)
+    if cfg.server is not None:
+        model, config = ServerChat(cfg.server, temperature=cfg.temperature or 0.0), None
+    else:
+        model = open_for_decoding(cfg)
+        config = to_generation_config(cfg, eos_token_id=model.stop_ids)
     result = None
-    for piece in stream_answer(cfg.question, found, files, k=cfg.k, mode=cfg.mode, where=parse_where(cfg.where),
+    for piece in stream_answer(cfg.question, found, model, k=cfg.k, mode=cfg.mode, where=parse_where(cfg.where),
                                max_new_tokens=cfg.max_new_tokens, config=config, fusion=cfg.fusion,
                                rerank=_reranker(cfg.rerank)):
         if isinstance(piece, Answer):

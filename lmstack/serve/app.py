@@ -28,7 +28,8 @@ from lmstack.errors import LmstackError
 from lmstack.serve.json_mode import JSONObjectConstraint, JSONVocabulary
 from lmstack.serve.json_schema import SchemaPrefix, schema_from_request
 from lmstack.serve.outputs import Choice
-from lmstack.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
+from lmstack.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest, \
+    error_body
 from lmstack.serve.runner import EngineRunner, Handle
 from lmstack.serve.sampling import SamplingParams
 
@@ -92,10 +93,20 @@ class Server:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r}", "model",
                            code="model_not_found")
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, body: ChatCompletionRequest | TokenizeRequest) -> list[int]:
+        """The prompt's token ids: the chat template over ``body.messages``; with ``continue_final_message``, the
+        messages before the last (the assistant's turn opened) followed by the last one's text, left open."""
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        opened = getattr(body, "add_generation_prompt", True)
+        if body.continue_final_message:
+            if messages[-1]["role"] != "assistant":
+                raise APIError(400, "continue_final_message: the last message must be the assistant's (the text "
+                               f"to continue), not {messages[-1]['role']!r}", "continue_final_message")
+            messages, tail, opened = messages[:-1], messages[-1]["content"], True
+        else:
+            tail = ""
         try:
-            text = self.files.render_chat(messages)
+            text = (self.files.render_chat(messages, add_generation_prompt=opened) if messages else "") + tail
         except LmstackError as error:
             raise APIError(400, f"messages: {error}", "messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -324,6 +335,21 @@ def _completion_prompts(server: Server, prompt) -> list[list[int]]:
     return out
 
 
+def tokenize(server: Server, body: TokenizeRequest) -> dict:
+    server.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give either prompt or messages", "prompt")
+    if body.prompt is not None:
+        if body.continue_final_message:
+            raise APIError(400, "continue_final_message applies to messages, not to a prompt",
+                           "continue_final_message")
+        tokens = server.tokenizer.encode(body.prompt, add_special_tokens=False)
+    else:
+        tokens = server.chat_prompt(body)
+    limit = server.context or server.files.model.config.max_seq_len  # None: dynamic RoPE; report the trained length
+    return {"count": len(tokens), "max_model_len": limit, "tokens": tokens}
+
+
 async def embeddings(server: Server, body: EmbeddingRequest):
     server.check_model(body.model, embedding=True)
     inputs = [body.input] if isinstance(body.input, str) else body.input
@@ -391,6 +417,10 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions", responses=STREAMED)
     async def _completions(body: CompletionRequest, request: Request):
         return await completions(server, body, request)
+
+    @app.post("/tokenize", responses=ERRORS)
+    async def _tokenize(body: TokenizeRequest):
+        return tokenize(server, body)
 
     @app.post("/v1/embeddings", responses=ERRORS)
     async def _embeddings(body: EmbeddingRequest):

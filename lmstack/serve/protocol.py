@@ -79,6 +79,20 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
+    # vLLM's extension: the final (assistant) message is left open and the reply continues it (an agent's
+    # "Thought: ... Action:" so far); the reply holds only the new text.
+    continue_final_message: bool = False
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's ``POST /tokenize``: a ``prompt`` as given, or ``messages`` rendered by the chat template (with the
+    assistant's turn opened, or the final message continued) -> {"count", "max_model_len", "tokens"}."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class CompletionRequest(_Sampling):

@@ -5,7 +5,8 @@ import pytest
 
 from lmstack.checkpoints.model_files import open_model
 from lmstack.errors import DataError
-from lmstack.rag.answering import Answer, answer, build_prompt, cited, prompt_ids, stream_answer
+from lmstack.rag.answering import Answer, answer, build_prompt, cited, prompt_messages, stream_answer
+from lmstack.rag.chat import LocalChat
 from lmstack.rag.documents import Chunk
 from lmstack.rag.retrieve import Hit
 from tests.serve.conftest import chat_model_dir  # noqa: F401  (the tiny chat checkpoint fixture)
@@ -33,11 +34,12 @@ class FakeIndex:
 
 def test_sources_are_added_best_first_while_they_fit(files):
     hits = [hit(i, 2) for i in range(12)]
-    ids, used, left_out = build_prompt("What trains?", hits, files, 32, system="Cite sources.")
+    messages, used, left_out, tokens = build_prompt("What trains?", hits, files, 32, system="Cite sources.")
     limit = files.model.config.context_limit
     assert 0 < len(used) < len(hits) and used == hits[:len(used)] and left_out == hits[len(used):]
-    assert len(ids) + 32 <= limit
-    more = prompt_ids("What trains?", hits[:len(used) + 1], files, system="Cite sources.")
+    ids = LocalChat(files).prompt_ids(messages)
+    assert len(ids) == tokens and len(ids) + 32 <= limit
+    more = LocalChat(files).prompt_ids(prompt_messages("What trains?", hits[:len(used) + 1], system="Cite sources."))
     assert len(more) + 32 > limit  # the next source really would not have fit
     assert files.tokenizer.decode(ids).count("[1] (doc0)") == 1
 

@@ -8,7 +8,7 @@ import pytest
 
 from lmstack.cli import main
 from tests.rag.conftest import docs_dir, encoder  # noqa: F401
-from tests.serve.conftest import chat_model_dir  # noqa: F401
+from tests.serve.conftest import LiveServer, chat_model_dir, make_server  # noqa: F401
 
 
 @pytest.fixture
@@ -66,6 +66,25 @@ def test_ask_with_a_small_chat_model(index_dir, chat_model_dir, capsys):  # noqa
                  "--max-new-tokens", "8", "--no-fast-kernels"]) == 0
     out = capsys.readouterr().out
     assert "sources:" in out
+
+
+def test_ask_through_a_running_server_prints_what_the_local_model_prints(index_dir, chat_model_dir,  # noqa: F811
+                                                                          capsys):
+    ask = ["rag", "ask", str(index_dir), "What does LoRA train?", "--k", "2", "--max-new-tokens", "8"]
+    assert main([*ask, "--model", str(chat_model_dir), "--no-fast-kernels"]) == 0
+    here = capsys.readouterr().out
+    live = LiveServer(make_server(chat_model_dir))
+    try:
+        assert main([*ask, "--server", live.url]) == 0
+        assert capsys.readouterr().out == here and "sources:" in here
+        assert main([*ask, "--server", live.url, "--top-k", "5"]) == 2
+        assert "with --server only --temperature is sent" in capsys.readouterr().err
+    finally:
+        live.stop()
+    assert main([*ask, "--server", live.url]) == 2  # stopped: named, no traceback
+    assert "cannot reach the model server" in capsys.readouterr().err
+    assert main(ask) == 2
+    assert "--model PATH or --server URL" in capsys.readouterr().err
 
 
 def test_ask_smollm2_cites_the_source(index_dir, capsys):

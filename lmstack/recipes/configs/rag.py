@@ -72,7 +72,10 @@ class RagAskConfig(SamplingOptions):
 
     index: Path = field(help="index directory (lmstack rag index)", positional=True)
     question: str = field(help="the question", positional=True)
-    model: Path = field(help="chat model: checkpoint directory, .gguf file, or smollm2-135m-instruct (bundled)")
+    model: Path | None = field(None, help="chat model: checkpoint directory, .gguf file, or smollm2-135m-instruct "
+                                          "(bundled); or --server")
+    server: str | None = field(None, help="generate with a running `lmstack serve` (or any server with vLLM's "
+                                          "/tokenize) at this URL, e.g. http://127.0.0.1:8000, instead of --model")
     k: int = field(4, help="sources to retrieve (as many as fit the context are used)")
     mode: Literal["dense", "bm25", "hybrid"] = field("hybrid", help="how sources are ranked")
     fusion: Literal["relative", "rrf"] = field("relative", help="hybrid fusion (see lmstack rag query --help)")
@@ -85,6 +88,16 @@ class RagAskConfig(SamplingOptions):
         super().__post_init__()
         if self.k < 1:
             raise ConfigError(f"--k {self.k} must be at least 1")
+        if (self.model is None) == (self.server is None):
+            raise ConfigError("give the chat model as --model PATH or --server URL (one of them)")
+        if self.server is not None:
+            local = [flag for flag, value in (("--top-k", self.top_k), ("--top-p", self.top_p), ("--seed", self.seed),
+                                              ("--quantize", None if self.quantize == "none" else self.quantize),
+                                              ("--repetition-penalty", None if self.repetition_penalty == 1.0
+                                               else self.repetition_penalty)) if value is not None]
+            if local:
+                raise ConfigError(f"{', '.join(local)} set a model loaded here; with --server only --temperature is "
+                                  "sent (set the rest when starting the server)")
         parse_where(self.where)
 
 
