@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lmstack.errors import ConfigError
+from lmstack.nn.packed_linear import pack_linears_
 from lmstack.rag.embeddings import _read_json as _read_json_file
 
 _ACTIVATIONS = {"Sigmoid": torch.sigmoid, "Identity": lambda x: x, "Tanh": torch.tanh}
@@ -31,10 +32,11 @@ class CrossEncoder:
         path: a checkpoint directory (config.json with BertForSequenceClassification, weights, tokenizer).
         max_length: pairs longer than this are cut, the longer text first (transformers' "longest_first");
             default: the tokenizer's model_max_length, at most the position table.
+        packed: on CPU, oneDNN-packed linears (as ``SentenceEncoder``); False keeps the plain modules.
     """
 
     def __init__(self, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, packed: bool = True) -> None:
         from lmstack.checkpoints.hf import load_hf
         from lmstack.models.encoder import Encoder
         from lmstack.tokenizers import load_tokenizer
@@ -45,6 +47,8 @@ class CrossEncoder:
             raise ConfigError(f"{path}: a cross-encoder is a BERT sequence-classification checkpoint "
                               f"(BertForSequenceClassification), got {type(self.model).__name__} "
                               f"with head {getattr(self.model.config, 'head', None)!r}")
+        if packed and torch.device(device).type == "cpu":
+            pack_linears_(self.model)
         self.tokenizer = load_tokenizer(path)
         self.device = torch.device(device)
         config = _read_json(path / "config.json")

