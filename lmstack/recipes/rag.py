@@ -85,7 +85,8 @@ def query(cfg: RagQueryConfig) -> list:
 def ask(cfg: RagAskConfig) -> Answer:
     found = _open(cfg.index, cfg.encoder)
     if cfg.server is not None:
-        model, config = ServerChat(cfg.server, temperature=cfg.temperature or 0.0), None
+        temperature = cfg.temperature if cfg.temperature is not None else 1.0 if cfg.do_sample else 0.0
+        model, config = ServerChat(cfg.server, temperature=temperature), None
     else:
         model = open_for_decoding(cfg)
         config = to_generation_config(cfg, eos_token_id=model.stop_ids)
