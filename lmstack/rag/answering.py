@@ -23,7 +23,7 @@ import regex
 
 from lmstack.errors import ConfigError, DataError
 from lmstack.generate import GenerationConfig
-from lmstack.rag.chat import LocalChat, as_chat
+from lmstack.rag.chat import LocalChat, as_chat, is_language_model
 from lmstack.rag.retrieve import Hit
 
 SYSTEM = ("Answer the question using only the numbered sources below. Cite each fact with its source number in "
@@ -106,7 +106,7 @@ def stream_answer(question: str, index, model, *, k: int = 4, mode: str = "hybri
     """Yield the answer's text as it is generated, then the finished :class:`Answer`. ``model``: ModelFiles
     (``config`` sets its sampling; greedy by default) or a LanguageModel such as ``ServerChat``. ``fusion`` and
     ``rerank`` (a re-ranker) choose how sources are retrieved, as in ``Index.search``."""
-    if hasattr(model, "complete"):
+    if is_language_model(model):
         if config is not None:
             raise ConfigError("config= sets the sampling of a model in this process; a LanguageModel such as "
                               "ServerChat takes its own settings")

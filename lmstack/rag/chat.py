@@ -150,9 +150,14 @@ class ServerChat:
                               "`lmstack serve MODEL` or check --server") from None
 
 
+def is_language_model(model) -> bool:
+    """True for a LanguageModel (LocalChat, ServerChat, your own), False for ModelFiles."""
+    return all(hasattr(model, name) for name in ("complete", "count_tokens", "stream"))  # (context_limit: a call)
+
+
 def as_chat(model) -> LanguageModel:
     """``model`` itself when it is a LanguageModel, else ModelFiles wrapped in a LocalChat."""
-    return model if hasattr(model, "complete") and hasattr(model, "count_tokens") else LocalChat(model)
+    return model if is_language_model(model) else LocalChat(model)
 
 
 def _with_continuation(messages: list[dict], continuation: str) -> list[dict]:

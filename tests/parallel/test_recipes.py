@@ -1,7 +1,7 @@
 """The training commands under ``torchrun`` (one 2-rank launch for the module, running several command lines):
 ``lmstack pretrain`` / ``finetune --task causal_lm`` with --parallel.* train like the same command in one
 process, resume a run at another strategy, export a plain Hugging Face folder from rank 0; ``sft`` trains a
-LoRA adapter on replicas; bad layouts are named on every rank.
+LoRA adapter on replicas (DDP and ZeRO-1) equal to one process; bad layouts are named on every rank.
 
 Tolerances as in test_two_ranks.py: losses 1e-5, exported weights 1e-4 (fp32 reduction order). SFT rows have
 unequal token counts: each rank's loss is weighted by its share of the step's scored tokens (the Trainer's
@@ -54,6 +54,7 @@ def runs(tmp_path_factory):
          "argv": [*PRETRAIN, "--out", str(root / "resumed"), "--resume"]},
         {"name": "finetune", "argv": [*finetune, "--out", str(root / "finetune"), "--parallel.strategy", "zero2"]},
         {"name": "sft", "argv": [*sft, "--out", str(root / "sft")]},
+        {"name": "sft_zero1", "argv": [*sft, "--out", str(root / "sft1"), "--parallel.strategy", "zero1"]},
         {"name": "sft_zero3", "argv": [*sft, "--out", str(root / "sft3"), "--parallel.strategy", "zero3"]},
         {"name": "bad_world", "argv": [*PRETRAIN, "--out", str(root / "bad"), "--parallel.tp", "3"]},
     ]
@@ -94,31 +95,31 @@ def test_pretrain_under_torchrun_trains_like_one_process(runs, name):
     assert (root / name / "checkpoints" / "step-0000006" / "sharded").is_dir()
 
 
-def test_pretrain_resumes_at_another_strategy(runs):
+def _like_one_process(runs, name, run, single):
+    """Case ``name`` ran on both ranks and its run directory ``run`` logged the losses and exported the weights of
+    the one-process run ``single``."""
     root, outcome = runs
-    assert [o["code"] for o in outcome["resumed"]] == [0, 0], outcome["resumed"]
-    torch.testing.assert_close(_losses(root / "resumed"), _losses(root / "single"), atol=1e-5, rtol=0)
-    _weights_close(root / "resumed" / "model", root / "single" / "model")
+    assert [o["code"] for o in outcome[name]] == [0, 0], outcome[name]
+    torch.testing.assert_close(_losses(root / run), _losses(root / single), atol=1e-5, rtol=0)
+    _weights_close(root / run / "model", root / single / "model")
+
+
+def test_pretrain_resumes_at_another_strategy(runs):
+    _like_one_process(runs, "resumed", "resumed", "single")
 
 
 def test_finetune_causal_lm_under_torchrun(runs):
-    root, outcome = runs
-    assert [o["code"] for o in outcome["finetune"]] == [0, 0], outcome["finetune"]
-    torch.testing.assert_close(_losses(root / "finetune"), _losses(root / "finetune_single"), atol=1e-5, rtol=0)
-    _weights_close(root / "finetune" / "model", root / "finetune_single" / "model")
+    _like_one_process(runs, "finetune", "finetune", "finetune_single")
 
 
-def test_sft_lora_on_replicas_trains_like_one_process_and_exports(runs):
-    root, outcome = runs
-    assert [o["code"] for o in outcome["sft"]] == [0, 0], outcome["sft"]
-    records = read_metrics(root / "sft" / "metrics.jsonl")
-    assert len(records) == 3 and all(r["loss"] > 0 for r in records)
+@pytest.mark.parametrize("name, run", [("sft", "sft"), ("sft_zero1", "sft1")])
+def test_sft_lora_on_replicas_trains_like_one_process_and_exports(runs, name, run):
     # Rows of unequal length, one per rank: equal to one process only through token-weighted losses.
-    torch.testing.assert_close(_losses(root / "sft"), _losses(root / "sft_single"), atol=1e-5, rtol=0)
-    _weights_close(root / "sft" / "model", root / "sft_single" / "model")
-    assert (root / "sft" / "adapter" / "adapter_config.json").is_file()
-    load_adapter(load_hf(root / "base"), root / "sft" / "adapter")  # rank 0's adapter loads onto the base
-    assert load_hf(root / "sft" / "model").config.vocab_size > 0
+    _like_one_process(runs, name, run, "sft_single")
+    root, _ = runs
+    assert len(read_metrics(root / run / "metrics.jsonl")) == 3
+    assert (root / run / "adapter" / "adapter_config.json").is_file()
+    load_adapter(load_hf(root / "base"), root / run / "adapter")  # rank 0's adapter loads onto the base
 
 
 def test_bad_layouts_are_named_on_every_rank(runs):

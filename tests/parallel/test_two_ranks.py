@@ -18,6 +18,7 @@ CASES = {
     "tp": "tp=2,dp=1", "tp_tied": "tp=2,dp=1,tied=1", "pp_gpipe": "pp=2,dp=1,pp_schedule=gpipe",
     "pp_1f1b": "pp=2,dp=1,pp_schedule=1f1b,microbatches=4",
     "zero3_checkpointed": "dp=2,strategy=zero3,activation_checkpointing=1",
+    "pp_checkpointed": "pp=2,dp=1,pp_schedule=1f1b,microbatches=4,activation_checkpointing=1",
     # Resumed from step 10 of the ddp / zero3 / tp runs on the same world size: bitwise the same steps 11-20.
     "ddp_resumed": "dp=2,resume_from=ddp@10", "zero3_resumed": "dp=2,strategy=zero3,resume_from=zero3@10",
     "tp_resumed": "tp=2,dp=1,resume_from=tp@10",
