@@ -15,7 +15,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "embeddings": ["SentenceEncoder", "cosine_similarity_matrix", "pool"],
     "documents": ["Chunk", "Document", "chunk_documents", "load_documents"],
     "bm25": ["BM25", "tokenize"],
-    "index": ["ExactIndex", "FaissIndex", "IVFIndex", "build_index", "kmeans"],
+    "index": ["ExactIndex", "FaissIndex", "IVFIndex", "build_index", "kmeans", "train_centroids"],
     "store": ["ChunkStore"],
     "retrieve": ["Hit", "Index", "reciprocal_rank_fusion", "relative_score_fusion"],
     "rerank": ["CrossEncoder", "EmbeddingReranker"],

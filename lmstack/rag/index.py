@@ -3,6 +3,7 @@
     index = ExactIndex(vectors)                    # (N, D) float32
     scores, rows = index.search(queries, k=5)      # (Q, 5) each, best first; rows -1 / scores -inf past the end
     IVFIndex(vectors, n_lists=1024, n_probe=16)    # approximate: k-means lists, only n_probe of them scanned
+    IVFIndex(vectors, centroids=train_centroids(vectors))   # lists trained once, reused (Index saves them)
     FaissIndex(vectors, "hnsw")                    # the same interface over faiss, when it is installed
 
 Every ``search`` takes ``allowed``, an optional (N,) bool mask (metadata filters, deleted rows): rows where it
@@ -72,6 +73,22 @@ def kmeans(vectors: torch.Tensor, n: int, iterations: int = 20, seed: int = 0) -
     return centroids
 
 
+def default_lists(n: int, n_lists: int | None = None) -> int:
+    """IVF lists for ``n`` vectors: ``n_lists`` if given, else ~4·sqrt(n); at least 1, at most n."""
+    return max(1, min(n_lists or round(4 * math.sqrt(n)), n))
+
+
+def train_centroids(vectors: torch.Tensor, n_lists: int | None = None, seed: int = 0,
+                    iterations: int = 10) -> torch.Tensor:
+    """(n_lists, D) IVF list centroids: spherical k-means on at most 64 sampled vectors a list."""
+    vectors = _check(vectors)
+    n, lists = len(vectors), default_lists(len(vectors), n_lists)
+    sample = vectors
+    if n > 64 * lists:
+        sample = vectors[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:64 * lists]]
+    return kmeans(sample, lists, iterations, seed)
+
+
 class IVFIndex:
     """Inverted file: k-means splits the vectors into ``n_lists`` lists; a query scans only the ``n_probe``
     lists whose centroids it is closest to. Vectors are stored sorted by list, so each list is one slice.
@@ -81,22 +98,24 @@ class IVFIndex:
         n_lists: lists (default ~4·sqrt(N)); k-means trains on at most 64 vectors a list (faiss warns
             below 39).
         n_probe: lists scanned per query: more is slower and closer to exact.
+        centroids: (n_lists, D) lists trained before (``train_centroids``; an index reopened, rows added
+            since): the vectors are only assigned to them, as faiss's IVF ``add`` does after ``train``.
     """
 
     def __init__(self, vectors: torch.Tensor, n_lists: int | None = None, n_probe: int = 16, seed: int = 0,
-                 iterations: int = 10) -> None:
+                 iterations: int = 10, centroids: torch.Tensor | None = None) -> None:
         vectors = _check(vectors)
-        n = len(vectors)
-        if n == 0:
+        if len(vectors) == 0:
             raise ConfigError("an IVF index needs at least one vector")
-        self.n_lists = max(1, min(n_lists or round(4 * math.sqrt(n)), n))
         if n_probe < 1:
             raise ConfigError(f"n_probe={n_probe} must be at least 1")
         self.n_probe = n_probe
-        sample = vectors
-        if n > 64 * self.n_lists:
-            sample = vectors[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:64 * self.n_lists]]
-        self.centroids = kmeans(sample, self.n_lists, iterations, seed)
+        if centroids is None:
+            centroids = train_centroids(vectors, n_lists, seed, iterations)
+        elif centroids.ndim != 2 or centroids.shape[1] != vectors.shape[1]:
+            raise ConfigError(f"IVF centroids of shape {tuple(centroids.shape)} do not fit vectors of "
+                              f"width {vectors.shape[1]}")
+        self.centroids, self.n_lists = centroids.float(), len(centroids)
         assign = torch.cat([(part @ self.centroids.T).argmax(1) for part in vectors.split(65536)])
         self.order = torch.argsort(assign, stable=True)  # sorted position -> original row
         self.sorted = vectors[self.order]

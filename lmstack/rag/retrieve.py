@@ -16,20 +16,23 @@ both rankings equally.
 """
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lmstack.errors import ConfigError, DataError
+from lmstack.errors import CheckpointError, ConfigError, DataError
 from lmstack.rag.bm25 import BM25, ENGLISH_STOPWORDS, tokenize
 from lmstack.rag.documents import Chunk, Document, chunk_documents
-from lmstack.rag.index import ExactIndex, build_index
+from lmstack.rag.index import ExactIndex, IVFIndex, build_index, default_lists, train_centroids
 from lmstack.rag.rerank import rerank_order
 from lmstack.rag.store import ChunkStore
 
 MODES = ("dense", "bm25", "hybrid")
+IVF_FILE = "ivf-centroids.safetensors"  # the trained IVF lists, beside the store
 FUSIONS = ("relative", "rrf")
 RRF_K = 60  # Cormack et al. (2009): the constant that damps the top ranks' weight
 DENSE_WEIGHT = 0.75  # relative-score fusion's default dense share (Weaviate's hybrid default; not tuned here)
@@ -227,7 +230,38 @@ class Index:
         self.rows = self.store.live_rows()
         self._metadata = [c.metadata for c in self.store.chunks(self.rows)]
         vectors = self.store.vectors(self.rows)
-        self.dense_index = (build_index(vectors, self.kind, **self.index_options) if self.kind != "exact" and len(vectors)
-                            else ExactIndex(vectors))
+        if self.kind == "ivf" and len(vectors):
+            options = {k: v for k, v in self.index_options.items() if k != "centroids"}
+            self.dense_index = IVFIndex(vectors, centroids=self._ivf_centroids(vectors), **options)
+        elif self.kind != "exact" and len(vectors):
+            self.dense_index = build_index(vectors, self.kind, **self.index_options)
+        else:
+            self.dense_index = ExactIndex(vectors)
         self._lexical = None  # built on the first BM25 query
+
+    def _ivf_centroids(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The IVF lists saved beside the store (trained on first use, then kept as rows are added and deleted,
+        as faiss keeps a trained IVF); trained again when another ``n_lists`` is asked for."""
+        path = self.store.directory / IVF_FILE
+        wanted = self.index_options.get("n_lists")
+        if path.is_file():
+            try:
+                centroids = load_file(path)["centroids"]
+            except Exception as error:  # safetensors raises its own types for a damaged header or body
+                raise CheckpointError(f"{path} is unreadable ({error}); delete it and the IVF lists are "
+                                      "trained again") from None
+            if centroids.ndim != 2 or centroids.shape[1] != self.store.dim:
+                raise CheckpointError(f"{path} holds centroids of shape {tuple(centroids.shape)}, not (lists, "
+                                      f"{self.store.dim}); delete it and the IVF lists are trained again")
+            if wanted is None or default_lists(len(vectors), wanted) == len(centroids):
+                return centroids
+        options = {k: self.index_options[k] for k in ("seed", "iterations") if k in self.index_options}
+        centroids = train_centroids(vectors, wanted, **options)
+        temporary = path.with_name(f".{path.name}.tmp")
+        try:  # a cache: a read-only index still answers, it just trains again next time
+            save_file({"centroids": centroids.contiguous()}, temporary)
+            os.replace(temporary, path)
+        except OSError as error:
+            warnings.warn(f"could not save the IVF lists to {path} ({error}); they will be trained again")
+        return centroids
 

@@ -145,3 +145,34 @@ def test_bad_queries_and_options(built, encoder, tmp_path):
         ChunkStore.create(built.store.directory, encoder_name="e", fingerprint=[], dim=384)
     with pytest.raises(ConfigError, match="vectors"):
         built.store.add([], torch.zeros(1, 384))
+
+
+def test_ivf_lists_are_trained_once_and_kept_across_opens_and_updates(built, encoder, monkeypatch):
+    from lmstack.rag import retrieve
+
+    directory = built.store.directory
+    first = Index.open(directory, encoder, kind="ivf", n_lists=4, n_probe=4)  # all lists probed: exact results
+    saved = directory / retrieve.IVF_FILE
+    assert saved.is_file() and first.dense_index.n_lists == 4
+    expected = [(h.chunk.id, round(h.score, 5)) for h in built.search("quantization", k=3)]
+    assert [(h.chunk.id, round(h.score, 5)) for h in first.search("quantization", k=3)] == expected
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the saved IVF lists should have been reused")
+
+    monkeypatch.setattr(retrieve, "train_centroids", no_training)
+    again = Index.open(directory, encoder, kind="ivf", n_lists=4, n_probe=4)
+    assert torch.equal(again.dense_index.centroids, first.dense_index.centroids)
+    again.add([Document("new.txt", "Sourdough needs a starter fed with flour and water.")], size=32, overlap=8)
+    assert again.search("sourdough starter", k=1)[0].chunk.doc_id == "new.txt"  # added rows go to the lists
+    monkeypatch.undo()
+    other = Index.open(directory, encoder, kind="ivf", n_lists=2, n_probe=2)  # another size: trained again
+    assert other.dense_index.n_lists == 2 and len(retrieve.load_file(saved)["centroids"]) == 2
+
+
+def test_a_damaged_ivf_file_is_named(built, encoder):
+    from lmstack.rag import retrieve
+
+    (built.store.directory / retrieve.IVF_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="ivf-centroids.safetensors is unreadable.*delete it"):
+        Index.open(built.store.directory, encoder, kind="ivf")
