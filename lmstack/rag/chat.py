@@ -99,19 +99,24 @@ class ServerChat:
     @property
     def context_limit(self) -> int:
         if self._limit is None:
-            self._limit = int(self._tokenize([{"role": "user", "content": ""}])["max_model_len"])
+            self._limit = self._tokenize([{"role": "user", "content": ""}])["max_model_len"]
         return self._limit
 
     def count_tokens(self, messages, continuation=""):
-        return int(self._tokenize(messages, continuation)["count"])
+        return self._tokenize(messages, continuation)["count"]
 
     def complete(self, messages, continuation, stop, max_new_tokens):
         room = self.context_limit - self.count_tokens(messages, continuation)
         if min(max_new_tokens, room) < 1:
             return "", 0
         body = self._body(messages, continuation, min(max_new_tokens, room), stop)
-        reply = json.loads(self._post("/v1/chat/completions", body).read())
-        return _cut(reply["choices"][0]["message"]["content"] or "", stop), int(reply["usage"]["completion_tokens"])
+        reply = self._json("/v1/chat/completions", body)
+        try:
+            text, tokens = reply["choices"][0]["message"]["content"] or "", int(reply["usage"]["completion_tokens"])
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise DataError(f"{self.url}/v1/chat/completions answered without choices[0].message.content and "
+                            "usage.completion_tokens: not an OpenAI-compatible server?") from None
+        return _cut(text, stop), tokens
 
     def stream(self, messages, max_new_tokens):
         with self._post("/v1/chat/completions", {**self._body(messages, "", max_new_tokens, []), "stream": True}) as r:
@@ -133,7 +138,20 @@ class ServerChat:
 
     def _tokenize(self, messages, continuation="") -> dict:
         body = {"messages": _with_continuation(messages, continuation), "continue_final_message": bool(continuation)}
-        return json.loads(self._post("/tokenize", body | ({"model": self.model} if self.model else {})).read())
+        reply = self._json("/tokenize", body | ({"model": self.model} if self.model else {}))
+        if not (isinstance(reply, dict) and isinstance(reply.get("count"), int)
+                and isinstance(reply.get("max_model_len"), int)):
+            raise DataError(f"{self.url}/tokenize answered without count and max_model_len: ServerChat needs "
+                            "vLLM's /tokenize (lmstack serve and vLLM have it)")
+        return reply
+
+    def _json(self, path: str, body: dict) -> dict:
+        with self._post(path, body) as response:
+            try:
+                return json.loads(response.read())
+            except ValueError:
+                raise DataError(f"{self.url}{path} did not answer with JSON: not an OpenAI-compatible "
+                                "server?") from None
 
     def _post(self, path: str, body: dict):
         headers = {"Content-Type": "application/json"}

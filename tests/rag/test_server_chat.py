@@ -92,3 +92,30 @@ def test_unreachable_and_refusing_servers_are_named(chats):
         ServerChat("localhost:8000")
     with pytest.raises(DataError, match="refused the request \\(404\\).*does not exist"):
         ServerChat(url, model="another-model").count_tokens(MESSAGES)
+
+
+def test_a_server_that_is_not_openai_compatible_is_named():
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>hello</html>" if self.path == "/tokenize" else b'{"unexpected": 1}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        chat = ServerChat(f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(DataError, match="did not answer with JSON"):
+            chat.count_tokens(MESSAGES)
+        chat._limit = 100  # past /tokenize: the completion reply itself is checked too
+        chat.count_tokens = lambda messages, continuation="": 10
+        with pytest.raises(DataError, match="without choices"):
+            chat.complete(MESSAGES, "", [], 8)
+    finally:
+        server.shutdown()
