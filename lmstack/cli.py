@@ -33,6 +33,7 @@ JOBS = {
     "ppo": ("rl", "ppo", "PPOConfig"),
     "embed": ("embed", "run", "EmbedConfig"),
     "serve": ("serve", "run", "ServeConfig"),
+    "agent": ("agent", "run", "AgentConfig"),
     "rag": {
         "index": ("rag", "index", "RagIndexConfig"),
         "query": ("rag", "query", "RagQueryConfig"),

@@ -16,14 +16,13 @@ from pathlib import Path
 from lmstack.errors import ConfigError
 from lmstack.rag import SentenceEncoder
 from lmstack.rag.answering import Answer, stream_answer
-from lmstack.rag.chat import ServerChat
 from lmstack.rag.documents import load_documents
 from lmstack.rag.rerank import CrossEncoder
 from lmstack.rag.retrieve import Index
 from lmstack.rag.store import ChunkStore
 from lmstack.recipes.bundled import resolve_model_dir
 from lmstack.recipes.configs.rag import RagAskConfig, RagDeleteConfig, RagIndexConfig, RagQueryConfig, parse_where
-from lmstack.recipes.sampling import open_for_decoding, to_generation_config
+from lmstack.recipes.sampling import open_chat_model
 
 
 def _encoder_name(name: str) -> str:
@@ -31,7 +30,8 @@ def _encoder_name(name: str) -> str:
     return name if resolve_model_dir(name) != Path(name) else str(Path(name).resolve())
 
 
-def _open(path: Path, encoder: str | None) -> Index:
+def open_index(path: Path, encoder: str | None) -> Index:
+    """The index at ``path`` with the encoder it was built with (or ``encoder``, if it embeds the same)."""
     store = ChunkStore.open(path)
     name = encoder or store.meta["encoder"]
     try:
@@ -64,7 +64,7 @@ def index(cfg: RagIndexConfig) -> Index:
 
 
 def query(cfg: RagQueryConfig) -> list:
-    found = _open(cfg.index, cfg.encoder)
+    found = open_index(cfg.index, cfg.encoder)
     if cfg.search != "exact":
         found = Index(found.store, found.encoder, cfg.search)
     hits = found.search(cfg.question, k=cfg.k, mode=cfg.mode, where=parse_where(cfg.where), fusion=cfg.fusion,
@@ -83,16 +83,10 @@ def query(cfg: RagQueryConfig) -> list:
 
 
 def ask(cfg: RagAskConfig) -> Answer:
-    found = _open(cfg.index, cfg.encoder)
-    if cfg.server is not None:
-        temperature = cfg.temperature if cfg.temperature is not None else 1.0 if cfg.do_sample else 0.0
-        model, config = ServerChat(cfg.server, temperature=temperature), None
-    else:
-        model = open_for_decoding(cfg)
-        config = to_generation_config(cfg, eos_token_id=model.stop_ids)
+    found = open_index(cfg.index, cfg.encoder)
     result = None
-    for piece in stream_answer(cfg.question, found, model, k=cfg.k, mode=cfg.mode, where=parse_where(cfg.where),
-                               max_new_tokens=cfg.max_new_tokens, config=config, fusion=cfg.fusion,
+    for piece in stream_answer(cfg.question, found, open_chat_model(cfg), k=cfg.k, mode=cfg.mode,
+                               where=parse_where(cfg.where), max_new_tokens=cfg.max_new_tokens, fusion=cfg.fusion,
                                rerank=_reranker(cfg.rerank)):
         if isinstance(piece, Answer):
             result = piece

@@ -12,7 +12,8 @@ from lmstack.compress.gguf_weights import load_gguf_quantized
 from lmstack.generate import GenerationConfig
 from lmstack.kernels import use_skinny_linears_
 from lmstack.recipes.bundled import resolve_model_dir
-from lmstack.recipes.configs.sampling import SamplingOptions
+from lmstack.rag.chat import LanguageModel, LocalChat, ServerChat
+from lmstack.recipes.configs.sampling import ChatModelOptions, SamplingOptions
 
 
 def open_for_decoding(cfg: SamplingOptions) -> ModelFiles:
@@ -28,6 +29,16 @@ def open_for_decoding(cfg: SamplingOptions) -> ModelFiles:
         quantize_(files.model, cfg.quantize, group_size=cfg.group_size, activations=activations)
     prepare_for_decoding(files.model, cfg)
     return files
+
+
+def open_chat_model(cfg: ChatModelOptions) -> LanguageModel:
+    """--model loaded here (its sampling flags applied) or --server's running model (only --temperature sent;
+    --do-sample alone samples at 1.0, as it does here)."""
+    if cfg.server is not None:
+        temperature = cfg.temperature if cfg.temperature is not None else 1.0 if cfg.do_sample else 0.0
+        return ServerChat(cfg.server, temperature=temperature)
+    files = open_for_decoding(cfg)
+    return LocalChat(files, to_generation_config(cfg, eos_token_id=files.stop_ids))
 
 
 def to_generation_config(cfg: SamplingOptions, *, num_beams: int = 1,

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from lmstack.agents import ReActAgent, calculator
+from lmstack.agents import ReActAgent
 from lmstack.checkpoints.model_files import open_model
 from lmstack.errors import ConfigError, DataError
 from lmstack.rag.answering import answer
@@ -58,9 +58,12 @@ def test_streamed_replies_and_rag_answers_match(chats):
 
 def test_a_react_trace_is_the_same_over_the_server(chats):
     local, remote, _ = chats
-    here = ReActAgent(local, [calculator()], max_steps=2, step_tokens=12).run("What is 2 + 2?")
-    there = ReActAgent(remote, [calculator()], max_steps=2, step_tokens=12).run("What is 2 + 2?")
-    assert there.transcript == here.transcript and there.stopped == here.stopped
+    # No tools and a bare system prompt: the full format would not fit the tiny model's 256-token context
+    # (tests/recipes/test_agent_recipe.py runs the full one on a model with a longer context).
+    here = ReActAgent(local, [], max_steps=2, step_tokens=12, system="{tools}").run("What is 2 + 2?")
+    there = ReActAgent(remote, [], max_steps=2, step_tokens=12, system="{tools}").run("What is 2 + 2?")
+    assert len(here.steps) == 2 and here.tokens == 24  # two turns really generated
+    assert there.transcript == here.transcript and there.stopped == here.stopped and there.tokens == here.tokens
 
 
 def _post(url, body):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from lmstack.config import field
 from lmstack.errors import ConfigError
-from lmstack.recipes.configs.sampling import SamplingOptions
+from lmstack.recipes.configs.sampling import ChatModelOptions
 
 ENCODER_HELP = "sentence encoder directory, or all-minilm-l6-v2 (the bundled package)"
 
@@ -67,15 +67,11 @@ class RagQueryConfig:
 
 
 @dataclass(kw_only=True)
-class RagAskConfig(SamplingOptions):
+class RagAskConfig(ChatModelOptions):
     """Answer a question from an index with a chat model, citing the sources it used."""
 
     index: Path = field(help="index directory (lmstack rag index)", positional=True)
     question: str = field(help="the question", positional=True)
-    model: Path | None = field(None, help="chat model: checkpoint directory, .gguf file, or smollm2-135m-instruct "
-                                          "(bundled); or --server")
-    server: str | None = field(None, help="generate with a running `lmstack serve` (or any server with vLLM's "
-                                          "/tokenize) at this URL, e.g. http://127.0.0.1:8000, instead of --model")
     k: int = field(4, help="sources to retrieve (as many as fit the context are used)")
     mode: Literal["dense", "bm25", "hybrid"] = field("hybrid", help="how sources are ranked")
     fusion: Literal["relative", "rrf"] = field("relative", help="hybrid fusion (see lmstack rag query --help)")
@@ -88,16 +84,6 @@ class RagAskConfig(SamplingOptions):
         super().__post_init__()
         if self.k < 1:
             raise ConfigError(f"--k {self.k} must be at least 1")
-        if (self.model is None) == (self.server is None):
-            raise ConfigError("give the chat model as --model PATH or --server URL (one of them)")
-        if self.server is not None:
-            local = [flag for flag, value in (("--top-k", self.top_k), ("--top-p", self.top_p), ("--seed", self.seed),
-                                              ("--quantize", None if self.quantize == "none" else self.quantize),
-                                              ("--repetition-penalty", None if self.repetition_penalty == 1.0
-                                               else self.repetition_penalty)) if value is not None]
-            if local:
-                raise ConfigError(f"{', '.join(local)} set a model loaded here; with --server only --temperature is "
-                                  "sent (set the rest when starting the server)")
         parse_where(self.where)
 
 

@@ -1,6 +1,8 @@
-"""The decoding flags `lmstack generate` and `lmstack chat` share."""
+"""The decoding flags `lmstack generate` and `lmstack chat` share; ChatModelOptions adds the model to decode with
+(a local --model or a running --server) for `lmstack rag ask` and `lmstack agent`."""
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from lmstack.config import check_seed, field
@@ -38,3 +40,26 @@ class SamplingOptions:
                               f"(got --quantize {self.quantize})")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+
+
+@dataclass(kw_only=True)
+class ChatModelOptions(SamplingOptions):
+    """The chat model a job generates with: a model loaded here (--model) or a running server (--server)."""
+
+    model: Path | None = field(None, help="chat model: checkpoint directory, .gguf file, or smollm2-135m-instruct "
+                                          "(bundled); or --server")
+    server: str | None = field(None, help="generate with a running `lmstack serve` (or any server with vLLM's "
+                                          "/tokenize) at this URL, e.g. http://127.0.0.1:8000, instead of --model")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.model is None) == (self.server is None):
+            raise ConfigError("give the chat model as --model PATH or --server URL (one of them)")
+        if self.server is not None:
+            local = [flag for flag, value in (("--top-k", self.top_k), ("--top-p", self.top_p), ("--seed", self.seed),
+                                              ("--quantize", None if self.quantize == "none" else self.quantize),
+                                              ("--repetition-penalty", None if self.repetition_penalty == 1.0
+                                               else self.repetition_penalty)) if value is not None]
+            if local:
+                raise ConfigError(f"{', '.join(local)} set a model loaded here; with --server only --temperature is "
+                                  "sent (set the rest when starting the server)")
