@@ -14,6 +14,7 @@ talks to any server with vLLM's ``/tokenize`` and ``continue_final_message``.
 """
 
 import dataclasses
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -120,18 +121,26 @@ class ServerChat:
 
     def stream(self, messages, max_new_tokens):
         with self._post("/v1/chat/completions", {**self._body(messages, "", max_new_tokens, []), "stream": True}) as r:
-            for line in r:  # server-sent events: "data: {json}" lines, then "data: [DONE]"
-                line = line.decode("utf-8").strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                for choice in json.loads(line[5:])["choices"]:
-                    piece = choice.get("delta", {}).get("content")
-                    if piece:
-                        yield piece
+            try:
+                for line in r:  # server-sent events: "data: {json}" lines, then "data: [DONE]"
+                    line = line.decode("utf-8").strip()
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    for choice in json.loads(line[5:])["choices"]:
+                        piece = choice.get("delta", {}).get("content")
+                        if piece:
+                            yield piece
+            except (OSError, http.client.HTTPException) as error:
+                raise ConfigError(f"the model server at {self.url} broke off the reply ({error})") from None
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{self.url}/v1/chat/completions streamed something other than OpenAI's "
+                                "chat.completion.chunk events") from None
 
     def _body(self, messages, continuation, max_tokens, stop) -> dict:
         body = {"messages": _with_continuation(messages, continuation), "max_tokens": max_tokens,
-                "temperature": self.temperature, "continue_final_message": bool(continuation)}
+                "temperature": self.temperature}
+        if continuation:  # vLLM's extension: sent only when used, so plain OpenAI servers accept the rest
+            body["continue_final_message"] = True
         if stop:
             body["stop"] = list(stop)
         return body | ({"model": self.model} if self.model else {})

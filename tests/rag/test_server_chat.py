@@ -105,7 +105,11 @@ def test_a_server_that_is_not_openai_compatible_is_named():
         def do_POST(self):  # noqa: N802 (the stdlib's name)
             self.send_response(200)
             self.end_headers()
-            self.wfile.write(b"<html>hello</html>" if self.path == "/tokenize" else b'{"unexpected": 1}')
+            length = int(self.headers["Content-Length"])
+            streamed = json.loads(self.rfile.read(length)).get("stream")
+            self.wfile.write(b"<html>hello</html>" if self.path == "/tokenize"
+                             else b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\ndata: {broken\n\n' if streamed
+                             else b'{"unexpected": 1}')
 
         def log_message(self, *args):
             pass
@@ -120,5 +124,9 @@ def test_a_server_that_is_not_openai_compatible_is_named():
         chat.count_tokens = lambda messages, continuation="": 10
         with pytest.raises(DataError, match="without choices"):
             chat.complete(MESSAGES, "", [], 8)
+        pieces = chat.stream(MESSAGES, 8)
+        assert next(pieces) == "hi"
+        with pytest.raises(DataError, match="streamed something other than"):
+            next(pieces)
     finally:
         server.shutdown()
