@@ -82,20 +82,26 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
 
 
+def _packable(module: nn.Module) -> bool:
+    """A plain nn.Linear whose weight oneDNN's CPU kernel can read (CPU, float32)."""
+    return (type(module) is nn.Linear and module.weight.device.type == "cpu"
+            and module.weight.dtype == torch.float32)
+
+
 def pack_linears_(model: nn.Module) -> int:
-    """Swap every nn.Linear of ``model`` for a PackedLinear, in place; a plain ``MLP``'s activation moves into
-    its first linear (the MLP then applies none). Returns how many linears were packed (0 where oneDNN is
-    missing: the model is left as it was)."""
+    """Swap every CPU float32 nn.Linear of ``model`` for a PackedLinear, in place; a plain ``MLP``'s activation
+    moves into its first linear (the MLP then applies none). Returns how many linears were packed (0 where
+    oneDNN is missing, or on another device: the model is left as it was)."""
     if not available():
         return 0
     count = 0
     for module in list(model.modules()):
-        if isinstance(module, MLP) and type(module.fc_in) is nn.Linear and module.activation in _FUSED:
+        if isinstance(module, MLP) and _packable(module.fc_in) and module.activation in _FUSED:
             module.fc_in = PackedLinear(module.fc_in, module.activation)
             module.act = _identity
             count += 1
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if _packable(child):
                 setattr(module, name, PackedLinear(child))
                 count += 1
     return count

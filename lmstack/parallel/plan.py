@@ -142,12 +142,8 @@ class Parallelized:
 
     def sum_over_dp(self, value: int) -> int:
         """``value`` summed over the data-parallel ranks (the step's scored tokens)."""
-        if self.dp == 1:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.world.device)
         with peer_failures(self.world.rank):
-            dist.all_reduce(t, group=self.mesh["dp"].get_group())
-        return int(t)
+            return round(self._sum_over("dp", value))
 
     def _pipeline_step(self, objective, batch, scale: float) -> tuple[float, dict]:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2) or not hasattr(objective, "pipeline_loss"):
@@ -173,12 +169,15 @@ class Parallelized:
         return float(value), {"tokens": tokens}
 
     def _mean_over(self, dim: str, value: float) -> float:
-        size = self.mesh[dim].size()
-        if size == 1:
+        return self._sum_over(dim, value) / self.mesh[dim].size()
+
+    def _sum_over(self, dim: str, value: float) -> float:
+        """``value`` summed over the ranks of mesh dimension ``dim`` (float64, so token counts stay exact)."""
+        if self.mesh[dim].size() == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.world.device)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.world.device)
         dist.all_reduce(t, group=self.mesh[dim].get_group())
-        return float(t) / size
+        return float(t)
 
     def reduce_metrics(self, tokens: int, logged: dict) -> tuple[int, dict]:
         """Tokens summed and the objective's numbers averaged over the data-parallel ranks (rank 0 logs them)."""

@@ -143,11 +143,11 @@ class ServerChat:
             body["continue_final_message"] = True
         if stop:
             body["stop"] = list(stop)
-        return body | ({"model": self.model} if self.model else {})
+        return body
 
     def _tokenize(self, messages, continuation="") -> dict:
         body = {"messages": _with_continuation(messages, continuation), "continue_final_message": bool(continuation)}
-        reply = self._json("/tokenize", body | ({"model": self.model} if self.model else {}))
+        reply = self._json("/tokenize", body)
         if not (isinstance(reply, dict) and isinstance(reply.get("count"), int)
                 and isinstance(reply.get("max_model_len"), int)):
             raise DataError(f"{self.url}/tokenize answered without count and max_model_len: ServerChat needs "
@@ -163,6 +163,8 @@ class ServerChat:
                                 "server?") from None
 
     def _post(self, path: str, body: dict):
+        if self.model:
+            body = {**body, "model": self.model}
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"

@@ -51,8 +51,8 @@ class SentenceEncoder:
             raise ConfigError(f"{path}: sentence embeddings need an encoder checkpoint (BERT), got "
                               f"{type(self.model).__name__}")
         self.model.eval()
-        if packed and torch.device(device).type == "cpu":
-            pack_linears_(self.model)
+        if packed:
+            pack_linears_(self.model)  # CPU float32 linears only
         self.tokenizer = load_tokenizer(path)
         self.device = torch.device(device)
         self.pooling = pooling or _read_pooling(path)

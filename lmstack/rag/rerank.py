@@ -47,8 +47,8 @@ class CrossEncoder:
             raise ConfigError(f"{path}: a cross-encoder is a BERT sequence-classification checkpoint "
                               f"(BertForSequenceClassification), got {type(self.model).__name__} "
                               f"with head {getattr(self.model.config, 'head', None)!r}")
-        if packed and torch.device(device).type == "cpu":
-            pack_linears_(self.model)
+        if packed:
+            pack_linears_(self.model)  # CPU float32 linears only
         self.tokenizer = load_tokenizer(path)
         self.device = torch.device(device)
         config = _read_json(path / "config.json")

@@ -231,8 +231,10 @@ class Index:
         self._metadata = [c.metadata for c in self.store.chunks(self.rows)]
         vectors = self.store.vectors(self.rows)
         if self.kind == "ivf" and len(vectors):
-            options = {k: v for k, v in self.index_options.items() if k != "centroids"}
-            self.dense_index = IVFIndex(vectors, centroids=self._ivf_centroids(vectors), **options)
+            options = dict(self.index_options)
+            if options.get("centroids") is None:  # lists given by the caller are used as they are
+                options["centroids"] = self._ivf_centroids(vectors)
+            self.dense_index = IVFIndex(vectors, **options)
         elif self.kind != "exact" and len(vectors):
             self.dense_index = build_index(vectors, self.kind, **self.index_options)
         else:

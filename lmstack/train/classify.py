@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.eval.metrics import accuracy, entity_f1, macro_precision_recall_f1
-from lmstack.train.objectives import IGNORE_INDEX, evaluating
+from lmstack.train.objectives import IGNORE_INDEX, evaluating, labelled_items
 
 
 class ClassificationObjective:
@@ -33,7 +33,7 @@ class ClassificationObjective:
 
     def loss_items(self, batch: dict[str, torch.Tensor]) -> int:
         """Labelled items of ``batch`` (the loss is their mean; the Trainer weighs micro-batches by them)."""
-        return int((batch["labels"] != IGNORE_INDEX).sum())
+        return labelled_items(batch["labels"])
 
     def predict(self, model: nn.Module, batches: Iterable[dict]) -> tuple[list, list, float, int]:
         """(predictions, references, summed loss, scored items) in eval mode; token tasks give one list per row."""

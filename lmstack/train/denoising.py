@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.train.objectives import IGNORE_INDEX, evaluating
+from lmstack.train.objectives import IGNORE_INDEX, evaluating, labelled_items
 
 
 class MaskedLMObjective:
@@ -73,7 +73,7 @@ class SpanCorruptionObjective:
 
     def loss_items(self, batch: dict[str, torch.Tensor]) -> int:
         """Labelled items of ``batch`` (the loss is their mean; the Trainer weighs micro-batches by them)."""
-        return int((batch["labels"] != IGNORE_INDEX).sum())
+        return labelled_items(batch["labels"])
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
         """Held-out target loss (nats per target token), perplexity and token accuracy."""

@@ -45,6 +45,11 @@ def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     return targets
 
 
+def labelled_items(labels: torch.Tensor) -> int:
+    """How many positions of ``labels`` are scored (not IGNORE_INDEX): what a mean cross-entropy averages over."""
+    return int((labels != IGNORE_INDEX).sum())
+
+
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of logits (B, T, V) against next-token targets (B, T), in fp32, ignoring IGNORE_INDEX.
 
@@ -164,7 +169,7 @@ class CausalLMObjective:
 
     def loss_items(self, batch) -> int:
         """The scored tokens of ``batch``: its loss is their mean (the Trainer weighs micro-batches by them)."""
-        return int((_unpack(batch)[1] != IGNORE_INDEX).sum())
+        return labelled_items(_unpack(batch)[1])
 
     def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of one pipeline micro-batch from the last stage's logits (B, T, V) (dense models)."""
