@@ -59,10 +59,10 @@ def main() -> None:
           f"global batch {args.batch} x {args.seq} tokens; fp32; gloo on {os.cpu_count()} CPU cores")
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     print_table(("ranks", "strategy", "params MiB", "(formula)", "grads MiB", "(formula)", "Adam MiB", "(formula)",
-                 "activations MiB", "tokens/s"),
+                 "activations MiB", "peak MiB", "tokens/s"),
                 [(str(r["world"]), r["strategy"], mib(r["params"]), mib(r["formula"][0]), mib(r["grads"]),
                   mib(r["formula"][1]), mib(r["optimizer"]), mib(r["formula"][2]), mib(r["activations"]),
-                  f"{r['tokens_per_s']:.0f}") for r in rows])
+                  mib(r["peak"]), f"{r['tokens_per_s']:.0f}") for r in rows])
 
 
 def _launch(world: int, out: Path, argv: list[str]) -> None:
@@ -98,6 +98,27 @@ def _bytes(tensors) -> int:
     return total
 
 
+def _activations(saved: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors autograd saved for backward, each once, less the parameters (a matmul saves its weight,
+    or a transposed view of it: bytes the parameters column already counts and that do not grow with rows)."""
+    unique = {id(t): t for t in saved}.values()
+    return [t for t in unique if not isinstance(t if t._base is None else t._base, torch.nn.Parameter)]
+
+
+def _peak_bytes(step, module, optimizer) -> int:
+    """The most bytes of tensors alive at once on this rank during one more ``step()`` (parameters, gradients,
+    optimizer state, activations, FSDP's gathered parameters, temporaries): torch's MemTracker, which follows
+    every storage made or freed under a dispatch mode (the CPU has no allocator statistics to read)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(module, optimizer)
+    with tracker:
+        step()
+    snapshot = tracker.get_tracker_snapshot("peak")
+    return max(stats["Total"] for stats in snapshot.values())
+
+
 def _worker(args) -> None:
     import dataclasses
 
@@ -127,31 +148,37 @@ def _worker(args) -> None:
             module = plan.params_module
             optimizer = plan.make_optimizer(param_groups(module, 0.0), lr=1e-4)
             batch = plan.shard_data(_Fixed(tokens)).next_batch()
-        seconds, activations = [], 0
-        for step in range(args.steps):
-            started = time.perf_counter()
+
+        def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            context = plan.loss_context() if plan is not None else contextlib.nullcontext()
-            if step == 0:  # count what autograd saves for backward in one forward
-                saved = []
-                with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), context:
-                    loss, _ = objective(module if plan is None else plan.module, batch)
-                activations = _bytes({id(t): t for t in saved}.values())
-                with plan.loss_context() if plan is not None else contextlib.nullcontext():
-                    loss.backward()
-            elif plan is None:
-                loss, _ = objective(module, batch)
-                loss.backward()
+            if plan is None:
+                objective(module, batch)[0].backward()
             else:
                 plan.forward_backward(objective, batch, 1.0)
-            if step == 0:
-                grads = _bytes(p.grad for p in module.parameters() if p.grad is not None)
             optimizer.step()
+
+        seconds, activations = [], 0
+        for index in range(args.steps):
+            started = time.perf_counter()
+            if index == 0:  # count what autograd saves for backward in one forward
+                optimizer.zero_grad(set_to_none=True)
+                saved = []
+                context = plan.loss_context() if plan is not None else contextlib.nullcontext()
+                with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), context:
+                    loss, _ = objective(module if plan is None else plan.module, batch)
+                activations = _bytes(_activations(saved))
+                with plan.loss_context() if plan is not None else contextlib.nullcontext():
+                    loss.backward()
+                grads = _bytes(p.grad for p in module.parameters() if p.grad is not None)
+                optimizer.step()
+            else:
+                step()
             seconds.append(time.perf_counter() - started)
+        peak = _peak_bytes(step, module, optimizer)
         state = getattr(optimizer, "optim", optimizer).state  # ZeroRedundancyOptimizer: this rank's share
         adam = _bytes(v for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
         record = {"world": n, "strategy": strategy, "psi": psi, "params": _bytes(module.parameters()), "grads": grads,
-                  "optimizer": adam, "activations": activations,
+                  "optimizer": adam, "activations": activations, "peak": peak,
                   "formula": formulas("ddp" if strategy == "single" else strategy, psi, n, tp_split),
                   "tokens_per_s": args.batch * args.seq / statistics.median(seconds[1:])}
         records.append(record)

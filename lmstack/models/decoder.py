@@ -169,7 +169,8 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache=None,
-                inputs_embeds: torch.Tensor | None = None, return_routing: bool = False):
+                inputs_embeds: torch.Tensor | None = None, return_routing: bool = False,
+                return_hidden: bool = False):
         """Next-token logits (or, with ``config.num_scores``, the score head's outputs).
 
         Args:
@@ -184,11 +185,15 @@ class Decoder(nn.Module):
             return_routing: also return where each mixture-of-experts layer sent the tokens (a list of
                 ``lmstack.nn.moe.Routing``, one per MoE layer; empty for a dense model), for the auxiliary
                 losses and router statistics.
+            return_hidden: return ``hidden_states`` (B, T, C) instead of the head's outputs: how a wrapper that
+                runs only ``forward`` (DDP, FSDP) lets the objective fuse the head into the loss.
         Returns:
             logits: (B, T, vocab_size); a score model: (B, T, num_scores). With ``return_routing``:
             (logits, routings).
         """
         out = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds, return_routing)
+        if return_hidden:
+            return out
         hidden, routings = out if return_routing else (out, None)
         head = self.lm_head if self.config.num_scores is None else self.score
         return (head(hidden), routings) if return_routing else head(hidden)

@@ -55,7 +55,12 @@ class _GatedProduct(torch.autograd.Function):
 
 def gated_product(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """``act(gate) * up`` (B, T, hidden). While gradients are recorded it runs as ``_GatedProduct`` (less
-    memory, same values); otherwise, and as its reference, the plain expression."""
+    memory, same values); otherwise, and as its reference, the plain expression. Under ``torch.compile`` it is
+    the plain expression too: dynamo cannot trace the ``autograd.grad`` in that backward (a graph break, and
+    under activation checkpointing the whole block fell back to eager), while AOTAutograd's min-cut
+    partitioner recomputes cheap element-wise ops in backward by itself."""
+    if torch.compiler.is_compiling():
+        return ACTIVATIONS[activation](gate) * up
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return _GatedProduct.apply(gate, up, activation)
     return ACTIVATIONS[activation](gate) * up

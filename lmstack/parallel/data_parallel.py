@@ -40,6 +40,24 @@ class TrainingView(nn.Module):
         return self.module(*args, **kwargs)
 
 
+class HiddenStatesView(TrainingView):
+    """A TrainingView that also has ``hidden_states`` (the wrapper's forward with ``return_hidden=True``) and
+    the model's LM head, so the objective fuses head and loss (``linear_cross_entropy``) as in one process
+    instead of holding (B, T, V) logits. Only for a head that is a whole matrix on every rank when the
+    objective reads it (DDP, ZeRO-1; FSDP2, whose root parameters stay gathered from forward to backward)."""
+
+    def __init__(self, module: nn.Module, config, head: nn.Module) -> None:
+        super().__init__(module, config)
+        self._head = (head,)  # in a tuple: not registered as a second path to the same parameters
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self._head[0]
+
+    def hidden_states(self, *args, **kwargs):
+        return self.module(*args, return_hidden=True, **kwargs)
+
+
 def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """``model`` wrapped in DistributedDataParallel over the 1-D data-parallel ``mesh``."""
     device = next(model.parameters()).device

@@ -8,6 +8,7 @@ Compositions: any dp strategy alone; tp alone; dp x tp with FSDP2 (zero2 / zero3
 pp alone (stages over the world).
 """
 
+import inspect
 import math
 from contextlib import nullcontext
 
@@ -21,11 +22,35 @@ from lmstack.errors import ConfigError
 from lmstack.nn.checkpointing import blocks, checkpoint_layers_
 from lmstack.parallel.config import ParallelConfig
 from lmstack.parallel.data import RankSlice
-from lmstack.parallel.data_parallel import TrainingView, apply_ddp, apply_fsdp, zero1_optimizer
+from lmstack.parallel.data_parallel import HiddenStatesView, TrainingView, apply_ddp, apply_fsdp, zero1_optimizer
 from lmstack.parallel.launch import World, peer_failures
 from lmstack.parallel.pipeline import DecoderStage, PipelineForward, build_schedule, check_pipeline, stage_layers
 from lmstack.parallel.tensor import apply_tensor_parallel, check_tensor_parallel, tensor_parallel_plan, \
     uses_loss_parallel
+
+def training_view(wrapped: nn.Module, model: nn.Module) -> TrainingView:
+    """What the objective runs for a replica (DDP, ZeRO-1, or the model itself): ``wrapped``, with
+    ``hidden_states`` and the LM head when the head is a plain ``nn.Linear`` and the model's ``forward`` can
+    return its hidden states, so the objective fuses head and loss as in one process. FSDP and tensor
+    parallelism keep the logits path: their head is a DTensor outside forward (sharded by rows or by vocabulary)."""
+    head = getattr(model, "lm_head", None)
+    if (type(head) is nn.Linear and hasattr(model, "hidden_states")
+            and "return_hidden" in inspect.signature(model.forward).parameters):
+        return HiddenStatesView(wrapped, model.config, head)
+    return TrainingView(wrapped, model.config)
+
+
+def compile_blocks_(model: nn.Module, inside_checkpoint: bool = False) -> None:
+    """``torch.compile`` each block of ``model`` in place (a checkpointed block: the checkpoint with it).
+
+    ``inside_checkpoint`` compiles each block's sub-modules (attention, MLP, norms) instead, leaving the
+    checkpoint itself eager: AOTAutograd (torch 2.13) cannot compile a checkpointed tensor-parallel block
+    (it saves the DeviceMesh for backward: "expected all tensors_saved_with_vc_check to be Tensors").
+    """
+    for block in blocks(model):
+        for module in block.children() if inside_checkpoint else (block,):
+            module.compile()
+
 
 def check_layout(model: nn.Module, config: ParallelConfig, world_size: int) -> tuple[int, int, int]:
     """(pp, dp, tp) after checking the world factors and the model can be split that way (same answer on
@@ -72,17 +97,16 @@ class Parallelized:
         if config.activation_checkpointing:
             checkpoint_layers_(model)
         if config.compile:
-            for block in blocks(model):
-                block.compile()
+            compile_blocks_(model, inside_checkpoint=config.activation_checkpointing and self.tp > 1)
         self.params_module = model
         if self.pp > 1:
             self.module = None
         elif config.strategy in ("zero2", "zero3"):
             self.module = TrainingView(apply_fsdp(model, self.mesh["dp"], config.strategy == "zero3"), model.config)
         elif self.dp > 1:
-            self.module = TrainingView(apply_ddp(model, self.mesh["dp"]), model.config)
+            self.module = training_view(apply_ddp(model, self.mesh["dp"]), model)
         else:
-            self.module = TrainingView(model, model.config)
+            self.module = training_view(model, model) if self.tp == 1 else TrainingView(model, model.config)
         self.loss_parallel = uses_loss_parallel(model)
         self.eval_module = self.module or PipelineForward(self.params_module, self.pp_rank, self.pp,
                                                           self.mesh["pp"].get_group())

@@ -28,10 +28,26 @@ from lmstack.errors import ConfigError
 from lmstack.models.registry import family_for_config
 from lmstack.nn.attention import Attention
 
+class _WaitedRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel whose output all-reduce is waited for before the output leaves the module.
+
+    torch's own returns an ``AsyncCollectiveTensor`` (the all-reduce still in flight). Inside a layer that is
+    what overlaps communication, but the embedding's output is the first compiled block's input, and
+    AOTAutograd given that subclass returns a plain gradient where DTensor's backward needs a DTensor
+    (``'Tensor' object has no attribute '_local_tensor'``, torch 2.13, with ``parallel.compile``).
+    """
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if outputs.placements != output_layouts:
+            outputs = outputs.redistribute(placements=output_layouts, async_op=False)
+        return outputs.to_local() if use_local_output else outputs
+
+
 _STYLES = {
     "colwise": lambda: ColwiseParallel(),
     "rowwise": lambda: RowwiseParallel(),
-    "vocab_embedding": lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+    "vocab_embedding": lambda: _WaitedRowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
     "vocab_head": lambda: ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
 }
 

@@ -56,6 +56,21 @@ def test_gated_product_matches_plain_autograd_and_keeps_two_tensors(activation):
         assert torch.equal(gated_product(gate, up, activation), ACTIVATIONS[activation](gate) * up)
 
 
+def test_gated_mlp_compiles_without_a_graph_break_and_equals_eager():
+    """fullgraph=True fails on a graph break: _GatedProduct's backward calls autograd.grad, which dynamo cannot
+    trace (under activation checkpointing that sent whole blocks back to eager)."""
+    from lmstack.nn.mlp import GatedMLP
+    torch.manual_seed(0)
+    mlp, x = GatedMLP(8, 16), torch.randn(2, 3, 8)
+    compiled = torch.compile(mlp, backend="aot_eager", fullgraph=True)
+    compiled(x).square().sum().backward()
+    grads = [p.grad.clone() for p in mlp.parameters()]
+    mlp.zero_grad()
+    mlp(x).square().sum().backward()
+    for got, want in zip(grads, (p.grad for p in mlp.parameters())):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_plain_mlp_uses_tanh_gelu():
     mlp = MLP(8, 16, "gelu_tanh")
     x = torch.randn(2, 8)

@@ -10,10 +10,12 @@ and
 ``steps=N``, ``resume_from=RUN@S`` (copy OUT/RUN without its checkpoints after step S, then resume it).
 """
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,9 +63,13 @@ def main() -> None:
         if "kill_at" in extra:  # batch B@rank R
             batch, rank = map(int, extra["kill_at"].split("@"))
             kill_at = batch if world.rank == rank else None
+        torch._dynamo.utils.counters.clear()
         train(out / name, tied=bool(int(extra.get("tied", 0))), steps=int(extra.get("steps", 20)),
               parallel=ParallelConfig(**parallel), world=world, resume=bool(int(extra.get("resume", 0))),
               kill_at=kill_at)
+        if parallel.get("compile") and world.is_main:  # what torch.compile did: graphs made, breaks, fallbacks
+            counters = {kind: dict(values) for kind, values in torch._dynamo.utils.counters.items()}
+            (out / name / "dynamo.json").write_text(json.dumps(counters, default=str))
     shutdown()
 
 
