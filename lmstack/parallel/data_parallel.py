@@ -70,7 +70,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool =
     each block of ``model.layers`` is one shard group, the root the rest. In place; returns ``model``."""
     for block in blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # The root (embeddings, final norm, LM head) is left to FSDP's default: gathered from forward to backward
+    # (backward needs it first). The objective's fused head + loss reads the head's weight after forward.
+    fully_shard(model, mesh=mesh)
     return model
 
 

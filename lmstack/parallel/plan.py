@@ -28,13 +28,13 @@ from lmstack.parallel.pipeline import DecoderStage, PipelineForward, build_sched
 from lmstack.parallel.tensor import apply_tensor_parallel, check_tensor_parallel, tensor_parallel_plan, \
     uses_loss_parallel
 
-def training_view(wrapped: nn.Module, model: nn.Module) -> TrainingView:
-    """What the objective runs for a replica (DDP, ZeRO-1, or the model itself): ``wrapped``, with
-    ``hidden_states`` and the LM head when the head is a plain ``nn.Linear`` and the model's ``forward`` can
-    return its hidden states, so the objective fuses head and loss as in one process. FSDP and tensor
-    parallelism keep the logits path: their head is a DTensor outside forward (sharded by rows or by vocabulary)."""
+def training_view(wrapped: nn.Module, model: nn.Module, fused_head: bool) -> TrainingView:
+    """What the objective runs: ``wrapped`` (DDP, FSDP or the model itself). With ``fused_head`` (the head is
+    not split by tensor parallelism), a plain ``nn.Linear`` head and a ``forward`` that can return hidden
+    states, also ``hidden_states`` and the head, so the objective fuses head and loss as in one process (FSDP
+    keeps the root, head included, gathered from forward to backward)."""
     head = getattr(model, "lm_head", None)
-    if (type(head) is nn.Linear and hasattr(model, "hidden_states")
+    if (fused_head and type(head) is nn.Linear and hasattr(model, "hidden_states")
             and "return_hidden" in inspect.signature(model.forward).parameters):
         return HiddenStatesView(wrapped, model.config, head)
     return TrainingView(wrapped, model.config)
@@ -101,12 +101,12 @@ class Parallelized:
         self.params_module = model
         if self.pp > 1:
             self.module = None
-        elif config.strategy in ("zero2", "zero3"):
-            self.module = TrainingView(apply_fsdp(model, self.mesh["dp"], config.strategy == "zero3"), model.config)
-        elif self.dp > 1:
-            self.module = training_view(apply_ddp(model, self.mesh["dp"]), model)
         else:
-            self.module = training_view(model, model) if self.tp == 1 else TrainingView(model, model.config)
+            if config.strategy in ("zero2", "zero3"):
+                wrapped = apply_fsdp(model, self.mesh["dp"], config.strategy == "zero3")
+            else:
+                wrapped = apply_ddp(model, self.mesh["dp"]) if self.dp > 1 else model
+            self.module = training_view(wrapped, model, fused_head=self.tp == 1)
         self.loss_parallel = uses_loss_parallel(model)
         self.eval_module = self.module or PipelineForward(self.params_module, self.pp_rank, self.pp,
                                                           self.mesh["pp"].get_group())
