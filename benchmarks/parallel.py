@@ -3,13 +3,15 @@
 For 1, 2 and 4 ranks (``torchrun`` launches of this file) and each strategy the world allows (DDP, ZeRO-1,
 ZeRO-2, ZeRO-3, tensor parallel), a Llama (--dim, --layers) trains --steps AdamW steps on random tokens through
 ``lmstack.parallel``. Measured on rank 0, by summing the bytes of the tensors it holds (a DTensor's local
-shard): parameters and gradients (after a backward), optimizer state (after a step), and activations (the
-bytes autograd saves for backward in one forward, counted by ``saved_tensors_hooks``). Beside them the fp32
+shard): parameters and gradients (after a backward), optimizer state (after a step), activations (the
+bytes autograd saves for backward in one forward, counted by ``saved_tensors_hooks``, the weights a matmul
+saves left out), and the peak (the most tensor bytes alive at once during one step, from torch's MemTracker:
+FSDP's gathered parameters, gradients in flight and temporaries included). Beside them the fp32
 formulas of the ZeRO paper (Rajbhandari et al. 2020, sec. 5) with Psi parameters on N ranks: parameters
 4 Psi (ZeRO-3: 4 Psi / N), gradients 4 Psi (ZeRO-2/3: / N), Adam moments 8 Psi (ZeRO-1/2/3: / N); tensor
 parallelism divides the split layers by N (norms stay whole). Parameters are counted at rest: FSDP2 keeps
 them sharded between steps for ZeRO-2 as well; ZeRO-2 differs from ZeRO-3 in gathering once per step
-(it keeps the gathered parameters from forward to backward), so its peak is higher than its rest.
+(it keeps the gathered parameters from forward to backward), so its peak is higher than ZeRO-3's.
 tokens/s: global tokens per second of the median step (2 CPU cores shared by all ranks: a measure of each
 strategy's overhead here, not of scaling).
 
@@ -18,6 +20,7 @@ strategy's overhead here, not of scaling).
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -105,6 +108,15 @@ def _activations(saved: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t for t in unique if not isinstance(t if t._base is None else t._base, torch.nn.Parameter)]
 
 
+def _train_step(objective, module, optimizer, plan, batch) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if plan is None:
+        objective(module, batch)[0].backward()
+    else:
+        plan.forward_backward(objective, batch, 1.0)
+    optimizer.step()
+
+
 def _peak_bytes(step, module, optimizer) -> int:
     """The most bytes of tensors alive at once on this rank during one more ``step()`` (parameters, gradients,
     optimizer state, activations, FSDP's gathered parameters, temporaries): torch's MemTracker, which follows
@@ -148,14 +160,7 @@ def _worker(args) -> None:
             module = plan.params_module
             optimizer = plan.make_optimizer(param_groups(module, 0.0), lr=1e-4)
             batch = plan.shard_data(_Fixed(tokens)).next_batch()
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            if plan is None:
-                objective(module, batch)[0].backward()
-            else:
-                plan.forward_backward(objective, batch, 1.0)
-            optimizer.step()
+        step = functools.partial(_train_step, objective, module, optimizer, plan, batch)
 
         seconds, activations = [], 0
         for index in range(args.steps):

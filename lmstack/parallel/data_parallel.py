@@ -46,13 +46,14 @@ class HiddenStatesView(TrainingView):
     instead of holding (B, T, V) logits. Only for a head that is a whole matrix on every rank when the
     objective reads it (DDP, ZeRO-1; FSDP2, whose root parameters stay gathered from forward to backward)."""
 
-    def __init__(self, module: nn.Module, config, head: nn.Module) -> None:
-        super().__init__(module, config)
-        self._head = (head,)  # in a tuple: not registered as a second path to the same parameters
+    def __init__(self, module: nn.Module, model: nn.Module) -> None:
+        super().__init__(module, model.config)
+        self._model = (model,)  # in a tuple: not registered as a second path to the same parameters
 
     @property
     def lm_head(self) -> nn.Module:
-        return self._head[0]
+        """The model's head as it is now (a transform applied later, e.g. LoRA on the head, is seen)."""
+        return self._model[0].lm_head
 
     def hidden_states(self, *args, **kwargs):
         return self.module(*args, return_hidden=True, **kwargs)

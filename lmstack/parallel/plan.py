@@ -28,6 +28,7 @@ from lmstack.parallel.pipeline import DecoderStage, PipelineForward, build_sched
 from lmstack.parallel.tensor import apply_tensor_parallel, check_tensor_parallel, tensor_parallel_plan, \
     uses_loss_parallel
 
+
 def training_view(wrapped: nn.Module, model: nn.Module, fused_head: bool) -> TrainingView:
     """What the objective runs: ``wrapped`` (DDP, FSDP or the model itself). With ``fused_head`` (the head is
     not split by tensor parallelism), a plain ``nn.Linear`` head and a ``forward`` that can return hidden
@@ -36,7 +37,7 @@ def training_view(wrapped: nn.Module, model: nn.Module, fused_head: bool) -> Tra
     head = getattr(model, "lm_head", None)
     if (fused_head and type(head) is nn.Linear and hasattr(model, "hidden_states")
             and "return_hidden" in inspect.signature(model.forward).parameters):
-        return HiddenStatesView(wrapped, model.config, head)
+        return HiddenStatesView(wrapped, model)
     return TrainingView(wrapped, model.config)
 
 

@@ -28,6 +28,7 @@ from lmstack.errors import ConfigError
 from lmstack.models.registry import family_for_config
 from lmstack.nn.attention import Attention
 
+
 class _WaitedRowwiseParallel(RowwiseParallel):
     """RowwiseParallel whose output all-reduce is waited for before the output leaves the module.
 
