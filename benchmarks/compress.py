@@ -4,7 +4,8 @@ For each model (the quickstart model trained by `lmstack quickstart`, and SmolLM
 GGUF, dequantised): fp32; 50% unstructured sparsity by magnitude, Wanda and SparseGPT; 2:4 by SparseGPT;
 structured 25% / 50% (query heads within KV groups and MLP channels, ranked by activation importance), before
 and after a short recovery fine-tune; a half-depth student distilled from the model (``lmstack distill``, KD
-with T = 2, cut from the teacher's even blocks) and the same student trained from scratch for the same
+with T = 2, its blocks the teacher's most influential ones, ``--student.pick influence``) and the same
+student trained from scratch for the same
 wall-clock (its steps sized by a timing run); and the distilled student quantized to int8. Every row is made
 by the commands a user runs (``lmstack prune``, ``finetune``, ``distill``, ``quantize``).
 
@@ -68,6 +69,8 @@ def main() -> None:
                         metavar=("QUICKSTART", "SMOLLM2"), help="training budget of the student (and of scratch)")
     parser.add_argument("--no-training", action="store_true", help="only the rows that need no training (no recovery, "
                         "no students): the pruning methods and their speed, in a fraction of the time")
+    parser.add_argument("--students-only", action="store_true", help="only fp32, the two students and the int8 "
+                        "student: the distillation target, without the pruning rows")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -103,7 +106,7 @@ def section(name: str, args, work: Path) -> None:
     steps, seconds = args.recovery_steps[which], args.distill_seconds[which]
     block, batch = window, 8 if small else 4
     lr = (1e-3, 1e-4)[which]  # recovery; the students: (distilled, scratch) learning rates below
-    student_lr = ((1e-3, 3e-3), (3e-4, 1e-3))[which]
+    student_lr = ((1e-3, 3e-3), (1e-3, 1e-3))[which]
 
     def pruned(label: str, **flags) -> Path:
         out = work / label
@@ -122,17 +125,18 @@ def section(name: str, args, work: Path) -> None:
         return out / "model"
 
     rows: dict[str, dict] = {"fp32": {"dir": base}}
-    rows["magnitude 50%"] = {"dir": pruned("magnitude", method="magnitude", sparsity=0.5)}
-    rows["wanda 50%"] = {"dir": pruned("wanda", method="wanda", sparsity=0.5)}
-    rows["sparsegpt 50%"] = {"dir": pruned("sparsegpt", method="sparsegpt", sparsity=0.5)}
-    rows["sparsegpt 2:4"] = {"dir": pruned("sparsegpt-24", method="sparsegpt", pattern="2:4")}
-    for fraction in (0.25, 0.5):
-        label = f"structured {fraction:.0%}"
-        cut = pruned(f"structured-{fraction}", method="none", heads=_head_fraction(fraction, files.model.config),
-                     channels=fraction, importance="activation")
-        rows[f"{label} (no recovery)"] = {"dir": cut}
-        if not args.no_training:
-            rows[f"{label} + recovery"] = {"dir": finetuned(f"recovered-{fraction}", cut, steps), "steps": steps}
+    if not args.students_only:
+        rows["magnitude 50%"] = {"dir": pruned("magnitude", method="magnitude", sparsity=0.5)}
+        rows["wanda 50%"] = {"dir": pruned("wanda", method="wanda", sparsity=0.5)}
+        rows["sparsegpt 50%"] = {"dir": pruned("sparsegpt", method="sparsegpt", sparsity=0.5)}
+        rows["sparsegpt 2:4"] = {"dir": pruned("sparsegpt-24", method="sparsegpt", pattern="2:4")}
+        for fraction in (0.25, 0.5):
+            label = f"structured {fraction:.0%}"
+            cut = pruned(f"structured-{fraction}", method="none", heads=_head_fraction(fraction, files.model.config),
+                         channels=fraction, importance="activation")
+            rows[f"{label} (no recovery)"] = {"dir": cut}
+            if not args.no_training:
+                rows[f"{label} + recovery"] = {"dir": finetuned(f"recovered-{fraction}", cut, steps), "steps": steps}
     if not args.no_training:
         distilled, scratch = _students(base, work, tokenizer, train_txt, block, batch, seconds, *student_lr)
         rows["distilled student (1/2 depth)"] = distilled
@@ -149,20 +153,22 @@ def section(name: str, args, work: Path) -> None:
     if "distilled student int8" in rows:  # its codes are buffers: count the student's weights
         rows["distilled student int8"]["params"] = rows["distilled student (1/2 depth)"]["params"]
     packed = "sparsegpt 2:4, packed (2:4 kernel)"  # the same weights, stored as their nonzero half
-    models[packed] = copy.deepcopy(models["sparsegpt 2:4"])
-    semi_sparse_(models[packed])
-    rows[packed] = {**rows["sparsegpt 2:4"], **quality(models[packed], windows, token_bytes)}
+    if "sparsegpt 2:4" in rows:
+        models[packed] = copy.deepcopy(models["sparsegpt 2:4"])
+        semi_sparse_(models[packed])
+        rows[packed] = {**rows["sparsegpt 2:4"], **quality(models[packed], windows, token_bytes)}
+        order = [k for k in rows if k != packed]
+        order.insert(order.index("sparsegpt 2:4") + 1, packed)
+        rows = {k: rows[k] for k in order}
     for label, model in models.items():
         rows[label]["memory"] = quantized_bytes(model)
-    order = [k for k in rows if k != packed]
-    order.insert(order.index("sparsegpt 2:4") + 1, packed)
-    rows = {k: rows[k] for k in order}
-    kernels = sparse_kernel_rows(models["magnitude 50%"], models["sparsegpt 2:4"])
     rates = decode_rates({k: use_skinny_linears_(m, hugepages=False) for k, m in models.items()},
                          windows[0][:, :16], args.new_tokens, args.repeats)
     _print(name, rows, rates, window, len(windows), eval_docs, small)
-    print("sparse CPU kernel (torch CSR, float32) vs dense for one decode token over every pruned linear:")
-    print_table(("weights", "sparsity", "dense ms", "CSR ms", "CSR speed-up"), kernels)
+    if "magnitude 50%" in rows:
+        print("sparse CPU kernel (torch CSR, float32) vs dense for one decode token over every pruned linear:")
+        print_table(("weights", "sparsity", "dense ms", "CSR ms", "CSR speed-up"),
+                    sparse_kernel_rows(models["magnitude 50%"], models["sparsegpt 2:4"]))
 
 
 def _head_fraction(fraction: float, config) -> float:
@@ -188,7 +194,8 @@ def _students(base: Path, work: Path, tokenizer, train_txt: Path, block: int, ba
     def distilled_run(out: Path, steps: int) -> Path:
         quiet(distill.run, work, resolve(DistillConfig, None, {
             "out": str(out), "teacher": str(base), "student.layers": str(half), "data.train": str(train_txt),
-            "data.max_length": str(block), "distill.loss": "kd", "distill.temperature": "2.0", "distill.alpha": "0.5",
+            "data.max_length": str(block), "student.pick": "influence", "distill.loss": "kd",
+            "distill.temperature": "2.0", "distill.alpha": "0.5",
             "train.max_steps": str(steps), "train.batch_size": str(batch), "train.lr": str(lr),
             "train.min_lr": str(lr / 10), "train.warmup_steps": str(min(20, steps // 10)), "train.eval_every": "0",
             "train.checkpoint_every": "1000000", "train.keep_checkpoints": "1", "train.progress": "false"}))
@@ -290,14 +297,17 @@ def _print(name: str, rows: dict, rates: dict, window: int, count: int, eval_doc
                       f"{rates[label] / rates['fp32']:.2f}x",
                       f"{r['bpb']:.4f}", f"{r['ppl']:.2f}", trained))
     print_table(header, table)
-    mag = rows["magnitude 50%"]["ppl"]
-    for method in ("wanda 50%", "sparsegpt 50%"):
-        print(f"target: {method} perplexity below magnitude 50% ({rows[method]['ppl']:.2f} vs {mag:.2f}) -> "
-              f"{'met' if rows[method]['ppl'] < mag else 'MISSED'}")
-    if "structured 50% + recovery" not in rows:
+    if "magnitude 50%" in rows:
+        mag = rows["magnitude 50%"]["ppl"]
+        for method in ("wanda 50%", "sparsegpt 50%"):
+            print(f"target: {method} perplexity below magnitude 50% ({rows[method]['ppl']:.2f} vs {mag:.2f}) -> "
+                  f"{'met' if rows[method]['ppl'] < mag else 'MISSED'}")
+    if "structured 50% + recovery" in rows:
+        speed = rates["structured 50% + recovery"] / rates["fp32"]
+        print(f"target: structured 50% + recovery decodes >= 1.7x fp32 ({speed:.2f}x) -> "
+              f"{'met' if speed >= 1.7 else 'MISSED'}")
+    if "same student from scratch" not in rows:
         return
-    speed = rates["structured 50% + recovery"] / rates["fp32"]
-    print(f"target: structured 50% + recovery decodes >= 1.7x fp32 ({speed:.2f}x) -> {'met' if speed >= 1.7 else 'MISSED'}")
     d, s = rows["distilled student (1/2 depth)"], rows["same student from scratch"]
     print(f"target: distilled student beats scratch at equal wall-clock ({d['bpb']:.4f} vs {s['bpb']:.4f} bits/byte, "
           f"{d['train_s']:.0f} s vs {s['train_s']:.0f} s) -> {'met' if d['bpb'] < s['bpb'] else 'MISSED'}")

@@ -5,7 +5,8 @@
     lmstack distill --teacher runs/big --student.path runs/small --distill.loss jsd --distill.mode on_policy ...
 
 The student is a checkpoint (``student.path``) or cut from the teacher: ``student.layers`` of its blocks,
-evenly spaced, with its embeddings, norm and head (``lmstack.compress.keep_layers``), from the teacher's
+evenly spaced or (``student.pick influence``) those that change their input most on the first training blocks,
+with its embeddings, norm and head (``lmstack.compress.keep_layers``), from the teacher's
 weights or fresh (``student.init random``: the same shape trained from the teacher alone). Teacher and student
 must share the tokenizer. Text is packed into blocks as ``lmstack finetune --task causal_lm`` does; the loss is
 ``lmstack.compress.distill.DistillObjective`` on the one training loop (checkpoints, resume, metrics, loss
@@ -15,12 +16,14 @@ as a Hugging Face checkpoint with the tokenizer (the feature projections, a trai
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmstack.checkpoints import load_model, save_hf
 from lmstack.checkpoints.model_files import open_model
 from lmstack.compress import keep_layers
 from lmstack.compress.distill import DistillObjective, check_same_vocabulary
+from lmstack.compress.structured import block_influence
 from lmstack.config import save_yaml
 from lmstack.data import PackedBlocks, eval_batches, open_split
 from lmstack.errors import ConfigError, DataError
@@ -39,8 +42,24 @@ def spread(total: int, count: int) -> list[int]:
     return [i * total // count for i in range(count)]
 
 
-def make_student(cfg: DistillConfig, teacher: torch.nn.Module, tokenizer):
-    """The student model as configured (a checkpoint, or cut from the teacher)."""
+def influential_layers(teacher: torch.nn.Module, count: int, calibration: list[torch.Tensor]) -> list[int]:
+    """The ``count`` blocks of ``teacher`` that change their input most on ``calibration`` (block influence,
+    ShortGPT: 1 - cos(x_in, x_out)), in order: the layers a shallower student keeps."""
+    with torch.no_grad():
+        influence = block_influence(teacher, calibration)
+    return sorted(torch.topk(influence, count).indices.tolist())
+
+
+def calibration_windows(data_dir: Path, block: int, windows: int = 8) -> list[torch.Tensor]:
+    """Up to ``windows`` (1, block) token windows from the start of the training shards."""
+    ids = torch.from_numpy(np.asarray(open_split(data_dir, "train").shards[0][:windows * block], dtype=np.int64))
+    return [w[None] for w in ids.split(block) if len(w) == block] or [ids[None]]
+
+
+def make_student(cfg: DistillConfig, teacher: torch.nn.Module, tokenizer,
+                 calibration: list[torch.Tensor] | None = None):
+    """The student model as configured (a checkpoint, or cut from the teacher; ``student.pick influence`` needs
+    ``calibration`` token windows)."""
     if cfg.student.path is not None:
         files = open_model(resolve_model_dir(cfg.student.path), load=load_model)
         check_same_vocabulary(teacher, files.model, tokenizer, files.tokenizer)
@@ -48,7 +67,11 @@ def make_student(cfg: DistillConfig, teacher: torch.nn.Module, tokenizer):
     n = teacher.config.n_layers
     if cfg.student.layers >= n:
         raise ConfigError(f"--student.layers={cfg.student.layers} must be fewer than the teacher's {n} blocks")
-    student = keep_layers(teacher, spread(n, cfg.student.layers))
+    if cfg.student.pick == "influence":
+        layers = influential_layers(teacher, cfg.student.layers, calibration)
+    else:
+        layers = spread(n, cfg.student.layers)
+    student = keep_layers(teacher, layers)
     if cfg.student.init == "random":
         torch.manual_seed(cfg.seed)
         student.reset_parameters()
@@ -74,13 +97,15 @@ def run(cfg: DistillConfig) -> dict:
     eos_id = files.stop_ids[0] if files.stop_ids else None
     if tokenizer is None or eos_id is None:
         raise DataError(f"{cfg.teacher}: distillation needs the teacher's tokenizer and an end-of-text token")
-    student = make_student(cfg, teacher, tokenizer)
     block = cfg.data.max_length
-    for who, model in (("teacher", teacher), ("student", student)):
-        limit = model.config.context_limit
-        if limit is not None and block > limit:
-            raise ConfigError(f"data.max_length={block} exceeds the {who}'s context of {limit} tokens")
+    limit = teacher.config.context_limit
+    if limit is not None and block > limit:
+        raise ConfigError(f"data.max_length={block} exceeds the teacher's context of {limit} tokens")
     data_dir = _token_shards(cfg, out, tokenizer, eos_id)
+    student = make_student(cfg, teacher, tokenizer, calibration_windows(data_dir, block))
+    limit = student.config.context_limit
+    if limit is not None and block > limit:
+        raise ConfigError(f"data.max_length={block} exceeds the student's context of {limit} tokens")
     device = resolve_device(cfg.train.device)
     teacher, student = teacher.to(device), student.to(device).train()
     task = denoising_task("causal_lm", tokenizer, eos_id, student.config, block, 0.0, False)

@@ -142,6 +142,30 @@ def test_distill_a_half_depth_student(model_dir, corpus, tmp_path, capsys, extra
     assert "distill_divergence" in rows[-1] and "eval_bpb" in rows[-1]
 
 
+def test_distill_keeps_the_most_influential_blocks(model_dir, corpus, tmp_path):
+    """--student.pick influence keeps the teacher blocks with the highest block influence on the first training
+    blocks (each student block equals that teacher block before training), not the evenly spaced ones."""
+    from lmstack.config import resolve
+    from lmstack.recipes.configs.distill import DistillConfig
+    from lmstack.recipes.distill import calibration_windows, influential_layers, make_student
+    from lmstack.checkpoints.model_files import open_model
+    from lmstack.recipes.finetune_lm import _token_shards
+
+    files = open_model(model_dir)
+    teacher, tokenizer = files.model.float().eval(), files.tokenizer
+    cfg = resolve(DistillConfig, None, {"teacher": str(model_dir), "data.train": str(corpus), "out": str(tmp_path),
+                                        "data.max_length": "32", "student.layers": "1", "student.pick": "influence"})
+    calibration = calibration_windows(_token_shards(cfg, tmp_path, tokenizer, files.stop_ids[0]), 32)
+    assert [tuple(w.shape) for w in calibration] == [(1, 32)] * 8
+    (kept,) = influential_layers(teacher, 1, calibration)
+    assert kept != 0  # what spread(n, 1) would keep: the test tells the two apart
+    student = make_student(cfg, teacher, tokenizer, calibration)
+    expected = {k.removeprefix(f"layers.{kept}."): v for k, v in teacher.state_dict().items()
+                if k.startswith(f"layers.{kept}.")}
+    got = {k.removeprefix("layers.0."): v for k, v in student.state_dict().items() if k.startswith("layers.0.")}
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
 def test_distill_refuses_a_student_of_another_vocabulary(model_dir, corpus, tmp_path, capsys):
     from lmstack.checkpoints import save_hf
     from lmstack.models import DecoderConfig, build_model

@@ -14,10 +14,13 @@ class DistillStudentSection:
 
     path: Path | None = field(None, help="student checkpoint directory or .gguf (it must share the teacher's "
                                          "tokenizer)")
-    layers: int | None = field(None, help="cut the student from the teacher: this many of its blocks, evenly spaced "
-                                          "(half depth: n_layers / 2)")
+    layers: int | None = field(None, help="cut the student from the teacher: this many of its blocks (half depth: "
+                                          "n_layers / 2), chosen by --student.pick")
     init: Literal["teacher", "random"] = field("teacher", help="with --student.layers: start from the teacher's "
                                                                "blocks, or fresh weights of that shape")
+    pick: Literal["spread", "influence"] = field(
+        "spread", help="with --student.layers: which of the teacher's blocks it keeps: evenly spaced (DistilBERT), or "
+                       "the most influential on the training text (ShortGPT's block influence, 1 - cos(in, out))")
 
 
 @dataclass
