@@ -102,7 +102,8 @@ def run(cfg: DistillConfig) -> dict:
     if limit is not None and block > limit:
         raise ConfigError(f"data.max_length={block} exceeds the teacher's context of {limit} tokens")
     data_dir = _token_shards(cfg, out, tokenizer, eos_id)
-    student = make_student(cfg, teacher, tokenizer, calibration_windows(data_dir, block))
+    calibration = calibration_windows(data_dir, block) if cfg.student.pick == "influence" else None
+    student = make_student(cfg, teacher, tokenizer, calibration)
     limit = student.config.context_limit
     if limit is not None and block > limit:
         raise ConfigError(f"data.max_length={block} exceeds the student's context of {limit} tokens")

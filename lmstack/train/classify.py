@@ -29,7 +29,7 @@ class ClassificationObjective:
         logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
         labels = batch["labels"]
         loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-        return loss, {"tokens": int((labels != IGNORE_INDEX).sum())}
+        return loss, {"tokens": labelled_items(labels)}
 
     def loss_items(self, batch: dict[str, torch.Tensor]) -> int:
         """Labelled items of ``batch`` (the loss is their mean; the Trainer weighs micro-batches by them)."""
@@ -47,7 +47,7 @@ class ClassificationObjective:
             labels = batch["labels"]
             nats += float(F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                                           reduction="sum"))
-            n += int((labels != IGNORE_INDEX).sum())
+            n += labelled_items(labels)
             guess = logits.argmax(-1)
             if labels.dim() == 1:
                 preds += guess.tolist()

@@ -69,7 +69,7 @@ class SpanCorruptionObjective:
         labels = batch["labels"]
         logits = model(batch["input_ids"], batch.get("attention_mask"), model.shift_right(labels))
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-        return loss, {"tokens": int((labels != IGNORE_INDEX).sum())}
+        return loss, {"tokens": labelled_items(labels)}
 
     def loss_items(self, batch: dict[str, torch.Tensor]) -> int:
         """Labelled items of ``batch`` (the loss is their mean; the Trainer weighs micro-batches by them)."""

@@ -193,7 +193,7 @@ class CausalLMObjective:
             out = model(inputs, **kwargs)
             logits, routings = out if moe is not None else (out, None)
             loss = causal_lm_loss(logits, targets)
-        metrics = {"tokens": int((targets != IGNORE_INDEX).sum())}
+        metrics = {"tokens": labelled_items(targets)}
         if routings:
             mask = extra.get("attention_mask")
             aux, router_metrics = moe_auxiliary_loss(routings, moe.aux_loss_coef, moe.z_loss_coef,
