@@ -15,13 +15,14 @@ import sysconfig
 import time
 from pathlib import Path
 
+from lmstack.kernels.isa import isa_flags
 from lmstack.native import build_artifact, cache_root, cached_artifact, compiler_version, content_key, prepare_cache_root
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("extension.cpp", "skinny_linear.cpp", "decode_step.cpp", "paged_attention.cpp")
 MODULE = "lmstack_cpu_kernels"
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
+CFLAGS = ("-O3", "-fopenmp")  # and the instruction set's (lmstack.kernels.isa)
 LDFLAGS = ("-fopenmp",)
 BUILD_SECONDS = 120  # what a first build takes on the 2-core reference machine
 
@@ -34,7 +35,7 @@ def build_key() -> str:
     # The extension's own sources and the headers they include; not quant_matmul.cpp (a ctypes library
     # with its own cache entry), so editing it does not rebuild the extension.
     files = sorted([CSRC / name for name in SOURCES] + list(CSRC.glob("*.h")))
-    return content_key(files, compiler_version(), " ".join(CFLAGS + LDFLAGS), torch.__version__,
+    return content_key(files, compiler_version(), " ".join(CFLAGS + isa_flags() + LDFLAGS), torch.__version__,
                        sysconfig.get_config_var("SOABI") or "", sys.version)
 
 
@@ -48,7 +49,7 @@ def build_library() -> Path:
     from torch.utils.cpp_extension import load
 
     def build(work: Path) -> Path:
-        load(MODULE, [str(CSRC / name) for name in SOURCES], extra_cflags=list(CFLAGS),
+        load(MODULE, [str(CSRC / name) for name in SOURCES], extra_cflags=[*CFLAGS, *isa_flags()],
              extra_ldflags=list(LDFLAGS), build_directory=str(work), verbose=False)
         return work / f"{MODULE}.so"
 

@@ -164,6 +164,10 @@ class FusedDecodeStep:
         self.shape = [config.n_heads, config.n_kv_heads, int(config.norm == "rmsnorm"), int(config.mlp == "gated"),
                       _ACTIVATION_CODES[config.activation]]
         self.eps = float(config.norm_eps)
+        # converted to C++ once: handles of the same tensors, so in-place weight changes are still seen
+        self._model_args = self.kernel.DecodeStepModel(self.weights, self.windows, self.shape, self.eps, self.aux,
+                                                       self.formats, self.moe_weights, self.moe_aux, self.moe_formats,
+                                                       self.moe_shape)
 
     def _add_mixture(self, mlp: nn.Module) -> None:
         """A layer's entry of the step's mixture-of-experts arguments (6 zeros for a dense layer)."""
@@ -225,10 +229,8 @@ class FusedDecodeStep:
         cos = sin = _NONE
         if model.rotary is not None:
             cos, sin = (t[:, 0].contiguous() for t in model.rotary(positions))  # (B, D) each
-        logits = self.kernel.decode_step(x.contiguous(), self.weights, cache.k, cache.v, cache.length, cos, sin,
-                                         _NONE if key_mask is None else key_mask, self.windows, self.shape, self.eps,
-                                         self.aux, self.formats, self.moe_weights, self.moe_aux, self.moe_formats,
-                                         self.moe_shape)
+        logits = self._model_args.step(x.contiguous(), cache.k, cache.v, cache.length, cos, sin,
+                                       _NONE if key_mask is None else key_mask)
         cache.advance(1)
         return logits
 

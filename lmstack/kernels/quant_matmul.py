@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
+from lmstack.kernels.isa import isa_flags
 from lmstack.native import shared_library
 
 log = logging.getLogger(__name__)
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCE = _CSRC / "quant_matmul.cpp"
-_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp")
+_FLAGS = ("-O3", "-std=c++17", "-fopenmp")  # and the instruction set's (lmstack.kernels.isa)
 MAX_ROWS = 8
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -41,7 +42,7 @@ def quant_kernels() -> ctypes.CDLL | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     try:
-        lib = ctypes.CDLL(str(shared_library("lmstack_quant_matmul", [_SOURCE], _FLAGS, sorted(_CSRC.glob("*.h")))))
+        lib = ctypes.CDLL(str(shared_library("lmstack_quant_matmul", [_SOURCE], _FLAGS + isa_flags(), sorted(_CSRC.glob("*.h")))))
     except Exception as error:  # no compiler: the eager paths remain
         log.warning("quantized CPU kernels unavailable (%s); using the eager paths", error)
         return None

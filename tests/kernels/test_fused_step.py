@@ -97,6 +97,24 @@ def test_generation_uses_the_fused_step_and_gives_the_same_tokens():
                            generate(eager, ids, config, attention_mask=mask))
 
 
+def test_a_step_made_before_weights_change_in_place_reads_the_new_weights():
+    """The step converts its weight list to C++ once; in-place changes (copy_, .data swapped) are still seen."""
+    eager, fast = _models("llama-gqa")
+    step = FusedDecodeStep(fast)
+    with torch.no_grad():
+        eager.layers[0].mlp.down_proj.weight.mul_(-0.5)
+        eager.layers[1].attn.q_proj.weight.mul_(-0.5)
+        fast.layers[0].mlp.down_proj.weight.copy_(eager.layers[0].mlp.down_proj.weight)
+        fast.layers[1].attn.q_proj.weight.data = eager.layers[1].attn.q_proj.weight.detach().clone()
+    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(1))
+    caches = [StaticKVCache.for_model(eager, 1, 6) for _ in range(2)]
+    with torch.inference_mode():
+        for model, cache in zip((eager, fast), caches):
+            model(ids[:, :4], kv_cache=cache)
+        want = eager(ids[:, 4:5], position_ids=torch.tensor([[4]]), kv_cache=caches[0])[:, -1]
+        torch.testing.assert_close(step(ids[:, 4], torch.tensor([[4]]), caches[1], None), want, atol=1e-4, rtol=1e-4)
+
+
 class _Wrapped(nn.Module):
     """Stands for an adapter around a projection (LoRA, quantization): the fused step must not skip it."""
 

@@ -14,6 +14,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -85,6 +86,65 @@ void rotate(float* x, int64_t heads, const float* cos, const float* sin, const S
     }
 }
 
+// One query head over keys [lo, n) of its key/value head (kr, vr: (max_len, D)) into o (D): scores into p,
+// their softmax, the weighted sum of values. D8 = D / 8 is a compile-time count of vectors, so that the query
+// stays in registers while the keys stream past, four at a time (one horizontal reduction for four scores), and
+// the output stays in registers while the values stream past.
+template <int D8>
+void attend_head(const float* qv, const float* kr, const float* vr, const int64_t* mask_row, float* p, float* o,
+                 int64_t lo, int64_t n, float scale) {
+  constexpr int64_t D = 8 * D8;
+  __m256 qr[D8];
+  for (int i = 0; i < D8; ++i) qr[i] = _mm256_loadu_ps(qv + 8 * i);
+  int64_t j = lo;
+  for (; j + 4 <= n; j += 4) {
+    __m256 a[4];
+    for (int t = 0; t < 4; ++t) {
+      a[t] = _mm256_mul_ps(qr[0], _mm256_loadu_ps(kr + (j + t) * D));
+      for (int i = 1; i < D8; ++i) a[t] = _mm256_fmadd_ps(qr[i], _mm256_loadu_ps(kr + (j + t) * D + 8 * i), a[t]);
+    }
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m128 dots = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));  // keys j .. j + 3
+    _mm_storeu_ps(p + j, _mm_mul_ps(dots, _mm_set1_ps(scale)));
+  }
+  for (; j < n; ++j) {
+    __m256 a = _mm256_mul_ps(qr[0], _mm256_loadu_ps(kr + j * D));
+    for (int i = 1; i < D8; ++i) a = _mm256_fmadd_ps(qr[i], _mm256_loadu_ps(kr + j * D + 8 * i), a);
+    p[j] = lmstack::horizontal_sum(a) * scale;
+  }
+  if (mask_row)
+    for (j = lo; j < n; ++j)
+      if (mask_row[j] == 0) p[j] = -std::numeric_limits<float>::infinity();
+  const float top = *std::max_element(p + lo, p + n);
+  // vectorised exp (std::exp per score was ~10% of a decode step at 256 keys); a padding slot's -inf
+  // becomes e^-87 there, never read: the value loop skips it
+  const float total = lmstack::exp_and_sum(p + lo, n - lo, top);
+  __m256 acc[D8];
+  for (int i = 0; i < D8; ++i) acc[i] = _mm256_setzero_ps();
+  for (j = lo; j < n; ++j) {
+    if (mask_row && mask_row[j] == 0) continue;
+    const __m256 w = _mm256_set1_ps(p[j]);
+    for (int i = 0; i < D8; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + j * D + 8 * i), acc[i]);
+  }
+  const __m256 t = _mm256_set1_ps(total);  // the new token sees itself, so total > 0
+  for (int i = 0; i < D8; ++i) _mm256_storeu_ps(o + 8 * i, _mm256_div_ps(acc[i], t));
+}
+
+// The same for any head width: dot products and value sums through memory.
+void attend_head_any(const float* qv, const float* kr, const float* vr, const int64_t* mask_row, float* p, float* o,
+                     int64_t lo, int64_t n, float scale, int64_t D) {
+  for (int64_t j = lo; j < n; ++j)
+    p[j] = mask_row && mask_row[j] == 0 ? -std::numeric_limits<float>::infinity() : lmstack::dot(qv, kr + j * D, D) * scale;
+  const float top = *std::max_element(p + lo, p + n);
+  const float total = lmstack::exp_and_sum(p + lo, n - lo, top);
+  std::fill(o, o + D, 0.0f);
+  for (int64_t j = lo; j < n; ++j) {
+    if (mask_row && mask_row[j] == 0) continue;
+    lmstack::axpy(p[j], vr + j * D, o, D);
+  }
+  for (int64_t i = 0; i < D; ++i) o[i] /= total;
+}
+
 // Attention of each row's new query (H heads) over cache slots [lo, slot] of its layer's keys and values
 // (rows, Hkv, max_len, D); slots whose key_mask entry is 0 (left padding) are skipped.
 void attend_cached(const float* q, const float* k, const float* v, const int64_t* key_mask, int64_t mask_stride,
@@ -98,23 +158,15 @@ void attend_cached(const float* q, const float* k, const float* v, const int64_t
       const float* qv = q + (r * H + h) * D;
       const int64_t kv_offset = (r * s.n_kv_heads + h / group) * s.max_len * D;
       const float *kr = k + kv_offset, *vr = v + kv_offset;
+      const int64_t* mask_row = key_mask ? key_mask + r * mask_stride : nullptr;
       float* p = scores + (r * H + h) * n;
       float* o = out + (r * H + h) * D;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t j = lo; j < n; ++j) {
-        const bool hidden = key_mask && key_mask[r * mask_stride + j] == 0;
-        p[j] = hidden ? -std::numeric_limits<float>::infinity() : lmstack::dot(qv, kr + j * D, D) * scale;
-        top = std::max(top, p[j]);
+      switch (D) {
+        case 32: attend_head<4>(qv, kr, vr, mask_row, p, o, lo, n, scale); break;
+        case 64: attend_head<8>(qv, kr, vr, mask_row, p, o, lo, n, scale); break;
+        case 128: attend_head<16>(qv, kr, vr, mask_row, p, o, lo, n, scale); break;
+        default: attend_head_any(qv, kr, vr, mask_row, p, o, lo, n, scale, D);
       }
-      float total = 0.0f;
-      std::fill(o, o + D, 0.0f);
-      for (int64_t j = lo; j < n; ++j) {
-        if (p[j] == -std::numeric_limits<float>::infinity()) continue;
-        const float e = std::exp(p[j] - top);
-        total += e;
-        lmstack::axpy(e, vr + j * D, o, D);
-      }
-      for (int64_t i = 0; i < D; ++i) o[i] /= total;  // the new token sees itself, so total > 0
     }
 }
 
@@ -181,15 +233,44 @@ void matmul(const float* x, const Linear& L, float* y, const Shape& s, Epilogue 
   TORCH_CHECK(!failed, "decode_step: unsupported weight format ", L.format, " or shape");
 }
 
+// y_i = L_i x for linears that read the same x: one call (x quantized once, one parallel region) where all are
+// int8 or all int4 with int8 activations, of one group size and without AWQ's input scale; else one by one.
+void matmuls(const float* x, std::initializer_list<const Linear*> linears, std::initializer_list<float*> outputs,
+             std::initializer_list<Epilogue> epilogues, const Shape& s) {
+  const Linear& first = **linears.begin();
+  bool together = first.format == kInt8Dynamic || first.format == kInt4Dynamic;
+  for (const Linear* L : linears)
+    together = together && L->format == first.format && L->group == first.group && !L->aux[5].numel();
+  if (together) {
+    std::vector<lmstack::quant::DynamicPart> parts;
+    auto y = outputs.begin();
+    auto e = epilogues.begin();
+    for (const Linear* L : linears)
+      parts.push_back({L->w->data_ptr(), ptr<float>(L->aux[0]), ptr<int8_t>(L->aux[1]), ptr<float>(L->aux[2]),
+                       data(*L->b), *y++, L->w->size(0), *e++});
+    const bool int8 = first.format == kInt8Dynamic;
+    const int64_t n_in = int8 ? first.w->size(1) : 2 * first.w->size(1);
+    const int threads = at::get_num_threads(), n = static_cast<int>(parts.size());
+    const int failed = int8 ? lmstack::quant::int8_dynamic_matmuls(x, s.rows, n_in, first.group, parts.data(), n, threads)
+                            : lmstack::quant::int4_dynamic_matmuls(x, s.rows, n_in, first.group, parts.data(), n, threads);
+    TORCH_CHECK(!failed, "decode_step: unsupported weight format ", first.format, " or shape");
+    return;
+  }
+  auto y = outputs.begin();
+  auto e = epilogues.begin();
+  for (const Linear* L : linears) matmul(x, *L, *y++, s, *e++);
+}
+
 // The feed-forward block of the rows of x (s.rows, C): out(act(in x) [* up x]), stored into or added to y.
 // mid, up: scratch of at least s.rows * the hidden width.
 void feed_forward(const float* x, const Linear& in, const Linear& up_proj, const Linear& out, float* y, Epilogue mode,
                   const Shape& s, float* mid, float* up) {
   const int64_t width = in.w->size(0);
-  matmul(x, in, mid, s, s.activation);
   if (s.gated) {
-    matmul(x, up_proj, up, s);
+    matmuls(x, {&in, &up_proj}, {mid, up}, {s.activation, Epilogue::kStore}, s);
     for (int64_t i = 0; i < s.rows * width; ++i) mid[i] *= up[i];
+  } else {
+    matmul(x, in, mid, s, s.activation);
   }
   matmul(mid, out, y, s, mode);
 }
@@ -286,12 +367,12 @@ void check_fp32(const at::Tensor& t, const char* what) {
 //   empty (and its 3 MLP linear descriptions empty fp32 ones); instead moe_weights holds, layer after layer, the
 //   router (E, C) and then weight and bias of each of its linears (Experts' order), described by moe_formats
 //   and moe_aux as `formats` and `aux` describe the others.
-at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor k_cache,
-                          at::Tensor v_cache, int64_t slot, at::Tensor cos, at::Tensor sin,
-                          at::Tensor key_mask, std::vector<int64_t> windows, std::vector<int64_t> shape,
-                          double norm_eps, std::vector<at::Tensor> aux, std::vector<int64_t> formats,
-                          std::vector<at::Tensor> moe_weights, std::vector<at::Tensor> moe_aux,
-                          std::vector<int64_t> moe_formats, std::vector<int64_t> moe_shape) {
+at::Tensor decode_step(at::Tensor x, const std::vector<at::Tensor>& weights, at::Tensor k_cache, at::Tensor v_cache,
+                       int64_t slot, at::Tensor cos, at::Tensor sin, at::Tensor key_mask,
+                       const std::vector<int64_t>& windows, const std::vector<int64_t>& shape, double norm_eps,
+                       const std::vector<at::Tensor>& aux, const std::vector<int64_t>& formats,
+                       const std::vector<at::Tensor>& moe_weights, const std::vector<at::Tensor>& moe_aux,
+                       const std::vector<int64_t>& moe_formats, const std::vector<int64_t>& moe_shape) {
   const int64_t n_layers = static_cast<int64_t>(windows.size());
   TORCH_CHECK(shape.size() == 5, "decode_step: shape takes 5 entries");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == n_layers * kPerLayer + 3, "decode_step: expected ",
@@ -376,9 +457,9 @@ at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor
   for (int64_t l = 0; l < n_layers; ++l) {
     const at::Tensor* w = weights.data() + l * kPerLayer;
     normalize(stream, h.data(), data(w[kAttnNormW]), data(w[kAttnNormB]), s);
-    matmul(h.data(), linear(l, 0), q.data(), s);
-    matmul(h.data(), linear(l, 1), k.data(), s);
-    matmul(h.data(), linear(l, 2), v.data(), s);
+    const Linear lq = linear(l, 0), lk = linear(l, 1), lv = linear(l, 2);
+    matmuls(h.data(), {&lq, &lk, &lv}, {q.data(), k.data(), v.data()},
+            {Epilogue::kStore, Epilogue::kStore, Epilogue::kStore}, s);
     if (const float* q_norm = data(w[kQNormW])) normalize_heads(q.data(), s.n_heads, q_norm, s);
     if (const float* k_norm = data(w[kKNormW])) normalize_heads(k.data(), s.n_kv_heads, k_norm, s);
     if (s.rope) {

@@ -13,6 +13,12 @@
 // element lands on +-127 exactly, not on a rounding boundary); lmstack/compress/formats.py
 // quantize_activations is the readable twin. The integer dot of a block is exact; the result is the sum
 // over blocks of dot * x_scale * w_scale (+ zero-point terms).
+//
+// Two instruction sets, chosen when the kernels are compiled (lmstack/kernels/isa.py): AVX2 (vpmaddubsw /
+// vpmaddwd, then adds) and, where the CPU has it, AVX-512 VNNI's vpdpbusd, which multiplies unsigned by
+// signed bytes and accumulates four products into each int32 lane in one instruction. vpdpbusd needs one
+// unsigned side: int4 codes (0..15) are; int8 weights become unsigned as w ^ 0x80 = w + 128, and the block's
+// dot is corrected by -128 * sum(x codes) in integers, so both sets give the same exact integer dots.
 #pragma once
 
 #include <immintrin.h>
@@ -72,22 +78,28 @@ inline void fake_quantize_activations(const float* x, float* y, int64_t rows, in
   }
 }
 
-// x (rows, n) quantized per block of `block` inputs. Codes are stored as int16 (int8 weights are multiplied
-// with vpmaddwd) or int8 reordered per run of 32 as [elements 0, 2, ..., 30 | 1, 3, ..., 31] (matching the
-// nibbles of the int4 layout, see int4_run_codes); `sums` holds scale * sum(codes) per block (the sum of the
-// quantized x, which int4's zero points multiply).
+// How QuantizedActivations stores its codes: int16 (int8 weights on AVX2, multiplied with vpmaddwd), int8 in
+// element order (int8 weights with VNNI) or int8 in the order of the int4 codes (kInt8Nibbles): with blocks of
+// 64 or more, per pair of runs of 32 as [evens of run 0 | evens of run 1 | odds of run 0 | odds of run 1] (the
+// low and the high nibbles of the pair's 32 bytes, see Int4Row::pair); a last lone run, and every run with
+// blocks of 32, as [elements 0, 2, ..., 30 | 1, 3, ..., 31] (see int4_run_codes).
+enum class CodeLayout { kInt16, kInt8, kInt8Nibbles };
+
+// x (rows, n) quantized per block of `block` inputs, stored as `layout` says. `isums` holds each block's sum
+// of codes and `sums` scale * that sum (the sum of the quantized x, which int4's zero points multiply).
 struct QuantizedActivations {
   int64_t rows, n, block, n_blocks;
   std::vector<int16_t> q16;
   std::vector<int8_t> q8;
   std::vector<float> scales, sums;
+  std::vector<int32_t> isums;
 
   // block_ == 0: per token (L = 127.5), else per group of block_ (L = 127).
-  QuantizedActivations(const float* x, int64_t rows_, int64_t n_, int64_t block_, bool for_int4)
+  QuantizedActivations(const float* x, int64_t rows_, int64_t n_, int64_t block_, CodeLayout layout)
       : rows(rows_), n(n_), block(block_ ? block_ : n_), n_blocks((n_ + block - 1) / block) {
     const float levels = activation_levels(block_);
     std::vector<int16_t> codes(rows * n);
-    scales.resize(rows * n_blocks), sums.resize(rows * n_blocks);
+    scales.resize(rows * n_blocks), sums.resize(rows * n_blocks), isums.resize(rows * n_blocks);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t b = 0; b < n_blocks; ++b) {
         const int64_t lo = b * block, hi = std::min(lo + block, n);  // multiples of 8 (of 32, in fact)
@@ -102,19 +114,34 @@ struct QuantizedActivations {
                            _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
         }
         scales[r * n_blocks + b] = scale;
-        sums[r * n_blocks + b] = scale * static_cast<float>(hsum_epi32(total));
+        isums[r * n_blocks + b] = hsum_epi32(total);
+        sums[r * n_blocks + b] = scale * static_cast<float>(isums[r * n_blocks + b]);
       }
-    if (!for_int4) {
+    if (layout == CodeLayout::kInt16) {
       q16 = std::move(codes);
       return;
     }
     q8.resize(rows * n);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < n; c += 32)
+    if (layout == CodeLayout::kInt8) {
+      for (int64_t i = 0; i < rows * n; ++i) q8[i] = static_cast<int8_t>(codes[i]);
+      return;
+    }
+    const int64_t paired = block >= 64 ? n / 64 * 64 : 0;  // columns laid out in pairs of runs
+    for (int64_t r = 0; r < rows; ++r) {
+      const int16_t* from = codes.data() + r * n;
+      int8_t* to = q8.data() + r * n;
+      for (int64_t c = 0; c < paired; c += 64)
+        for (int i = 0; i < 16; ++i)
+          for (int run = 0; run < 2; ++run) {
+            to[c + 16 * run + i] = static_cast<int8_t>(from[c + 32 * run + 2 * i]);
+            to[c + 32 + 16 * run + i] = static_cast<int8_t>(from[c + 32 * run + 2 * i + 1]);
+          }
+      for (int64_t c = paired; c < n; c += 32)
         for (int i = 0; i < 16; ++i) {
-          q8[r * n + c + i] = static_cast<int8_t>(codes[r * n + c + 2 * i]);
-          q8[r * n + c + 16 + i] = static_cast<int8_t>(codes[r * n + c + 2 * i + 1]);
+          to[c + i] = static_cast<int8_t>(from[c + 2 * i]);
+          to[c + 16 + i] = static_cast<int8_t>(from[c + 2 * i + 1]);
         }
+    }
   }
 };
 
@@ -127,27 +154,53 @@ inline __m256i int4_run_codes(const uint8_t* p) {
   return _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F));
 }
 
-// Products of one run of 32: int4 codes (unsigned bytes) times int8 activations as 16 int16 pair sums (each
-// at most 2 * 15 * 128 = 3840 in magnitude, so up to 8 runs, a group of 256, add up in int16 without
-// overflow and are widened once per group); int8 weights times int16 activations as 8 int32 (vpmaddwd).
+// Products of one run of 32 columns, accumulated into 8 lanes: `accumulate(acc, w, x)` adds the run's
+// products, `widen(acc)` turns a block's accumulator into 8 int32 whose sum is the block's exact dot, and
+// `correction` is what that sum still needs per unit of the block's sum of x codes (VNNI int8: -128).
+// AVX2 int4: codes (unsigned bytes) times int8 activations as 16 int16 pair sums (each at most 2 * 15 * 128 =
+// 3840 in magnitude, so up to 8 runs, a group of 256, add up in int16 without overflow; widened once per
+// group); AVX2 int8: weights times int16 activations as 8 int32 (vpmaddwd).
 struct Int4Products {
-  static __m256i run(__m256i codes, const int8_t* x) {
-    return _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  static constexpr int correction = 0;
+  static __m256i accumulate(__m256i acc, __m256i codes, const int8_t* x) {
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))));
   }
-  static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi16(a, b); }
   static __m256i widen(__m256i a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
 };
 
 struct Int8Products {
-  static __m256i run(const int8_t* w, const int16_t* x) {
+  static constexpr int correction = 0;
+  static __m256i accumulate(__m256i acc, const int8_t* w, const int16_t* x) {
     const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
     const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
-    const __m256i a = _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-    return _mm256_add_epi32(a, _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
   }
-  static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi32(a, b); }
   static __m256i widen(__m256i a) { return a; }
 };
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LMSTACK_VNNI 1
+// VNNI: four byte products per int32 lane in one vpdpbusd (lanes stay far from overflow: a block of 256 adds
+// 32 products of at most 255 * 128 per lane; a per-token row of 131072 inputs, 16384 of them, and the 8 lanes'
+// total, which may wrap, is exact again once corrected: |dot| <= 128 * 128 * 131072 = 2^31).
+struct Int4VnniProducts {
+  static constexpr int correction = 0;
+  static __m256i accumulate(__m256i acc, __m256i codes, const int8_t* x) {
+    return _mm256_dpbusd_epi32(acc, codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  }
+  static __m256i widen(__m256i a) { return a; }
+};
+
+// w ^ 0x80 (= w + 128 as an unsigned byte) times x: the dot plus 128 * sum(x codes).
+struct Int8VnniProducts {
+  static constexpr int correction = -128;
+  static __m256i accumulate(__m256i acc, __m256i w_plus_128, const int8_t* x) {
+    return _mm256_dpbusd_epi32(acc, w_plus_128, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  }
+  static __m256i widen(__m256i a) { return a; }
+};
+#endif
 
 // The weights of one output row, a run of 32 columns at a time, in the form Products multiplies.
 struct Int4Row {
@@ -158,34 +211,84 @@ struct Int4Row {
     _mm_prefetch(reinterpret_cast<const char*>(p + (c >> 1) + 2048), _MM_HINT_T0);
     return int4_run_codes(p + (c >> 1));
   }
+  // The runs from column c and c + 32 (32 bytes): their low nibbles (the evens of both) and high nibbles (the
+  // odds), as QuantizedActivations lays out pairs; half the instructions of two run() calls.
+  void pair(int64_t c, __m256i& low, __m256i& high) const {
+    _mm_prefetch(reinterpret_cast<const char*>(p + (c >> 1) + 2048), _MM_HINT_T0);
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (c >> 1)));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    low = _mm256_and_si256(bytes, mask);
+    high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+  }
 };
 struct Int8Row {
   const int8_t* p;
   const int8_t* run(int64_t c) const { return p + c; }
+  void pair(int64_t c, const int8_t*& first, const int8_t*& second) const { first = p + c, second = p + c + 32; }
+};
+// int8 weights as unsigned bytes w + 128, for vpdpbusd.
+struct Int8UnsignedRow {
+  const int8_t* p;
+  __m256i run(int64_t c) const {
+    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c)), _mm256_set1_epi8(-128));
+  }
+  void pair(int64_t c, __m256i& first, __m256i& second) const { first = run(c), second = run(c + 32); }
 };
 
-// idot[b] = the integer products of `runs` runs of 32 columns from column c, for each row b of x, as 8 int32.
+// idot[b] = the integer products of `runs` runs of 32 columns from column c, for each row b of x, as 8 int32
+// (corrected: their sum is block g's exact dot; isums: the activations' integer sums per block).
 // Called with a compile-time `runs` for whole blocks (the loop unrolls) and a run-time one for a shorter last.
+// Always inlined: called out of line (GCC's choice once the body grew), the accumulators go through memory
+// and int4 ran at 15 instead of 25 G weights/s.
 template <int B, class Products, class Row, class Activations>
-inline void block_dot(const Row& row, int64_t c, int runs, const Activations* xs, int64_t n_in, __m256i idot[B]) {
-  for (int b = 0; b < B; ++b) idot[b] = _mm256_setzero_si256();
-  for (int r = 0; r < runs; ++r, c += 32) {
-    const auto w = row.run(c);
-    for (int b = 0; b < B; ++b) idot[b] = Products::add(idot[b], Products::run(w, xs + b * n_in + c));
+__attribute__((always_inline)) inline void block_dot(const Row& row, int64_t c, int runs, const Activations* xs, int64_t n_in, const int32_t* isums,
+                      int64_t g, int64_t n_blocks, __m256i idot[B]) {
+  __m256i odd[B];  // odd runs accumulate apart: two dependency chains instead of one
+  for (int b = 0; b < B; ++b) idot[b] = odd[b] = _mm256_setzero_si256();
+  int r = 0;
+  for (; r + 1 < runs; r += 2, c += 64) {
+    decltype(row.run(c)) w0, w1;
+    row.pair(c, w0, w1);
+    for (int b = 0; b < B; ++b) {
+      idot[b] = Products::accumulate(idot[b], w0, xs + b * n_in + c);
+      odd[b] = Products::accumulate(odd[b], w1, xs + b * n_in + c + 32);
+    }
   }
-  for (int b = 0; b < B; ++b) idot[b] = Products::widen(idot[b]);
+  if (r < runs) {
+    const auto w = row.run(c);
+    for (int b = 0; b < B; ++b) idot[b] = Products::accumulate(idot[b], w, xs + b * n_in + c);
+  }
+  for (int b = 0; b < B; ++b) {
+    idot[b] = _mm256_add_epi32(Products::widen(idot[b]), Products::widen(odd[b]));
+    if constexpr (Products::correction != 0)  // into lane 0: the lanes' sum is what counts
+      idot[b] = _mm256_add_epi32(idot[b], _mm256_setr_epi32(Products::correction * isums[b * n_blocks + g], 0, 0, 0, 0, 0, 0, 0));
+  }
 }
+
+// What a block of int4 weights adds per unit of its sum of x codes (see dynamic_row_block): none (int8), an
+// integer zero point -(8 + zero), or GGUF Q4_1's float min.
+struct NoOffsets {};
+struct ZeroPoints {
+  const int8_t* zeros;
+  int64_t n_groups;
+  int32_t operator()(int64_t j, int64_t g) const { return -(8 + zeros[j * n_groups + g]); }
+};
+struct Mins {
+  const float* mins;
+  int64_t n_groups;
+  float operator()(int64_t j, int64_t g) const { return mins[j * n_groups + g]; }
+};
 
 // acc[r][b] = sum over blocks g of idot(j + r, g, b) * x_scale(b, g) * w_scale(j + r, g) for R consecutive
 // weight rows from j: the exact integer dot of each block (RUNS runs of 32 columns; a last block may be
 // shorter) scaled in fp32, still as 8 lanes. Blocks alternate between two accumulators, so that blocks
 // of 32 do not wait on one FMA chain; R > 1 (with one row of x) interleaves independent weight rows.
-// offsets[r][b] = sum over blocks of offset(j + r, g) * xq.sums (int4's zero points or mins; Offset is
-// std::nullptr_t for none), computed here beside the products rather than in a second pass over the row.
+// Offset: what a block adds per unit of its sum of x codes, beside scale * x_scale * dot. ZeroPoints (int4's
+// -(8 + zero)) are folded into the integer dot; Mins (GGUF's Q4_1) are floats: offsets[r][b] = sum over blocks
+// of min(j + r, g) * xq.sums, computed beside the products rather than in a second pass over the row.
 template <int B, int R, int RUNS, class Products, class RowOf, class Activations, class WScale, class Offset>
-inline void dynamic_row_block(const QuantizedActivations& xq, const Activations* xs, int64_t j, RowOf row_of,
+__attribute__((always_inline)) inline void dynamic_row_block(const QuantizedActivations& xq, const Activations* xs, int64_t j, RowOf row_of,
                               WScale w_scale, Offset offset, __m256 out[R][B], float offsets[R][B]) {
-  constexpr bool kOffsets = !std::is_same_v<Offset, std::nullptr_t>;
   const float* sums = xq.sums.data();
   const int64_t n_in = xq.n, n_blocks = xq.n_blocks, full = n_in / (32 * RUNS);
   const float* x_scales = xq.scales.data();
@@ -194,15 +297,20 @@ inline void dynamic_row_block(const QuantizedActivations& xq, const Activations*
   __m256 acc[R][B][2];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b) acc[r][b][0] = acc[r][b][1] = _mm256_setzero_ps(), offsets[r][b] = 0.0f;
-  auto block = [&](int64_t g, int runs, int k) {
+  auto block = [&](int64_t g, int runs, int k) __attribute__((always_inline)) {
     for (int r = 0; r < R; ++r) {
       __m256i idot[B];
-      block_dot<B, Products>(rows[r], g * 32 * RUNS, runs, xs, n_in, idot);
+      block_dot<B, Products>(rows[r], g * 32 * RUNS, runs, xs, n_in, xq.isums.data(), g, n_blocks, idot);
+      if constexpr (std::is_same_v<Offset, ZeroPoints>) {  // exact in int32: |c * isum| <= 16 * 128 * 256
+        const int32_t c = offset(j + r, g);
+        for (int b = 0; b < B; ++b)
+          idot[b] = _mm256_add_epi32(idot[b], _mm256_setr_epi32(c * xq.isums[b * n_blocks + g], 0, 0, 0, 0, 0, 0, 0));
+      }
       const float ws = w_scale(j + r, g);
       for (int b = 0; b < B; ++b)
         acc[r][b][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(idot[b]), _mm256_set1_ps(ws * x_scales[b * n_blocks + g]),
                                        acc[r][b][k]);
-      if constexpr (kOffsets) {
+      if constexpr (std::is_same_v<Offset, Mins>) {
         const float c = offset(j + r, g);
         for (int b = 0; b < B; ++b) offsets[r][b] += c * sums[b * n_blocks + g];
       }
@@ -220,12 +328,15 @@ inline void dynamic_row_block(const QuantizedActivations& xq, const Activations*
 
 // y[b, j] = the dot and offsets of dynamic_row_block + bias[j], through the epilogue. With one row of x,
 // weight rows go in pairs (more independent work per iteration, one horizontal reduction for two sums).
+// The rows are shared among the threads of the enclosing parallel region (an orphaned worksharing loop without
+// a barrier at its end: a caller runs several weights in one region, see DynamicPart); called outside a region
+// it runs on the calling thread.
 template <int B, int RUNS, class Products, class RowOf, class Activations, class WScale, class Offset>
 void dynamic_rows(const QuantizedActivations& xq, const Activations* xs, const float* bias, float* y, int64_t n_out,
-                  int threads, RowOf row_of, WScale w_scale, Offset offset, Epilogue e) {
+                  RowOf row_of, WScale w_scale, Offset offset, Epilogue e) {
   constexpr int R = B == 1 ? 2 : 1;
   auto store = [&](int64_t j, int b, float dot) { finish(y + b * n_out + j, dot + (bias ? bias[j] : 0.0f), e); };
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp for schedule(static) nowait
   for (int64_t i = 0; i < n_out / R; ++i) {
     const int64_t j = i * R;
     __m256 dot[R][B];
@@ -241,11 +352,15 @@ void dynamic_rows(const QuantizedActivations& xq, const Activations* xs, const f
       for (int b = 0; b < B; ++b) store(j, b, horizontal_sum(dot[0][b]) + offsets[0][b]);
     }
   }
-  for (int64_t j = n_out / R * R; j < n_out; ++j) {  // the last row when R == 2 and n_out is odd
-    __m256 dot[1][B];
-    float offsets[1][B];
-    dynamic_row_block<B, 1, RUNS, Products>(xq, xs, j, row_of, w_scale, offset, dot, offsets);
-    for (int b = 0; b < B; ++b) store(j, b, horizontal_sum(dot[0][b]) + offsets[0][b]);
+  if (n_out % R) {
+#pragma omp single nowait
+    {  // the last row when R == 2 and n_out is odd
+      const int64_t j = n_out - 1;
+      __m256 dot[1][B];
+      float offsets[1][B];
+      dynamic_row_block<B, 1, RUNS, Products>(xq, xs, j, row_of, w_scale, offset, dot, offsets);
+      for (int b = 0; b < B; ++b) store(j, b, horizontal_sum(dot[0][b]) + offsets[0][b]);
+    }
   }
 }
 
@@ -262,16 +377,30 @@ void dynamic_rows(const QuantizedActivations& xq, const Activations* xs, const f
 
 // Per-row int8 weights with per-token activations: one integer dot per row (at most 2^31 / 128^2 = 131072
 // inputs), one scale product at the end.
+// Rows shared as dynamic_rows shares them.
 template <int B>
 void int8_dynamic_rows_per_token(const QuantizedActivations& xq, const int8_t* q, const float* scales,
-                                 const float* bias, float* y, int64_t n_out, int threads, Epilogue e) {
+                                 const float* bias, float* y, int64_t n_out, Epilogue e) {
   const int64_t n_in = xq.n;
-  const int16_t* x = xq.q16.data();
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp for schedule(static) nowait
   for (int64_t j = 0; j < n_out; ++j) {
     __m256i idot[B][2];
     for (int b = 0; b < B; ++b) idot[b][0] = idot[b][1] = _mm256_setzero_si256();
     const int8_t* w = q + j * n_in;
+#ifdef LMSTACK_VNNI
+    const int8_t* x = xq.q8.data();
+    const Int8UnsignedRow row{w};
+    for (int64_t c = 0; c < n_in; c += 64) {  // n_in is a multiple of 32: the last run may be alone
+      const __m256i w0 = row.run(c);
+      for (int b = 0; b < B; ++b) idot[b][0] = Int8VnniProducts::accumulate(idot[b][0], w0, x + b * n_in + c);
+      if (c + 32 == n_in) break;
+      const __m256i w1 = row.run(c + 32);
+      for (int b = 0; b < B; ++b) idot[b][1] = Int8VnniProducts::accumulate(idot[b][1], w1, x + b * n_in + c + 32);
+    }
+    for (int b = 0; b < B; ++b)  // wraps in int32 before the correction, exact after it
+      idot[b][0] = _mm256_add_epi32(idot[b][0], _mm256_setr_epi32(Int8VnniProducts::correction * xq.isums[b], 0, 0, 0, 0, 0, 0, 0));
+#else
+    const int16_t* x = xq.q16.data();
     for (int64_t c = 0; c < n_in; c += 32) {
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c)));
       const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c + 16)));
@@ -281,6 +410,7 @@ void int8_dynamic_rows_per_token(const QuantizedActivations& xq, const int8_t* q
         idot[b][1] = _mm256_add_epi32(idot[b][1], _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16))));
       }
     }
+#endif
     for (int b = 0; b < B; ++b) {
       const float dot = static_cast<float>(hsum_epi32(_mm256_add_epi32(idot[b][0], idot[b][1])));
       finish(y + b * n_out + j, dot * xq.scales[b] * scales[j] + (bias ? bias[j] : 0.0f), e);
@@ -288,47 +418,124 @@ void int8_dynamic_rows_per_token(const QuantizedActivations& xq, const int8_t* q
   }
 }
 
-// int8 weights (scales per row: group 0, or per group) times int8 activations.
-inline int int8_dynamic_matmul(const float* x, const int8_t* q, const float* scales, const float* bias, float* y,
-                               int64_t rows, int64_t n_out, int64_t n_in, int64_t group, int threads,
-                               Epilogue e = Epilogue::kStore) {
+// One weight of a call that multiplies the same x by several weights (q, k and v; gate and up): x is quantized
+// once and all of them run in one parallel region. q: int8 codes (n_out, n_in) or int4 codes (n_out, n_in / 2);
+// scales per row (int8, group 0) or per group; int4: zeros or mins (one of them); bias or null.
+struct DynamicPart {
+  const void* q;
+  const float* scales;
+  const int8_t* zeros;
+  const float* mins;
+  const float* bias;
+  float* y;
+  int64_t n_out;
+  Epilogue e;
+};
+
+// body(part) for every part inside one parallel region (each body shares its rows among the threads).
+template <class Body>
+void for_each_part(const DynamicPart* parts, int n_parts, int threads, Body body) {
+#pragma omp parallel num_threads(threads)
+  for (int i = 0; i < n_parts; ++i) body(parts[i]);
+}
+
+template <int B, int RUNS>
+void int8_dynamic_parts(const QuantizedActivations& xq, const DynamicPart* parts, int n_parts, int threads) {
+#ifdef LMSTACK_VNNI
+  using Products = Int8VnniProducts;
+  using Row = Int8UnsignedRow;
+  const int8_t* codes = xq.q8.data();
+#else
+  using Products = Int8Products;
+  using Row = Int8Row;
+  const int16_t* codes = xq.q16.data();
+#endif
+  const int64_t n_in = xq.n, n_groups = xq.n_blocks;
+  for_each_part(parts, n_parts, threads, [&](const DynamicPart& part) {
+    const int8_t* q = static_cast<const int8_t*>(part.q);
+    const float* scales = part.scales;
+    if constexpr (RUNS == 0) {  // per token: one block per row
+      int8_dynamic_rows_per_token<B>(xq, q, scales, part.bias, part.y, part.n_out, part.e);
+    } else {
+      auto row_of = [=](int64_t j) { return Row{q + j * n_in}; };
+      auto w_scale = [=](int64_t j, int64_t g) { return scales[j * n_groups + g]; };
+      dynamic_rows<B, RUNS, Products>(xq, codes, part.bias, part.y, part.n_out, row_of, w_scale, NoOffsets{}, part.e);
+    }
+  });
+}
+
+template <int B, int RUNS>
+void int4_dynamic_parts(const QuantizedActivations& xq, const DynamicPart* parts, int n_parts, int threads) {
+#ifdef LMSTACK_VNNI
+  using Products = Int4VnniProducts;
+#else
+  using Products = Int4Products;
+#endif
+  const int64_t n_in = xq.n, n_groups = xq.n_blocks;
+  for_each_part(parts, n_parts, threads, [&](const DynamicPart& part) {
+    const uint8_t* q = static_cast<const uint8_t*>(part.q);
+    const float* scales = part.scales;
+    auto row_of = [=](int64_t j) { return Int4Row{q + j * (n_in / 2)}; };
+    auto w_scale = [=](int64_t j, int64_t g) { return scales[j * n_groups + g]; };
+    // integer zero points, or Q4_1's float mins: two instantiations, not a branch per group
+    if (part.mins)
+      dynamic_rows<B, RUNS, Products>(xq, xq.q8.data(), part.bias, part.y, part.n_out, row_of, w_scale,
+                                      Mins{part.mins, n_groups}, part.e);
+    else
+      dynamic_rows<B, RUNS, Products>(xq, xq.q8.data(), part.bias, part.y, part.n_out, row_of, w_scale,
+                                      ZeroPoints{part.zeros, n_groups}, part.e);
+  });
+}
+
+// int8 weights (scales per row: group 0, or per group) times int8 activations, for every part (same x, same
+// n_in and group). Returns 1 for a shape the kernels do not take.
+inline int int8_dynamic_matmuls(const float* x, int64_t rows, int64_t n_in, int64_t group, const DynamicPart* parts,
+                                int n_parts, int threads) {
   if (n_in % 32 || group % 32 || group > 256 || rows < 1 || rows > 8 || n_in > 131072) return 1;
-  const QuantizedActivations xq(x, rows, n_in, group, false);
+#ifdef LMSTACK_VNNI
+  const QuantizedActivations xq(x, rows, n_in, group, CodeLayout::kInt8);
+#else
+  const QuantizedActivations xq(x, rows, n_in, group, CodeLayout::kInt16);
+#endif
   if (group == 0) {
-#define CALL(B) int8_dynamic_rows_per_token<B>(xq, q, scales, bias, y, n_out, threads, e)
+    constexpr int RUNS = 0;
+#define CALL(B) int8_dynamic_parts<B, RUNS>(xq, parts, n_parts, threads)
     LMSTACK_DISPATCH_ROWS(rows, CALL)
 #undef CALL
     return 0;
   }
-  const int64_t n_groups = xq.n_blocks;
-  auto row_of = [=](int64_t j) { return Int8Row{q + j * n_in}; };
-  auto w_scale = [=](int64_t j, int64_t g) { return scales[j * n_groups + g]; };
-#define CALL(B) dynamic_rows<B, RUNS, Int8Products>(xq, xq.q16.data(), bias, y, n_out, threads, row_of, w_scale, nullptr, e)
+#define CALL(B) int8_dynamic_parts<B, RUNS>(xq, parts, n_parts, threads)
   LMSTACK_DISPATCH_RUNS_AND_ROWS(group, rows, CALL)
 #undef CALL
   return 0;
 }
 
 // int4 weights (see int4_matmul in quant_kernels.h: integer zeros, or float mins) times int8 activations
-// quantized per weight group: a group adds scale * x_scale * idot(codes, x codes) + c * sum(quantized x),
-// c = -(8 + zero) * scale or c = min.
-inline int int4_dynamic_matmul(const float* x, const uint8_t* q, const float* scales, const int8_t* zeros,
-                               const float* mins, const float* bias, float* y, int64_t rows, int64_t n_out,
-                               int64_t n_in, int64_t group, int threads, Epilogue e = Epilogue::kStore) {
+// quantized per weight group, for every part: a group adds scale * x_scale * (idot(codes, x codes) - (8 + zero) *
+// sum(x codes)), or with mins scale * x_scale * idot + min * x_scale * sum(x codes).
+inline int int4_dynamic_matmuls(const float* x, int64_t rows, int64_t n_in, int64_t group, const DynamicPart* parts,
+                                int n_parts, int threads) {
   if (n_in % 32 || group % 32 || group == 0 || group > 256 || rows < 1 || rows > 8) return 1;
-  const QuantizedActivations xq(x, rows, n_in, group, true);
-  const int64_t n_groups = xq.n_blocks;
-  auto row_of = [=](int64_t j) { return Int4Row{q + j * (n_in / 2)}; };
-  auto w_scale = [=](int64_t j, int64_t g) { return scales[j * n_groups + g]; };
-  // what a group adds per unit of sum(quantized x): -(8 + zero) * scale, or Q4_1's min
-  auto offset = [=](int64_t j, int64_t g) {
-    const int64_t i = j * n_groups + g;
-    return mins ? mins[i] : -static_cast<float>(8 + zeros[i]) * scales[i];
-  };
-#define CALL(B) dynamic_rows<B, RUNS, Int4Products>(xq, xq.q8.data(), bias, y, n_out, threads, row_of, w_scale, offset, e)
+  const QuantizedActivations xq(x, rows, n_in, group, CodeLayout::kInt8Nibbles);
+#define CALL(B) int4_dynamic_parts<B, RUNS>(xq, parts, n_parts, threads)
   LMSTACK_DISPATCH_RUNS_AND_ROWS(group, rows, CALL)
 #undef CALL
   return 0;
+}
+
+// One weight: the matmuls above with a single part.
+inline int int8_dynamic_matmul(const float* x, const int8_t* q, const float* scales, const float* bias, float* y,
+                               int64_t rows, int64_t n_out, int64_t n_in, int64_t group, int threads,
+                               Epilogue e = Epilogue::kStore) {
+  const DynamicPart part{q, scales, nullptr, nullptr, bias, y, n_out, e};
+  return int8_dynamic_matmuls(x, rows, n_in, group, &part, 1, threads);
+}
+
+inline int int4_dynamic_matmul(const float* x, const uint8_t* q, const float* scales, const int8_t* zeros,
+                               const float* mins, const float* bias, float* y, int64_t rows, int64_t n_out,
+                               int64_t n_in, int64_t group, int threads, Epilogue e = Epilogue::kStore) {
+  const DynamicPart part{q, scales, zeros, mins, bias, y, n_out, e};
+  return int4_dynamic_matmuls(x, rows, n_in, group, &part, 1, threads);
 }
 
 }  // namespace quant

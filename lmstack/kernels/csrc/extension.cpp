@@ -2,12 +2,31 @@
 #include <torch/extension.h>
 
 at::Tensor skinny_linear(at::Tensor x, at::Tensor weight, at::Tensor bias);
-at::Tensor decode_step(at::Tensor x, std::vector<at::Tensor> weights, at::Tensor k_cache,
-                          at::Tensor v_cache, int64_t slot, at::Tensor cos, at::Tensor sin,
-                          at::Tensor key_mask, std::vector<int64_t> windows, std::vector<int64_t> shape,
-                          double norm_eps, std::vector<at::Tensor> aux, std::vector<int64_t> formats,
-                          std::vector<at::Tensor> moe_weights, std::vector<at::Tensor> moe_aux,
-                          std::vector<int64_t> moe_formats, std::vector<int64_t> moe_shape);
+at::Tensor decode_step(at::Tensor x, const std::vector<at::Tensor>& weights, at::Tensor k_cache, at::Tensor v_cache,
+                       int64_t slot, at::Tensor cos, at::Tensor sin, at::Tensor key_mask,
+                       const std::vector<int64_t>& windows, const std::vector<int64_t>& shape, double norm_eps,
+                       const std::vector<at::Tensor>& aux, const std::vector<int64_t>& formats,
+                       const std::vector<at::Tensor>& moe_weights, const std::vector<at::Tensor>& moe_aux,
+                       const std::vector<int64_t>& moe_formats, const std::vector<int64_t>& moe_shape);
+
+// decode_step's model arguments, converted from Python once (about 300 tensors for a 30-layer model: their
+// conversion on every call was ~5% of a quantized decoding step). They are tensor handles, so weights whose
+// data is swapped in place are still the ones read; every call checks them as decode_step always does.
+struct DecodeStepModel {
+  std::vector<at::Tensor> weights;
+  std::vector<int64_t> windows, shape;
+  double norm_eps;
+  std::vector<at::Tensor> aux;
+  std::vector<int64_t> formats;
+  std::vector<at::Tensor> moe_weights, moe_aux;
+  std::vector<int64_t> moe_formats, moe_shape;
+
+  at::Tensor step(at::Tensor x, at::Tensor k_cache, at::Tensor v_cache, int64_t slot, at::Tensor cos, at::Tensor sin,
+                  at::Tensor key_mask) const {
+    return decode_step(x, weights, k_cache, v_cache, slot, cos, sin, key_mask, windows, shape, norm_eps, aux, formats,
+                       moe_weights, moe_aux, moe_formats, moe_shape);
+  }
+};
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::Tensor slots,
                                   at::Tensor lengths, int64_t window, double scale);
 
@@ -18,6 +37,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "x @ w^T + b for x with 1 to 64 rows", release());
   m.def("decode_step", &decode_step, "one decoding step of a whole decoder: new-token embeddings -> logits",
         release());
+  py::class_<DecodeStepModel>(m, "DecodeStepModel")
+      .def(py::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>, double, std::vector<at::Tensor>,
+                    std::vector<int64_t>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
+                    std::vector<int64_t>>(),
+           "decode_step's model arguments (weights, windows, shape, norm_eps, aux, formats, moe_weights, moe_aux, "
+           "moe_formats, moe_shape), kept for every step")
+      .def("step", &DecodeStepModel::step, "decode_step with the kept model arguments", release());
   m.def("paged_decode_attention", &paged_decode_attention, "one query per row over its keys in a paged KV pool",
         release());
 }

@@ -15,45 +15,11 @@
 
 namespace {
 
-// e^x for 8 lanes (Cephes' expf: x = n ln2 + r, a degree-6 polynomial for e^r, 2^n from the exponent bits);
-// relative error ~2e-7 over the softmax's range x <= 0. std::exp per score was a third of this kernel's time.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 // Keys and values sit 768 bytes apart per head (slot-major pool) in blocks scattered over memory: the hardware
 // prefetcher loses the stream at every block, so the rows a few keys ahead are requested explicitly.
 constexpr int64_t kAhead = 6;
 inline void prefetch(const float* row, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
-}
-
-// p[0..n) <- exp(p - top); returns their sum.
-inline float exp_and_sum(float* p, int64_t n, float top) {
-  const __m256 t = _mm256_set1_ps(top);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), t));
-    _mm256_storeu_ps(p + j, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  float total = lmstack::horizontal_sum(acc);
-  for (; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
-  return total;
 }
 
 }  // namespace
@@ -100,7 +66,7 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_
         for (int64_t h = 0; h < group; ++h) {
           float* ph = p.data() + h * Kmax + lo;
           const float top = *std::max_element(ph, ph + (n - lo));
-          const float total = exp_and_sum(ph, n - lo, top);
+          const float total = lmstack::exp_and_sum(ph, n - lo, top);
           inv[h] = total > 0.0f ? 1.0f / total : 0.0f;
         }
         std::fill(o, o + group * D, 0.0f);
