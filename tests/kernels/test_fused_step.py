@@ -30,6 +30,13 @@ CONFIGS = {
     "relu-no-positions": dict(norm="layernorm", mlp="plain", activation="relu", position="none"),
     "qwen3-qk-norm": dict(norm="rmsnorm", mlp="gated", activation="silu", position="rope", n_kv_heads=3, head_dim=12,
                           qk_norm=True),
+    # head widths of 32 / 64 / 128 take the attention kernel's register-held paths, others the general one
+    "llama-head-dim-64": dict(norm="rmsnorm", mlp="gated", activation="silu", position="rope", n_kv_heads=2,
+                              head_dim=64),
+    "window-head-dim-32": dict(norm="rmsnorm", mlp="gated", activation="silu", position="rope", n_kv_heads=3,
+                               head_dim=32, sliding_window=4, sliding_window_layers=(0,)),
+    "gpt-head-dim-128": dict(norm="layernorm", mlp="plain", activation="gelu", position="learned", n_kv_heads=2,
+                             head_dim=128),
 }
 
 MOE = {
