@@ -242,17 +242,19 @@ void matmuls(const float* x, std::initializer_list<const Linear*> linears, std::
   for (const Linear* L : linears)
     together = together && L->format == first.format && L->group == first.group && !L->aux[5].numel();
   if (together) {
-    std::vector<lmstack::quant::DynamicPart> parts;
+    lmstack::quant::DynamicPart parts[3];  // q, k, v at most: no allocation per layer and step
+    TORCH_CHECK(linears.size() <= 3, "decode_step: matmuls takes at most 3 linears");
+    int n = 0;
     auto y = outputs.begin();
     auto e = epilogues.begin();
     for (const Linear* L : linears)
-      parts.push_back({L->w->data_ptr(), ptr<float>(L->aux[0]), ptr<int8_t>(L->aux[1]), ptr<float>(L->aux[2]),
-                       data(*L->b), *y++, L->w->size(0), *e++});
+      parts[n++] = {L->w->data_ptr(), ptr<float>(L->aux[0]), ptr<int8_t>(L->aux[1]), ptr<float>(L->aux[2]),
+                    data(*L->b), *y++, L->w->size(0), *e++};
     const bool int8 = first.format == kInt8Dynamic;
     const int64_t n_in = int8 ? first.w->size(1) : 2 * first.w->size(1);
-    const int threads = at::get_num_threads(), n = static_cast<int>(parts.size());
-    const int failed = int8 ? lmstack::quant::int8_dynamic_matmuls(x, s.rows, n_in, first.group, parts.data(), n, threads)
-                            : lmstack::quant::int4_dynamic_matmuls(x, s.rows, n_in, first.group, parts.data(), n, threads);
+    const int threads = at::get_num_threads();
+    const int failed = int8 ? lmstack::quant::int8_dynamic_matmuls(x, s.rows, n_in, first.group, parts, n, threads)
+                            : lmstack::quant::int4_dynamic_matmuls(x, s.rows, n_in, first.group, parts, n, threads);
     TORCH_CHECK(!failed, "decode_step: unsupported weight format ", first.format, " or shape");
     return;
   }

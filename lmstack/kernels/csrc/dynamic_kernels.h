@@ -86,12 +86,12 @@ inline void fake_quantize_activations(const float* x, float* y, int64_t rows, in
 enum class CodeLayout { kInt16, kInt8, kInt8Nibbles };
 
 // x (rows, n) quantized per block of `block` inputs, stored as `layout` says. `isums` holds each block's sum
-// of codes and `sums` scale * that sum (the sum of the quantized x, which int4's zero points multiply).
+// of codes (scale * isum is the sum of the quantized x, which zero points and Q4_1's mins multiply).
 struct QuantizedActivations {
   int64_t rows, n, block, n_blocks;
   std::vector<int16_t> q16;
   std::vector<int8_t> q8;
-  std::vector<float> scales, sums;
+  std::vector<float> scales;
   std::vector<int32_t> isums;
 
   // block_ == 0: per token (L = 127.5), else per group of block_ (L = 127).
@@ -99,7 +99,7 @@ struct QuantizedActivations {
       : rows(rows_), n(n_), block(block_ ? block_ : n_), n_blocks((n_ + block - 1) / block) {
     const float levels = activation_levels(block_);
     std::vector<int16_t> codes(rows * n);
-    scales.resize(rows * n_blocks), sums.resize(rows * n_blocks), isums.resize(rows * n_blocks);
+    scales.resize(rows * n_blocks), isums.resize(rows * n_blocks);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t b = 0; b < n_blocks; ++b) {
         const int64_t lo = b * block, hi = std::min(lo + block, n);  // multiples of 8 (of 32, in fact)
@@ -115,7 +115,6 @@ struct QuantizedActivations {
         }
         scales[r * n_blocks + b] = scale;
         isums[r * n_blocks + b] = hsum_epi32(total);
-        sums[r * n_blocks + b] = scale * static_cast<float>(isums[r * n_blocks + b]);
       }
     if (layout == CodeLayout::kInt16) {
       q16 = std::move(codes);
@@ -236,13 +235,13 @@ struct Int8UnsignedRow {
 };
 
 // idot[b] = the integer products of `runs` runs of 32 columns from column c, for each row b of x, as 8 int32
-// (corrected: their sum is block g's exact dot; isums: the activations' integer sums per block).
+// (their sum is the block's dot, once Products::correction is added: add_to_first_lane).
 // Called with a compile-time `runs` for whole blocks (the loop unrolls) and a run-time one for a shorter last.
 // Always inlined: called out of line (GCC's choice once the body grew), the accumulators go through memory
 // and int4 ran at 15 instead of 25 G weights/s.
 template <int B, class Products, class Row, class Activations>
-__attribute__((always_inline)) inline void block_dot(const Row& row, int64_t c, int runs, const Activations* xs, int64_t n_in, const int32_t* isums,
-                      int64_t g, int64_t n_blocks, __m256i idot[B]) {
+__attribute__((always_inline)) inline void block_dot(const Row& row, int64_t c, int runs, const Activations* xs,
+                                                     int64_t n_in, __m256i idot[B]) {
   __m256i odd[B];  // odd runs accumulate apart: two dependency chains instead of one
   for (int b = 0; b < B; ++b) idot[b] = odd[b] = _mm256_setzero_si256();
   int r = 0;
@@ -258,12 +257,11 @@ __attribute__((always_inline)) inline void block_dot(const Row& row, int64_t c, 
     const auto w = row.run(c);
     for (int b = 0; b < B; ++b) idot[b] = Products::accumulate(idot[b], w, xs + b * n_in + c);
   }
-  for (int b = 0; b < B; ++b) {
-    idot[b] = _mm256_add_epi32(Products::widen(idot[b]), Products::widen(odd[b]));
-    if constexpr (Products::correction != 0)  // into lane 0: the lanes' sum is what counts
-      idot[b] = _mm256_add_epi32(idot[b], _mm256_setr_epi32(Products::correction * isums[b * n_blocks + g], 0, 0, 0, 0, 0, 0, 0));
-  }
+  for (int b = 0; b < B; ++b) idot[b] = _mm256_add_epi32(Products::widen(idot[b]), Products::widen(odd[b]));
 }
+
+// v with n added to its first lane: an integer correction of a block dot, whose lanes' sum is what counts.
+inline __m256i add_to_first_lane(__m256i v, int32_t n) { return _mm256_add_epi32(v, _mm256_setr_epi32(n, 0, 0, 0, 0, 0, 0, 0)); }
 
 // What a block of int4 weights adds per unit of its sum of x codes (see dynamic_row_block): none (int8), an
 // integer zero point -(8 + zero), or GGUF Q4_1's float min.
@@ -285,11 +283,10 @@ struct Mins {
 // of 32 do not wait on one FMA chain; R > 1 (with one row of x) interleaves independent weight rows.
 // Offset: what a block adds per unit of its sum of x codes, beside scale * x_scale * dot. ZeroPoints (int4's
 // -(8 + zero)) are folded into the integer dot; Mins (GGUF's Q4_1) are floats: offsets[r][b] = sum over blocks
-// of min(j + r, g) * xq.sums, computed beside the products rather than in a second pass over the row.
+// of min(j + r, g) * x_scale * isum, computed beside the products rather than in a second pass over the row.
 template <int B, int R, int RUNS, class Products, class RowOf, class Activations, class WScale, class Offset>
 __attribute__((always_inline)) inline void dynamic_row_block(const QuantizedActivations& xq, const Activations* xs, int64_t j, RowOf row_of,
                               WScale w_scale, Offset offset, __m256 out[R][B], float offsets[R][B]) {
-  const float* sums = xq.sums.data();
   const int64_t n_in = xq.n, n_blocks = xq.n_blocks, full = n_in / (32 * RUNS);
   const float* x_scales = xq.scales.data();
   decltype(row_of(j)) rows[R];
@@ -300,11 +297,11 @@ __attribute__((always_inline)) inline void dynamic_row_block(const QuantizedActi
   auto block = [&](int64_t g, int runs, int k) __attribute__((always_inline)) {
     for (int r = 0; r < R; ++r) {
       __m256i idot[B];
-      block_dot<B, Products>(rows[r], g * 32 * RUNS, runs, xs, n_in, xq.isums.data(), g, n_blocks, idot);
-      if constexpr (std::is_same_v<Offset, ZeroPoints>) {  // exact in int32: |c * isum| <= 16 * 128 * 256
-        const int32_t c = offset(j + r, g);
-        for (int b = 0; b < B; ++b)
-          idot[b] = _mm256_add_epi32(idot[b], _mm256_setr_epi32(c * xq.isums[b * n_blocks + g], 0, 0, 0, 0, 0, 0, 0));
+      block_dot<B, Products>(rows[r], g * 32 * RUNS, runs, xs, n_in, idot);
+      if constexpr (Products::correction != 0 || std::is_same_v<Offset, ZeroPoints>) {
+        int32_t c = Products::correction;  // per unit of the block's sum of x codes; exact: |c * isum| < 2^31
+        if constexpr (std::is_same_v<Offset, ZeroPoints>) c += offset(j + r, g);
+        for (int b = 0; b < B; ++b) idot[b] = add_to_first_lane(idot[b], c * xq.isums[b * n_blocks + g]);
       }
       const float ws = w_scale(j + r, g);
       for (int b = 0; b < B; ++b)
@@ -312,7 +309,8 @@ __attribute__((always_inline)) inline void dynamic_row_block(const QuantizedActi
                                        acc[r][b][k]);
       if constexpr (std::is_same_v<Offset, Mins>) {
         const float c = offset(j + r, g);
-        for (int b = 0; b < B; ++b) offsets[r][b] += c * sums[b * n_blocks + g];
+        for (int b = 0; b < B; ++b)
+          offsets[r][b] += c * (x_scales[b * n_blocks + g] * static_cast<float>(xq.isums[b * n_blocks + g]));
       }
     }
   };
@@ -376,44 +374,18 @@ void dynamic_rows(const QuantizedActivations& xq, const Activations* xs, const f
   }
 
 // Per-row int8 weights with per-token activations: one integer dot per row (at most 2^31 / 128^2 = 131072
-// inputs), one scale product at the end.
-// Rows shared as dynamic_rows shares them.
-template <int B>
-void int8_dynamic_rows_per_token(const QuantizedActivations& xq, const int8_t* q, const float* scales,
-                                 const float* bias, float* y, int64_t n_out, Epilogue e) {
+// inputs), one scale product at the end. Rows shared as dynamic_rows shares them.
+template <int B, class Products, class Row, class Activations>
+void int8_dynamic_rows_per_token(const QuantizedActivations& xq, const Activations* codes, const int8_t* q,
+                                 const float* scales, const float* bias, float* y, int64_t n_out, Epilogue e) {
   const int64_t n_in = xq.n;
 #pragma omp for schedule(static) nowait
   for (int64_t j = 0; j < n_out; ++j) {
-    __m256i idot[B][2];
-    for (int b = 0; b < B; ++b) idot[b][0] = idot[b][1] = _mm256_setzero_si256();
-    const int8_t* w = q + j * n_in;
-#ifdef LMSTACK_VNNI
-    const int8_t* x = xq.q8.data();
-    const Int8UnsignedRow row{w};
-    for (int64_t c = 0; c < n_in; c += 64) {  // n_in is a multiple of 32: the last run may be alone
-      const __m256i w0 = row.run(c);
-      for (int b = 0; b < B; ++b) idot[b][0] = Int8VnniProducts::accumulate(idot[b][0], w0, x + b * n_in + c);
-      if (c + 32 == n_in) break;
-      const __m256i w1 = row.run(c + 32);
-      for (int b = 0; b < B; ++b) idot[b][1] = Int8VnniProducts::accumulate(idot[b][1], w1, x + b * n_in + c + 32);
-    }
-    for (int b = 0; b < B; ++b)  // wraps in int32 before the correction, exact after it
-      idot[b][0] = _mm256_add_epi32(idot[b][0], _mm256_setr_epi32(Int8VnniProducts::correction * xq.isums[b], 0, 0, 0, 0, 0, 0, 0));
-#else
-    const int16_t* x = xq.q16.data();
-    for (int64_t c = 0; c < n_in; c += 32) {
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c)));
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c + 16)));
-      for (int b = 0; b < B; ++b) {
-        const int16_t* xb = x + b * n_in + c;
-        idot[b][0] = _mm256_add_epi32(idot[b][0], _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb))));
-        idot[b][1] = _mm256_add_epi32(idot[b][1], _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16))));
-      }
-    }
-#endif
-    for (int b = 0; b < B; ++b) {
-      const float dot = static_cast<float>(hsum_epi32(_mm256_add_epi32(idot[b][0], idot[b][1])));
-      finish(y + b * n_out + j, dot * xq.scales[b] * scales[j] + (bias ? bias[j] : 0.0f), e);
+    __m256i idot[B];
+    block_dot<B, Products>(Row{q + j * n_in}, 0, static_cast<int>(n_in / 32), codes, n_in, idot);
+    for (int b = 0; b < B; ++b) {  // the lanes may wrap in int32 before the correction; their sum is exact after it
+      const int32_t dot = hsum_epi32(add_to_first_lane(idot[b], Products::correction * xq.isums[b]));
+      finish(y + b * n_out + j, static_cast<float>(dot) * xq.scales[b] * scales[j] + (bias ? bias[j] : 0.0f), e);
     }
   }
 }
@@ -455,7 +427,7 @@ void int8_dynamic_parts(const QuantizedActivations& xq, const DynamicPart* parts
     const int8_t* q = static_cast<const int8_t*>(part.q);
     const float* scales = part.scales;
     if constexpr (RUNS == 0) {  // per token: one block per row
-      int8_dynamic_rows_per_token<B>(xq, q, scales, part.bias, part.y, part.n_out, part.e);
+      int8_dynamic_rows_per_token<B, Products, Row>(xq, codes, q, scales, part.bias, part.y, part.n_out, part.e);
     } else {
       auto row_of = [=](int64_t j) { return Row{q + j * n_in}; };
       auto w_scale = [=](int64_t j, int64_t g) { return scales[j * n_groups + g]; };

@@ -35,15 +35,15 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("skinny_linear", &skinny_linear, "x @ w^T + b for x with 1 to 64 rows", release());
-  m.def("decode_step", &decode_step, "one decoding step of a whole decoder: new-token embeddings -> logits",
-        release());
   py::class_<DecodeStepModel>(m, "DecodeStepModel")
       .def(py::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>, double, std::vector<at::Tensor>,
                     std::vector<int64_t>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
                     std::vector<int64_t>>(),
            "decode_step's model arguments (weights, windows, shape, norm_eps, aux, formats, moe_weights, moe_aux, "
            "moe_formats, moe_shape), kept for every step")
-      .def("step", &DecodeStepModel::step, "decode_step with the kept model arguments", release());
+      .def("step", &DecodeStepModel::step,
+           "one decoding step of the whole decoder (new-token embeddings -> logits) with the kept model arguments",
+           release());
   m.def("paged_decode_attention", &paged_decode_attention, "one query per row over its keys in a paged KV pool",
         release());
 }
