@@ -11,8 +11,10 @@ at batch 1 (README table).
 The fast paths compute the same thing without materialising the whole fp32 weight:
 - 1 to 8 rows (a decoding step): the C++ kernels (``lmstack.kernels.quant_matmul``) unpack codes in
   registers and accumulate in fp32 (equal to the reference up to float summation order);
-- more rows (a prompt, a training batch): blocked matmuls over row tiles of the weight dequantised on
-  the fly, so at most one tile (about 4 MB) of fp32 weight exists at a time.
+- more rows (a prompt, a training batch): with int8 activations on an AVX-512 VNNI build, an integer GEMM
+  (``csrc/dynamic_gemm.h``: panels of the weight repacked for vpdpbusd, about 3x an fp32 matmul); otherwise
+  blocked matmuls over row tiles of the weight dequantised on the fly, so at most one tile (about 4 MB) of
+  fp32 weight exists at a time.
 Autograd flows to the input and the bias (the codes are buffers, frozen), which is what QLoRA needs.
 """
 
@@ -172,8 +174,10 @@ class QuantizedLinear(QuantizedTransform, nn.Module):
             out = self._skinny(flat.contiguous())
         elif training and self.activations is None:  # QLoRA: no dequantised weight kept for backward
             out = _FrozenQuantizedMatmul.apply(flat, self.bias, self)
-        else:  # prompts: int8 activations are rounded here and multiplied in fp32 (no faster int8 GEMM yet)
-            out = self._tiled(flat if self.activations is None else self._rounded(flat))
+        else:  # prompts: integer products with int8 activations where the build has them, else fp32 tiles
+            out = self._integer_gemm(flat) if self.activations == "int8" and not training else None
+            if out is None:
+                out = self._tiled(flat if self.activations is None else self._rounded(flat))
         return out.view(*x.shape[:-1], self.out_features)
 
     def _native(self, x: torch.Tensor) -> bool:
@@ -199,6 +203,12 @@ class QuantizedLinear(QuantizedTransform, nn.Module):
             return kernels.nf4_matmul(x, self.qweight, self.levels, self.absmax_codes, self.absmax_code,
                                       self.absmax_scales, float(self.absmax_offset), bias)
         return kernels.nf4_matmul(x, self.qweight, self.levels, None, self.absmax, None, 0.0, bias)
+
+    def _integer_gemm(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A prompt's rows through the int8-activation GEMM (AVX-512 VNNI builds); None where there is none."""
+        bias = None if self.bias is None else self.bias.detach()
+        return kernels.dynamic_gemm(x.contiguous(), self.qweight, self.scales, self._buffers.get("zeros"),
+                                    self._buffers.get("mins"), bias, self.group_size or 0)
 
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in) -> (rows, out) as matmuls over tiles of dequantised weight rows."""

@@ -30,6 +30,7 @@ _SIGNATURES = {
     "lmstack_int4_dynamic_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_nf4_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _F, _P, _P, _I64, _I64, _I64, _INT]),
     "lmstack_sparse24_matmul": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _INT]),
+    "lmstack_dynamic_gemm": (ctypes.c_int, [_P, _P, _INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_fake_quantize_activations": (None, [_P, _P, _I64, _I64, _I64, _INT]),
     "lmstack_int8_dequant": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "lmstack_int4_dequant": (None, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
@@ -87,6 +88,19 @@ def int4_matmul(x, qweight, scales, zeros, mins, bias, group_size: int, dynamic:
                   qweight.shape[0], x.shape[1], group_size, torch.get_num_threads())
     assert code == 0, "int4_matmul: unsupported shape"
     return y
+
+
+def dynamic_gemm(x, qweight, scales, zeros, mins, bias, group_size: int) -> torch.Tensor | None:
+    """x (rows, in) fp32, any rows -> (rows, out) = quantize(x) @ W^T + bias with int8 activations (per token for
+    per-row int8, group 0; else per weight group) as integer products (csrc/dynamic_gemm.h); int8 ``qweight``
+    (out, in), or int4 (out, in / 2) with ``zeros`` or ``mins``. None where this build has no such kernel
+    (without AVX-512 VNNI) or the shape is not one it takes."""
+    y = torch.empty(x.shape[0], qweight.shape[0])
+    int4 = qweight.dtype is torch.uint8
+    code = quant_kernels().lmstack_dynamic_gemm(_ptr(x), _ptr(qweight), int(int4), _ptr(scales), _ptr(zeros), _ptr(mins),
+                                                _ptr(bias), _ptr(y), x.shape[0], qweight.shape[0], x.shape[1],
+                                                group_size, torch.get_num_threads())
+    return None if code else y
 
 
 def nf4_matmul(x, qweight, levels, absmax_codes, absmax_code, absmax_scales, offset: float, bias):

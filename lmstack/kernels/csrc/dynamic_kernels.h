@@ -94,12 +94,14 @@ struct QuantizedActivations {
   std::vector<float> scales;
   std::vector<int32_t> isums;
 
-  // block_ == 0: per token (L = 127.5), else per group of block_ (L = 127).
-  QuantizedActivations(const float* x, int64_t rows_, int64_t n_, int64_t block_, CodeLayout layout)
+  // block_ == 0: per token (L = 127.5), else per group of block_ (L = 127). Rows are shared among `threads`
+  // (a prompt's many rows; decoding's few take one thread).
+  QuantizedActivations(const float* x, int64_t rows_, int64_t n_, int64_t block_, CodeLayout layout, int threads = 1)
       : rows(rows_), n(n_), block(block_ ? block_ : n_), n_blocks((n_ + block - 1) / block) {
     const float levels = activation_levels(block_);
     std::vector<int16_t> codes(rows * n);
     scales.resize(rows * n_blocks), isums.resize(rows * n_blocks);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t b = 0; b < n_blocks; ++b) {
         const int64_t lo = b * block, hi = std::min(lo + block, n);  // multiples of 8 (of 32, in fact)
@@ -122,6 +124,7 @@ struct QuantizedActivations {
     }
     q8.resize(rows * n);
     if (layout == CodeLayout::kInt8) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
       for (int64_t i = 0; i < rows * n; ++i) q8[i] = static_cast<int8_t>(codes[i]);
       return;
     }

@@ -2,6 +2,7 @@
 // Plain C ABI; OpenMP over output rows (torch's own libgomp, loaded first, is reused).
 #include <cstdint>
 
+#include "dynamic_gemm.h"
 #include "dynamic_kernels.h"
 #include "quant_kernels.h"
 
@@ -46,6 +47,15 @@ int lmstack_int4_dynamic_matmul(const float* x, const uint8_t* q, const float* s
                                 const float* mins, const float* bias, float* y, int64_t rows, int64_t n_out,
                                 int64_t n_in, int64_t group, int threads) {
   return lmstack::quant::int4_dynamic_matmul(x, q, scales, zeros, mins, bias, y, rows, n_out, n_in, group, threads);
+}
+
+// Prompts (any number of rows) of the same formats, on AVX-512 VNNI (dynamic_gemm.h): returns 1 where this build
+// or the shape has no such kernel (the caller then multiplies over dequantised tiles). int4: q packed codes.
+int lmstack_dynamic_gemm(const float* x, const void* q, int int4, const float* scales, const int8_t* zeros,
+                         const float* mins, const float* bias, float* y, int64_t rows, int64_t n_out, int64_t n_in,
+                         int64_t group, int threads) {
+  return lmstack::quant::dynamic_gemm_matmul(x, q, int4 != 0, scales, zeros, mins, bias, y, rows, n_out, n_in, group,
+                                             threads);
 }
 
 // x (rows, n_in) -> y: each value as its int8 code times the code's scale (n_in a multiple of 32; block 0:
