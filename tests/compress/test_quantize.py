@@ -461,7 +461,8 @@ def test_activation_blocks_follow_the_weight_groups():
                                            ("int4", 128), ("int4", 256)])
 def test_dynamic_kernels_equal_quantise_both_then_matmul(scheme, group):
     torch.manual_seed(0)
-    for n_out, n_in in ((37, 576), (5, 1024)):  # 576: a shorter last group for 128 and 256
+    # 576: a shorter last group for 128 and 256; 37, 5, 39 and 2 rows: every remainder of the kernels' 4 weight rows
+    for n_out, n_in in ((37, 576), (5, 1024), (39, 64), (2, 256)):
         layer = QuantizedLinear.from_linear(nn.Linear(n_in, n_out), scheme, group, activations="int8")
         for rows in (1, 2, 3, 5, 8, 9, 40):
             x = torch.randn(rows, n_in)
