@@ -100,59 +100,6 @@ def test_quantized_linear_equals_dequantise_then_matmul(scheme, group):
                 torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
 
 
-def _has_prompt_gemm() -> bool:
-    from lmstack.kernels.isa import kernel_isa
-
-    return quant_kernels() is not None and kernel_isa() == "avx512-vnni"
-
-
-@pytest.mark.skipif(not _has_prompt_gemm(), reason="the integer prompt GEMM needs an AVX-512 VNNI build")
-@pytest.mark.parametrize("scheme, group, offsets", [("int8", None, None), ("int8", 32, None), ("int8", 128, None),
-                                                    ("int4", 32, "zeros"), ("int4", 128, "zeros"), ("int4", 256, "zeros"),
-                                                    ("int4", 32, "mins"), ("int4", 64, "mins")])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_prompt_gemm_equals_quantise_both_then_matmul(scheme, group, offsets, threads):
-    """csrc/dynamic_gemm.h: any number of rows (tiles of 6, chunks of 96), widths that are not whole panels of 32
-    (masked stores), shorter last groups, with and without bias, over 1 and 2 threads."""
-    from lmstack.kernels.quant_matmul import dynamic_gemm
-
-    torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n_out, n_in, bias in ((70, 576, True), (16, 64 if group in (None, 32) else 256, False), (33, 1024, True)):
-            layer = QuantizedLinear.from_linear(nn.Linear(n_in, n_out, bias=bias), scheme, group, activations="int8")
-            if offsets == "mins":  # Q4_1's float offsets instead of integer zero points
-                tensors = layer.tensors()
-                tensors["mins"] = torch.randn_like(tensors.pop("zeros"), dtype=torch.float32) * 0.02
-                layer = QuantizedLinear(n_in, n_out, scheme, tensors, layer.bias, group, "int8")
-            for rows in (9, 13, 96, 203):
-                x = torch.randn(rows, n_in) * torch.linspace(0.1, 4.0, n_in)
-                with torch.no_grad():
-                    want = layer.reference_forward(x)
-                    got = dynamic_gemm(x, layer.qweight, layer.scales, layer._buffers.get("zeros"),
-                                       layer._buffers.get("mins"), layer.bias, group or 0)
-                    assert got is not None, "a VNNI build multiplies prompts in integers"
-                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-                    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)  # the module takes the GEMM
-    finally:
-        torch.set_num_threads(previous)
-
-
-@needs_kernels
-def test_prompts_too_wide_for_the_gemm_take_the_tiles():
-    """Per-token int8 over more than 65536 inputs could overflow a lane with w + 128: the GEMM declines and the
-    module multiplies over dequantised tiles, with the same result."""
-    from lmstack.kernels.quant_matmul import dynamic_gemm
-
-    torch.manual_seed(0)
-    layer = QuantizedLinear.from_linear(nn.Linear(65536 + 32, 2), "int8", activations="int8")
-    x = torch.randn(10, layer.in_features)
-    with torch.no_grad():
-        assert dynamic_gemm(x, layer.qweight, layer.scales, None, None, layer.bias, 0) is None
-        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
-
-
 @needs_kernels
 @pytest.mark.parametrize("variant", ["int8 per group", "int4 with mins", "int4 zero 0"])
 def test_gguf_shaped_layers_equal_dequantise_then_matmul(variant):

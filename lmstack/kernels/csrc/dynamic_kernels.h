@@ -63,8 +63,9 @@ inline __m256 block_codes(const float* x, __m256 inv) {
 }
 
 // x (rows, n) -> y (rows, n): every value replaced by the one its int8 code stands for (code * scale; block 0:
-// per row with L = 127.5, else per block of `block` with L = 127), for prompts, which multiply these in
-// fp32 over dequantised tiles. Equal to formats.fake_quantize_activations bit for bit.
+// per row with L = 127.5, else per block of `block` with L = 127), for prompts that multiply these in fp32
+// over dequantised tiles (builds without dynamic_gemm.h's VNNI GEMM). Equal to formats.fake_quantize_activations
+// bit for bit.
 inline void fake_quantize_activations(const float* x, float* y, int64_t rows, int64_t n, int64_t block, int threads) {
   const float levels = activation_levels(block);
   const int64_t size = block ? block : n, n_blocks = (n + size - 1) / size;
