@@ -206,10 +206,11 @@ struct Int8VnniProducts {
 #endif
 
 // How far ahead of the current column the grouped kernels ask for weight bytes, and into which cache: L2
-// (_MM_HINT_T1), 8 KiB ahead. Measured on SmolLM2's 211 weights streamed from memory by one thread (int8
-// activations, a kernel-only harness): int4 g128 5.5 -> 3.9 ms, int8 g32 (Q8_0) 19.3 -> 6.5 ms, against the
-// hardware prefetcher alone or 2 KiB into L1 (_MM_HINT_T0, which held fill buffers the loads needed). The
-// per-token int8 rows (one long stream per row) ran slower with it and go without.
+// (_MM_HINT_T1), 8 KiB ahead, once per block. Measured on SmolLM2's 211 weights streamed from memory by one
+// thread (int8 activations, a kernel-only harness, together with four weight rows at a time): int4 g128 5.3 ->
+// 3.65 ms, int8 g32 (Q8_0) 19.2 -> 7.2 ms, against 2 KiB ahead into L1 (_MM_HINT_T0, which held the fill buffers
+// the loads needed) or the hardware prefetcher alone. The per-token int8 rows (one long stream per row) ran
+// slower with it and go without. Always inlined: GCC otherwise took the call for a pure one and deleted it.
 constexpr int64_t kPrefetchBytes = 8192;
 __attribute__((always_inline)) inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T1); }
 
