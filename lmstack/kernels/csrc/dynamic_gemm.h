@@ -61,14 +61,6 @@ struct GemmWeight {
   int64_t n_out, n_in, n_groups;
 };
 
-// The 32 codes (0..15) of one run of int4 codes in element order (16 packed bytes at p).
-inline __m256i int4_codes_in_order(const uint8_t* p) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i low = _mm_and_si128(bytes, mask), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-  return _mm256_set_m128i(_mm_unpackhi_epi8(low, high), _mm_unpacklo_epi8(low, high));
-}
-
 template <GemmWeights W>
 void pack_panel(const GemmWeight& w, int64_t panel, PackedPanel& out) {
   const int64_t n0 = panel * kPanel, width = std::min<int64_t>(kPanel, w.n_out - n0), steps = w.n_in / 4;
@@ -93,7 +85,7 @@ void pack_panel(const GemmWeight& w, int64_t panel, PackedPanel& out) {
         _mm256_store_si256(reinterpret_cast<__m256i*>(run), _mm256_xor_si256(v, _mm256_set1_epi8(-128)));
         for (int i = 0; i < 8; ++i) lanes[(c / 4 + i) * 32 + n] = run[i];
       } else {  // the low nibble for columns 0..15, the high nibble for 16..31
-        const __m256i codes = int4_codes_in_order(static_cast<const uint8_t*>(w.q) + j * (w.n_in / 2) + c / 2);
+        const __m256i codes = nibbles_in_order(static_cast<const uint8_t*>(w.q) + j * (w.n_in / 2) + c / 2, false);
         _mm256_store_si256(reinterpret_cast<__m256i*>(run), n < 16 ? codes : _mm256_slli_epi16(codes, 4));
         for (int i = 0; i < 8; ++i) lanes[(c / 4 + i) * 16 + n % 16] |= run[i];
       }

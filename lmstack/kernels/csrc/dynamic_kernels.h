@@ -100,7 +100,9 @@ struct QuantizedActivations {
   QuantizedActivations(const float* x, int64_t rows_, int64_t n_, int64_t block_, CodeLayout layout, int threads = 1)
       : rows(rows_), n(n_), block(block_ ? block_ : n_), n_blocks((n_ + block - 1) / block) {
     const float levels = activation_levels(block_);
-    std::vector<int16_t> codes(rows * n);
+    const bool direct = layout == CodeLayout::kInt8;  // int8 codes in element order are stored as they come
+    std::vector<int16_t> codes(direct ? 0 : rows * n);
+    if (direct) q8.resize(rows * n);
     scales.resize(rows * n_blocks), isums.resize(rows * n_blocks);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t r = 0; r < rows; ++r)
@@ -111,39 +113,31 @@ struct QuantizedActivations {
         const __m256 inv = _mm256_set1_ps(1.0f / scale);
         __m256i total = _mm256_setzero_si256();
         for (int64_t i = lo; i < hi; i += 8) {
-          const __m256i q = _mm256_cvtps_epi32(block_codes(xr + i, inv));  // narrowed to int16 below
+          const __m256i q = _mm256_cvtps_epi32(block_codes(xr + i, inv));  // in [-128, 127]: narrowing is exact
           total = _mm256_add_epi32(total, q);
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(codes.data() + r * n + i),
-                           _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+          const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+          if (direct)
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(q8.data() + r * n + i), _mm_packs_epi16(q16, q16));
+          else
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(codes.data() + r * n + i), q16);
         }
         scales[r * n_blocks + b] = scale;
         isums[r * n_blocks + b] = hsum_epi32(total);
       }
+    if (direct) return;
     if (layout == CodeLayout::kInt16) {
       q16 = std::move(codes);
       return;
     }
     q8.resize(rows * n);
-    if (layout == CodeLayout::kInt8) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-      for (int64_t i = 0; i < rows * n; ++i) q8[i] = static_cast<int8_t>(codes[i]);
-      return;
-    }
+    // a pair of runs [evens of run 0 | evens of run 1 | odds of run 0 | odds of run 1] is the evens, then the odds,
+    // of its 64 elements
     const int64_t paired = block >= 64 ? n / 64 * 64 : 0;  // columns laid out in pairs of runs
     for (int64_t r = 0; r < rows; ++r) {
       const int16_t* from = codes.data() + r * n;
       int8_t* to = q8.data() + r * n;
-      for (int64_t c = 0; c < paired; c += 64)
-        for (int i = 0; i < 16; ++i)
-          for (int run = 0; run < 2; ++run) {
-            to[c + 16 * run + i] = static_cast<int8_t>(from[c + 32 * run + 2 * i]);
-            to[c + 32 + 16 * run + i] = static_cast<int8_t>(from[c + 32 * run + 2 * i + 1]);
-          }
-      for (int64_t c = paired; c < n; c += 32)
-        for (int i = 0; i < 16; ++i) {
-          to[c + i] = static_cast<int8_t>(from[c + 2 * i]);
-          to[c + 16 + i] = static_cast<int8_t>(from[c + 2 * i + 1]);
-        }
+      for (int64_t c = 0; c < paired; c += 64) evens_then_odds(from + c, to + c, 32);
+      for (int64_t c = paired; c < n; c += 32) evens_then_odds(from + c, to + c, 16);
     }
   }
 };

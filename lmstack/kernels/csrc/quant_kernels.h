@@ -56,18 +56,34 @@ inline void unpack_codes(const uint8_t* p, __m256i codes[4]) {
   }
 }
 
-// 4-bit codes of one run of 32 (16 bytes, element 2i and 2i + 1 in byte i) in element order, as 4 vectors of
-// 8 int32: the nibbles are interleaved back into bytes (low/high first as the layout says), then widened.
-inline void codes_in_order(const uint8_t* p, bool high_first, __m256i out[4]) {
+// The 32 codes (0..15) of one run of 4-bit codes (16 bytes, elements 2i and 2i + 1 in byte i, the low nibble
+// first unless `high_first`) as bytes in element order: the nibbles interleaved back into bytes.
+inline __m256i nibbles_in_order(const uint8_t* p, bool high_first) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m128i mask = _mm_set1_epi8(0x0F);
   const __m128i low = _mm_and_si128(bytes, mask), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
   const __m128i a = high_first ? high : low, b = high_first ? low : high;
-  const __m128i first = _mm_unpacklo_epi8(a, b), second = _mm_unpackhi_epi8(a, b);  // elements 0-15, 16-31
+  return _mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b));  // elements 16-31 | 0-15
+}
+
+// The same codes as 4 vectors of 8 int32, in element order.
+inline void codes_in_order(const uint8_t* p, bool high_first, __m256i out[4]) {
+  const __m256i bytes = nibbles_in_order(p, high_first);
+  const __m128i first = _mm256_castsi256_si128(bytes), second = _mm256_extracti128_si256(bytes, 1);
   out[0] = _mm256_cvtepu8_epi32(first);
   out[1] = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(first, first));
   out[2] = _mm256_cvtepu8_epi32(second);
   out[3] = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(second, second));
+}
+
+// to[0, m) = the even elements of from[0, 2m), to[m, 2m) = the odd ones: x laid out in the order 4-bit codes
+// leave their bytes as low and high nibbles (converted to To on the way).
+template <class From, class To>
+inline void evens_then_odds(const From* from, To* to, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) {
+    to[i] = static_cast<To>(from[2 * i]);
+    to[m + i] = static_cast<To>(from[2 * i + 1]);
+  }
 }
 
 // 16-entry float table lookup of int32 indices in [0, 16): two 8-wide permutes, blended on bit 3.
@@ -257,12 +273,7 @@ inline int int4_matmul(const float* x, const uint8_t* q, const float* scales, co
 // (nf4_evens_then_odds). Each block's absmax scales its 64 weights before the multiply-adds.
 inline std::vector<float> nf4_evens_then_odds(const float* x, int64_t rows, int64_t n) {
   std::vector<float> out(rows * n);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < n; c += 32)
-      for (int i = 0; i < 16; ++i) {
-        out[r * n + c + i] = x[r * n + c + 2 * i];
-        out[r * n + c + 16 + i] = x[r * n + c + 2 * i + 1];
-      }
+  for (int64_t i = 0; i < rows * n; i += 32) evens_then_odds(x + i, out.data() + i, 16);  // n % 64 == 0
   return out;
 }
 
